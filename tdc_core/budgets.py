@@ -1,0 +1,100 @@
+"""Progressive FLOPs budgets per timestep group (METHOD.md step 3, the paper's scaling rule).
+
+Group with rank i of N (1 = easiest) gets ``FLOPs_g(i) = (i/N + (N-i)/N · k) · F``, F the FLOPs
+of one forward pass of the base model, k in (0, 1]. With N = 5, k = 0.5 the fractions are
+0.6, 0.7, 0.8, 0.9, 1.0: the hardest group keeps the full model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from tdc_core.errors import ConfigError
+from tdc_core.grouping import Grouping
+
+__all__ = ["GroupBudget", "assign_budgets", "budget_fractions", "mean_sampling_fraction"]
+
+
+def budget_fractions(*, num_groups: int, k: float) -> list[float]:
+    """Budget fraction of F for ranks i = 1..N, ``(i + (N - i)·k) / N``; the last is exactly 1.
+
+    Raises:
+        ConfigError: ``k`` not in (0, 1] or ``num_groups < 1``.
+    """
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+        raise ConfigError(f"grouping.num_groups={num_groups!r} must be an int >= 1")
+    if isinstance(k, bool) or not isinstance(k, (int, float, np.floating, np.integer)) or not (
+        math.isfinite(k) and 0.0 < k <= 1.0
+    ):
+        raise ConfigError(f"budget.k={k!r} must lie in (0, 1]")
+    n = int(num_groups)
+    return [(i + (n - i) * float(k)) / n for i in range(1, n + 1)]
+
+
+class GroupBudget(BaseModel):
+    """FLOPs budget of one timestep group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: int             # group index in timestep order (0-based)
+    lo: int                # first timestep of the group
+    hi: int                # one past its last timestep
+    rank: int              # 1 = easiest ... N = hardest
+    fraction: float        # budget / F, in (0, 1]
+    flops_budget: float    # fraction x base FLOPs of one forward pass
+
+
+def assign_budgets(*, grouping: Grouping, k: float, base_flops: float) -> list[GroupBudget]:
+    """One budget per group, in timestep order: the group with rank i gets fraction i.
+
+    Args:
+        grouping: the groups and their difficulty ranks.
+        k: smallest-budget parameter in (0, 1]; k = 1 gives every group the full model.
+        base_flops: F, FLOPs of one forward pass of the base model (> 0).
+
+    Raises:
+        ConfigError: bad ``k``.
+        ValueError: ``base_flops`` not a positive finite number.
+    """
+    if not (isinstance(base_flops, (int, float, np.integer, np.floating)) and math.isfinite(base_flops)
+            and base_flops > 0):
+        raise ValueError(f"base_flops={base_flops!r} must be a positive finite number")
+    fractions = budget_fractions(num_groups=grouping.num_groups, k=k)
+    out = []
+    for g in range(grouping.num_groups):
+        lo, hi = grouping.interval(g)
+        frac = fractions[grouping.rank[g] - 1]
+        out.append(GroupBudget(group=g, lo=lo, hi=hi, rank=grouping.rank[g], fraction=frac,
+                               flops_budget=frac * float(base_flops)))
+    return out
+
+
+def mean_sampling_fraction(*, budgets: list[GroupBudget], steps: np.ndarray) -> float:
+    """Mean budget fraction of the group serving each visited timestep.
+
+    Sampling cost relative to one full model for a sampler that visits ``steps``.
+
+    Args:
+        budgets: groups that tile ``[0, T)`` (any order).
+        steps: ``[S]`` timesteps the sampler visits (any shape, S >= 1; repeats count).
+
+    Raises:
+        ValueError: budgets do not tile ``[0, T)``, ``steps`` is empty or outside ``[0, T)``.
+    """
+    ordered = sorted(budgets, key=lambda b: b.lo)
+    if not ordered or ordered[0].lo != 0 or any(
+        a.hi != b.lo for a, b in zip(ordered, ordered[1:])
+    ) or any(b.lo >= b.hi for b in ordered):
+        raise ValueError("budgets must be non-empty intervals that tile [0, T) without gaps or overlap")
+    t = np.asarray(steps).ravel()
+    num_timesteps = ordered[-1].hi
+    if t.size == 0:
+        raise ValueError("steps is empty")
+    if t.min() < 0 or t.max() >= num_timesteps:
+        raise ValueError(f"steps must lie in [0, {num_timesteps}), got range [{t.min()}, {t.max()}]")
+    los = np.array([b.lo for b in ordered])
+    fractions = np.array([b.fraction for b in ordered])
+    return float(fractions[np.searchsorted(los, t, side="right") - 1].mean())

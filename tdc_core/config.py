@@ -1,0 +1,415 @@
+"""One configuration tree for the whole pipeline.
+
+A :class:`PipelineConfig` is built from a named preset, optionally a YAML/JSON file, and
+dotted overrides (``train.lr=2e-4``), in that order. It is the Prefect flow's parameter, it is
+logged as MLflow params (:func:`flatten`), and it is stored inside every checkpoint so any
+checkpoint can be rebuilt alone.
+
+Every invalid value raises :class:`~tdc_core.errors.ConfigError` whose message names the
+dotted field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tdc_core.errors import ConfigError
+
+__all__ = [
+    "PRESETS",
+    "BudgetConfig",
+    "DataConfig",
+    "DiffusionConfig",
+    "FinetuneConfig",
+    "GroupingConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "ProfileConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "flatten",
+    "load_config",
+]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DataSource = Literal["digits", "cifar10", "imagenet64", "folder", "npz"]
+
+
+class DataConfig(_Strict):
+    source: DataSource = "digits"           # where images come from
+    path: Path | None = None                 # file or folder; required unless source=digits
+    image_size: int = Field(8, ge=4, le=1024)  # H = W in pixels; files must match it
+    channels: Literal[1, 3] = 1              # 1 = grayscale, 3 = RGB
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # share kept out of training
+    max_images: int | None = Field(None, ge=2)  # use only the first N images (None = all)
+    random_flip: bool = False                # horizontal flips as augmentation
+    split_seed: int = 0                      # seed of the train/held-out split
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source != "digits" and self.path is None:
+            raise ValueError(f"data.path is required when data.source={self.source!r}")
+        return self
+
+
+class ModelConfig(_Strict):
+    """IDDPM UNet (Nichol & Dhariwal 2021)."""
+
+    base_channels: int = Field(32, ge=1)                  # channels at the first level
+    channel_mult: tuple[int, ...] = Field((1, 2), min_length=1)  # per level, x base_channels
+    num_res_blocks: int = Field(2, ge=1)                  # residual blocks per level
+    attention_resolutions: tuple[int, ...] = (4,)         # feature-map sizes (px) with attention
+    num_heads: int = Field(4, ge=1)                       # attention heads
+    num_head_channels: int | None = Field(None, ge=1)     # if set, heads = channels // this
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    use_scale_shift_norm: bool = True                     # FiLM-style timestep conditioning
+    resblock_updown: bool = False                         # resample inside residual blocks
+    norm_groups: int = Field(32, ge=1)                    # GroupNorm groups (capped by channels)
+    time_embed_mult: int = Field(4, ge=1)                 # time-embedding width / base_channels
+
+
+class DiffusionConfig(_Strict):
+    schedule: Literal["linear", "cosine"] = "cosine"
+    num_timesteps: int = Field(1000, ge=2)   # T
+    loss: Literal["eps_mse", "hybrid"] = "eps_mse"  # hybrid = L_simple + lambda*L_vlb, learned sigma
+    hybrid_vlb_weight: float = Field(0.001, ge=0.0)  # IDDPM's lambda
+
+    @model_validator(mode="after")
+    def _linear_needs_enough_steps(self) -> DiffusionConfig:
+        # The linear schedule's β_T = 0.02·1000/T must stay below 1.
+        if self.schedule == "linear" and self.num_timesteps <= 20:
+            raise ValueError(
+                f"diffusion.num_timesteps={self.num_timesteps} is too small for the linear "
+                f"schedule (β would exceed 1); allowed: ≥ 21, or schedule=cosine"
+            )
+        return self
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(2000, ge=0)           # hard step budget (optimizer steps)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)       # linear lr warm-up
+    grad_clip: float | None = Field(1.0, gt=0.0)  # max global grad norm; None = off
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    log_every: int = Field(50, ge=1)         # steps between metric reports (host syncs)
+    checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints
+    heldout_every: int = Field(500, ge=1)    # steps between held-out loss evaluations
+    heldout_batches: int = Field(4, ge=1)    # batches per held-out evaluation
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA
+    num_threads: int | None = Field(None, ge=1)  # CPU threads for torch (None = torch default)
+
+
+class SampleConfig(_Strict):
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int | None = Field(50, ge=1)      # respaced steps; None = all T steps
+    eta: float = Field(0.0, ge=0.0)          # DDIM stochasticity (0 = deterministic)
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(256, ge=1)
+    seed: int = 0
+    use_ema: bool = True
+
+
+class ProfileConfig(_Strict):
+    """Difficulty profiling (METHOD.md step 1); the probe is the start of shared training."""
+
+    profile_steps: int = Field(500, ge=0)    # shared-training steps before profiling
+    num_buckets: int = Field(50, ge=1)       # B fine buckets over [0, T)
+    loss_samples_per_bucket: int = Field(256, ge=1)  # held-out images per bucket for the loss
+    affinity_batches: int = Field(4, ge=1)   # batches averaged for gradient cosine similarity
+    affinity_batch_size: int = Field(32, ge=1)
+    param_subset: Literal["all", "output", "middle"] = "all"  # parameters whose gradients count
+    seed: int = 0
+
+
+class GroupingConfig(_Strict):
+    num_groups: int = Field(5, ge=1)         # N
+    cost: Literal["snr", "loss", "affinity", "uniform", "combined"] = "combined"
+    min_group_buckets: int = Field(1, ge=1)  # minimum group size, in buckets
+    affinity_weight: float = Field(0.5, ge=0.0)  # weights of the `combined` cost
+    loss_weight: float = Field(0.5, ge=0.0)
+
+
+class BudgetConfig(_Strict):
+    k: float = Field(0.5, gt=0.0, le=1.0)    # FLOPs_g(i) = (i/N + (N-i)/N * k) * F
+    difficulty: Literal["loss", "snr"] = "loss"  # what ranks groups from easy to hard
+
+
+class FinetuneConfig(_Strict):
+    steps: int = Field(500, ge=0)            # per-group fine-tuning steps
+    lr: float = Field(1e-4, gt=0.0)
+    batch_size: int | None = Field(None, ge=1)  # None = train.batch_size
+
+
+class PipelineConfig(_Strict):
+    name: str = Field("tdc", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    preset: str = "digits"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    profile: ProfileConfig = ProfileConfig()
+    grouping: GroupingConfig = GroupingConfig()
+    budget: BudgetConfig = BudgetConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        down = 2 ** (len(self.model.channel_mult) - 1)
+        if self.data.image_size % down:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} must be divisible by {down}, the UNet's "
+                f"total downsampling for model.channel_mult={list(self.model.channel_mult)}"
+            )
+        sizes = {self.data.image_size // 2**i for i in range(len(self.model.channel_mult))}
+        bad = [r for r in self.model.attention_resolutions if r not in sizes]
+        if bad:
+            raise ValueError(
+                f"model.attention_resolutions={bad} are not feature-map sizes of this UNet; "
+                f"allowed: {sorted(sizes, reverse=True)}"
+            )
+        if self.sample.steps is not None and self.sample.steps > self.diffusion.num_timesteps:
+            raise ValueError(
+                f"sample.steps={self.sample.steps} exceeds diffusion.num_timesteps="
+                f"{self.diffusion.num_timesteps}"
+            )
+        if self.grouping.num_groups > self.profile.num_buckets:
+            raise ValueError(
+                f"grouping.num_groups={self.grouping.num_groups} exceeds profile.num_buckets="
+                f"{self.profile.num_buckets}; allowed: 1..{self.profile.num_buckets}"
+            )
+        if self.grouping.num_groups * self.grouping.min_group_buckets > self.profile.num_buckets:
+            raise ValueError(
+                f"grouping.num_groups x grouping.min_group_buckets = "
+                f"{self.grouping.num_groups * self.grouping.min_group_buckets} exceeds "
+                f"profile.num_buckets={self.profile.num_buckets}"
+            )
+        if self.profile.num_buckets > self.diffusion.num_timesteps:
+            raise ValueError(
+                f"profile.num_buckets={self.profile.num_buckets} exceeds diffusion.num_timesteps="
+                f"{self.diffusion.num_timesteps}"
+            )
+        if self.profile.profile_steps > self.train.steps:
+            raise ValueError(
+                f"profile.profile_steps={self.profile.profile_steps} exceeds train.steps="
+                f"{self.train.steps} (the probe is the start of shared training)"
+            )
+        return self
+
+    @property
+    def in_channels(self) -> int:
+        return self.data.channels
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.diffusion.loss == "hybrid"
+
+
+# --- presets -------------------------------------------------------------------------------
+# Each preset is a nested dict of overrides on the defaults above.
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: for tests only; samples are not meant to look like anything.
+    "smoke": {
+        "data": {"source": "digits", "image_size": 8, "channels": 1, "max_images": 256},
+        "model": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                  "attention_resolutions": [4], "num_heads": 2, "norm_groups": 8},
+        "diffusion": {"schedule": "cosine", "num_timesteps": 100},
+        "train": {"steps": 20, "batch_size": 16, "lr": 1e-3, "ema_decay": 0.9, "log_every": 5,
+                  "checkpoint_every": 10, "heldout_every": 10, "heldout_batches": 1},
+        "sample": {"sampler": "ddim", "steps": 10, "num_samples": 16, "batch_size": 16},
+        "profile": {"profile_steps": 10, "num_buckets": 10, "loss_samples_per_bucket": 16,
+                    "affinity_batches": 2, "affinity_batch_size": 8},
+        "grouping": {"num_groups": 3},
+        "finetune": {"steps": 10},
+    },
+    # The embedded default: scikit-learn's 8x8 digits, a few minutes on 2 CPU cores.
+    "digits": {
+        # 1 residual block per level and batch 64: recognisable digits in ~4 min on 2 cores.
+        "data": {"source": "digits", "image_size": 8, "channels": 1},
+        "model": {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
+                  "attention_resolutions": [4], "num_heads": 4, "norm_groups": 8},
+        "diffusion": {"schedule": "cosine", "num_timesteps": 1000},
+        "train": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
+                  "ema_decay": 0.995, "log_every": 50, "checkpoint_every": 250,
+                  "heldout_every": 250},
+        "sample": {"sampler": "ddim", "steps": 50, "num_samples": 64},
+        "profile": {"profile_steps": 300, "num_buckets": 50},
+        "grouping": {"num_groups": 5},
+        "finetune": {"steps": 200, "lr": 5e-4},
+    },
+    # IDDPM CIFAR-10: 128 channels, 3 blocks, (1, 2, 2, 2), dropout 0.3, L_hybrid, T = 4000.
+    "cifar10": {
+        "data": {"source": "cifar10", "image_size": 32, "channels": 3, "random_flip": True},
+        "model": {"base_channels": 128, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 3,
+                  "attention_resolutions": [16, 8], "num_heads": 4, "dropout": 0.3},
+        "diffusion": {"schedule": "cosine", "num_timesteps": 4000, "loss": "hybrid"},
+        "train": {"steps": 500_000, "batch_size": 128, "lr": 1e-4, "ema_decay": 0.9999,
+                  "grad_clip": None, "log_every": 100, "checkpoint_every": 10_000,
+                  "heldout_every": 10_000},
+        "sample": {"sampler": "ddpm", "steps": 100, "num_samples": 50_000},
+        "profile": {"profile_steps": 20_000, "num_buckets": 50},
+        "finetune": {"steps": 50_000, "lr": 1e-4},
+    },
+    # IDDPM ImageNet-64: 128 channels, 3 blocks, (1, 2, 3, 4), attention at 16 and 8.
+    "imagenet64": {
+        "data": {"source": "imagenet64", "image_size": 64, "channels": 3, "random_flip": True},
+        "model": {"base_channels": 128, "channel_mult": [1, 2, 3, 4], "num_res_blocks": 3,
+                  "attention_resolutions": [16, 8], "num_heads": 4, "dropout": 0.0},
+        "diffusion": {"schedule": "cosine", "num_timesteps": 4000, "loss": "hybrid"},
+        "train": {"steps": 1_500_000, "batch_size": 128, "lr": 1e-4, "ema_decay": 0.9999,
+                  "grad_clip": None, "log_every": 100, "checkpoint_every": 10_000,
+                  "heldout_every": 10_000},
+        "sample": {"sampler": "ddpm", "steps": 250, "num_samples": 50_000},
+        "profile": {"profile_steps": 50_000, "num_buckets": 50},
+        "finetune": {"steps": 100_000, "lr": 1e-4},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} cannot be parsed: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (``1e-3`` → float)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    dotted, raw = override.split("=", 1)
+    keys = [k.strip() for k in dotted.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"override {override!r} has an empty key")
+    # Walk the schema, not just the dict, so an unknown key is named with what is allowed.
+    model: type[BaseModel] = PipelineConfig
+    node = tree
+    for depth, key in enumerate(keys):
+        if key not in model.model_fields:
+            where = ".".join(keys[:depth]) or "top level"
+            raise ConfigError(
+                f"unknown config key {'.'.join(keys[: depth + 1])!r} in override {override!r}; "
+                f"allowed at {where}: {', '.join(_allowed_keys(model))}"
+            )
+        if depth == len(keys) - 1:
+            break
+        annotation = model.model_fields[key].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise ConfigError(f"config key {'.'.join(keys[: depth + 1])!r} is not a section")
+        model = annotation
+        node = node.setdefault(key, {})
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node[keys[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent_model: type[BaseModel] = PipelineConfig
+            for part in err["loc"][:-1]:
+                ann = parent_model.model_fields.get(str(part))
+                if ann is None or not (isinstance(ann.annotation, type) and issubclass(ann.annotation, BaseModel)):
+                    break
+                parent_model = ann.annotation
+            msg = f"unknown key; allowed: {', '.join(_allowed_keys(parent_model))}"
+            lines.append(f"{loc}: {msg}")
+            continue
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or loc == "" else f" (got {got!r})"
+        lines.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    *,
+    preset: str = "digits",
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PipelineConfig:
+    """Build the pipeline config: preset, then file, then dotted overrides (later wins).
+
+    Raises:
+        ConfigError: unknown preset or key, unparsable file, or an invalid value; the message
+            names the dotted field, the value and what is allowed.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    tree = _deep_merge({"preset": preset}, PRESETS[preset])
+    source = f"preset {preset!r}"
+    if path is not None:
+        tree = _deep_merge(tree, _read_file(Path(path)))
+        source += f" + file {path}"
+    for override in overrides:
+        _apply_override(tree, override)
+    if overrides:
+        source += " + overrides"
+    return validate_config(tree, source=source)
+
+
+def validate_config(tree: dict[str, Any], *, source: str = "config") -> PipelineConfig:
+    """Validate a nested dict (e.g. read back from a checkpoint) into a PipelineConfig."""
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def flatten(config: BaseModel, *, prefix: str = "") -> dict[str, str]:
+    """Dotted ``section.field -> str(value)`` pairs, e.g. for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in config.model_dump(mode="json").items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out: dict[str, str], key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for sub, v in value.items():
+            _flatten_into(out, f"{key}.{sub}", v)
+    else:
+        out[key] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)

@@ -1,0 +1,351 @@
+"""The training loop: ε-prediction (or L_hybrid) with AdamW, EMA, clipping and exact resume.
+
+One :class:`Trainer` serves every training stage of the pipeline: the single-model baseline,
+the shared model (stage 1, whose first steps are the difficulty probe) and each group's
+fine-tune (stage 2, timesteps restricted to the group's interval ``[lo, hi)``).
+
+Nothing here prints: progress and metrics go to the caller's :class:`Reporter`. Metrics are
+fetched from the device only every ``log_every`` steps, so the step itself has no host sync.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tdc_core.checkpoint import load_checkpoint, save_checkpoint
+from tdc_core.config import PipelineConfig, TrainConfig
+from tdc_core.data import BatchSampler, load_images, split_heldout, to_model_range
+from tdc_core.device import autocast_dtype, resolve_device
+from tdc_core.diffusion import Diffusion
+from tdc_core.errors import CheckpointError, TrainingError, first_line
+from tdc_core.reporting import NullReporter, Reporter
+from tdc_core.unet import UNet, UNetSpec
+
+__all__ = ["TrainResult", "Trainer", "load_model", "run_training", "spec_for"]
+
+CHECKPOINT_NAME = "last.pt"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int                    # optimizer steps done in total (incl. before a resume)
+    checkpoint: Path             # the final checkpoint
+    train_loss: float            # mean training loss over the last logging window
+    heldout_loss: float          # EMA model's held-out ε-MSE on the trained interval
+    initial_heldout_loss: float  # the same, before this call's first step
+    seconds: float               # wall time of this call
+    resumed_from: int            # step the call started from (0 = fresh)
+
+
+def spec_for(config: PipelineConfig) -> UNetSpec:
+    """The dense UNet of a pipeline config."""
+    return UNetSpec(model=config.model, image_size=config.data.image_size,
+                    in_channels=config.data.channels, learn_sigma=config.learn_sigma)
+
+
+class Trainer:
+    """Trains one UNet on timesteps ``[lo, hi)`` of ``diffusion``.
+
+    Args:
+        spec: architecture (possibly pruned widths).
+        train_images, heldout_images: uint8 ``[N x C x H x W]``.
+        config: the resolved pipeline config, stored inside every checkpoint.
+        t_range: the interval of timesteps trained on (default all of [0, T)).
+        lr: learning rate (default ``train.lr``); batch_size likewise.
+    """
+
+    def __init__(
+        self, *, spec: UNetSpec, diffusion: Diffusion, train: TrainConfig, train_images: torch.Tensor,
+        heldout_images: torch.Tensor, config: PipelineConfig, t_range: tuple[int, int] | None = None,
+        lr: float | None = None, batch_size: int | None = None, random_flip: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        self.spec, self.diffusion, self.cfg, self.config = spec, diffusion, train, config
+        self.device = device or resolve_device(train.device)
+        self.amp_dtype = autocast_dtype(train.precision, self.device)
+        self.t_range = t_range or (0, diffusion.num_steps)
+        lo, hi = self.t_range
+        if not 0 <= lo < hi <= diffusion.num_steps:
+            raise ValueError(f"t_range {self.t_range} must lie within [0, {diffusion.num_steps})")
+        self.lr = lr if lr is not None else train.lr
+        self.batch_size = batch_size or train.batch_size
+        self.heldout_images = heldout_images
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching global RNG
+            torch.manual_seed(train.seed)
+            self.model = UNet(spec).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.lr, weight_decay=train.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        self.sampler = BatchSampler(train_images, batch_size=self.batch_size, seed=train.seed,
+                                    random_flip=random_flip)
+        # Timesteps and noise come from a generator of our own, so resume restores them exactly.
+        self.gen = torch.Generator(device=self.device).manual_seed(train.seed + 1)
+        # Dropout draws from torch's global RNG: training runs inside fork_rng with this saved
+        # state, so results do not depend on what ran before and resume restores it exactly.
+        self._global_rng: dict[str, torch.Tensor] | None = None
+        self._in_fit = False
+        self.step = 0
+
+    # --- state -----------------------------------------------------------------------------
+
+    def init_weights_from(self, path: str | Path, *, use_ema: bool = True) -> None:
+        """Start from another run's weights (EMA by default): model and EMA both get them."""
+        payload = load_checkpoint(path, map_location=self.device)
+        state = payload["ema" if use_ema else "model"]
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line(exc)}") from None
+        self.ema.load_state_dict(self.model.state_dict())
+
+    def _capture_global_rng(self) -> dict[str, torch.Tensor]:
+        if not self._in_fit and self._global_rng is not None:
+            return self._global_rng
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _enter_global_rng(self) -> None:
+        if self._global_rng is None:
+            torch.manual_seed(self.cfg.seed + 2)
+        else:
+            torch.set_rng_state(self._global_rng["torch"])
+            if self.device.type == "cuda" and "cuda" in self._global_rng:
+                torch.cuda.set_rng_state(self._global_rng["cuda"], self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {**self._capture_global_rng(), "gen": self.gen.get_state(), "sampler": self.sampler.state_dict()}
+        return {
+            "kind": "train", "config": self.config.model_dump(mode="json"), "spec": self.spec.to_dict(),
+            "t_range": list(self.t_range), "step": self.step, "lr": self.lr, "batch_size": self.batch_size,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "rng": rng,
+        }
+
+    def save(self, path: str | Path) -> None:
+        save_checkpoint(path, self.state_dict())
+
+    def resume(self, path: str | Path) -> None:
+        """Restore everything (weights, EMA, optimizer, step, RNG states) from ``path``.
+
+        Raises:
+            CheckpointError: the checkpoint is unreadable or was written for another
+                architecture, timestep interval or config.
+        """
+        p = load_checkpoint(path, map_location="cpu")
+        if p.get("kind") != "train":
+            raise CheckpointError(f"checkpoint {path} is not a training checkpoint")
+        if p["spec"] != self.spec.to_dict() or tuple(p["t_range"]) != tuple(self.t_range):
+            raise CheckpointError(
+                f"checkpoint {path} was written for a different model or timestep interval; "
+                f"use a new run folder or delete it"
+            )
+        if p["config"] != self.config.model_dump(mode="json"):
+            raise CheckpointError(
+                f"checkpoint {path} was written with a different config; resume needs the same "
+                f"config (use a new run folder to start afresh)"
+            )
+        try:
+            self.model.load_state_dict(p["model"])
+            self.ema.load_state_dict(p["ema"])
+            self.optimizer.load_state_dict(p["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} is inconsistent: {first_line(exc)}") from None
+        self.step = int(p["step"])
+        self._global_rng = {k: p["rng"][k] for k in ("torch", "cuda") if k in p["rng"]}
+        self.gen.set_state(p["rng"]["gen"].to(torch.uint8).cpu())
+        self.sampler.load_state_dict(p["rng"]["sampler"])
+
+    # --- evaluation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def heldout_loss(self, *, use_ema: bool = True) -> float:
+        """Mean ε-MSE on held-out images with t uniform on ``t_range``.
+
+        Uses a fixed generator, so successive calls measure the same (images, t, ε) triples
+        and differences are due to the model alone.
+        """
+        model = self.ema if use_ema else self.model
+        was_training = model.training
+        model.eval()
+        g = torch.Generator(device="cpu").manual_seed(12345)
+        lo, hi = self.t_range
+        n = self.heldout_images.shape[0]
+        total, count = 0.0, 0
+        for b in range(self.cfg.heldout_batches):
+            idx = torch.arange(b * self.batch_size, (b + 1) * self.batch_size) % n
+            x0 = to_model_range(self.heldout_images[idx]).to(self.device)
+            t = torch.randint(lo, hi, (len(idx),), generator=g).to(self.device)
+            noise = torch.randn(x0.shape, generator=g).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss = self.diffusion.eps_loss(model, x0, t, noise)
+            total += float(loss.sum())
+            count += len(idx)
+        model.train(was_training)
+        return total / count
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _lr_at(self, step: int) -> float:
+        warm = self.cfg.warmup_steps
+        return self.lr * min(1.0, (step + 1) / warm) if warm else self.lr
+
+    def _train_step(self) -> dict[str, torch.Tensor]:
+        x0 = self.sampler.next_batch().to(self.device, non_blocking=True)
+        lo, hi = self.t_range
+        t = torch.randint(lo, hi, (x0.shape[0],), generator=self.gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr_at(self.step)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            x_t = self.diffusion.q_sample(x0, t, noise)
+            out = self.model(x_t, self.diffusion.model_timesteps(t))
+        losses = self.diffusion.training_losses(out, x0=x0, x_t=x_t, t=t, noise=noise)
+        loss = losses["loss"].mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self._update_ema()
+        self.step += 1
+        return {k: v.detach().mean() for k, v in losses.items()} | {"grad_norm": grad_norm.detach()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        ema_p = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - self.cfg.ema_decay)
+
+    def fit(self, *, until_step: int, checkpoint_path: str | Path, reporter: Reporter | None = None) -> TrainResult:
+        """Train until ``self.step == until_step``, checkpointing every ``checkpoint_every``
+        steps and at the end (atomically).
+
+        Raises:
+            TrainingError: the loss became NaN/inf; names the steps and the last good checkpoint.
+        """
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self._enter_global_rng()
+            self._in_fit = True
+            try:
+                return self._fit(until_step=until_step, checkpoint_path=checkpoint_path, reporter=reporter)
+            finally:
+                self._global_rng = self._capture_global_rng()
+                self._in_fit = False
+
+    def _fit(self, *, until_step: int, checkpoint_path: str | Path, reporter: Reporter | None) -> TrainResult:
+        reporter = reporter or NullReporter()
+        checkpoint_path = Path(checkpoint_path)
+        start, t0 = self.step, time.perf_counter()
+        initial_heldout = self.heldout_loss()
+        last_good = checkpoint_path if checkpoint_path.exists() else None
+        self.model.train()
+        window: dict[str, torch.Tensor] = {}
+        window_steps, window_t0, train_loss = 0, time.perf_counter(), float("nan")
+        reporter.progress(step=self.step, total=until_step)
+        while self.step < until_step:
+            stats = self._train_step()
+            for k, v in stats.items():
+                window[k] = window[k] + v if k in window else v
+            window_steps += 1
+            reporter.progress(step=self.step, total=until_step)
+            at_log = self.step % self.cfg.log_every == 0 or self.step == until_step
+            at_ckpt = self.step % self.cfg.checkpoint_every == 0 or self.step == until_step
+            if at_log or at_ckpt:
+                # One host sync per window: fetch all accumulated metrics together.
+                values = {k: float(v) / window_steps for k, v in window.items()}
+                if not all(map(_finite, values.values())):
+                    raise TrainingError(
+                        f"non-finite training loss between steps {self.step - window_steps + 1} and "
+                        f"{self.step}; last good checkpoint: {last_good or 'none written yet'}"
+                    )
+                elapsed = time.perf_counter() - window_t0
+                values["lr"] = self._lr_at(self.step - 1)
+                values["images_per_sec"] = window_steps * self.batch_size / max(elapsed, 1e-9)
+                reporter.log_metrics(values, step=self.step)
+                train_loss = values["loss"]
+                window, window_steps, window_t0 = {}, 0, time.perf_counter()
+            if self.step % self.cfg.heldout_every == 0 and self.step != until_step:
+                reporter.log_metrics({"heldout_loss": self.heldout_loss()}, step=self.step)
+            if at_ckpt:
+                self.save(checkpoint_path)
+                last_good = checkpoint_path
+                reporter.message(f"checkpoint at step {self.step}: {checkpoint_path}")
+        if self.step == start:  # nothing to do (already finished): still leave a checkpoint
+            if not checkpoint_path.exists():
+                self.save(checkpoint_path)
+        final_heldout = self.heldout_loss()
+        reporter.log_metrics({"heldout_loss": final_heldout}, step=self.step)
+        return TrainResult(
+            step=self.step, checkpoint=checkpoint_path, train_loss=train_loss, heldout_loss=final_heldout,
+            initial_heldout_loss=initial_heldout, seconds=time.perf_counter() - t0, resumed_from=start,
+        )
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+# --- whole-run helpers -------------------------------------------------------------------------
+
+
+def prepare_data(config: PipelineConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load the dataset and split it into (train, held-out) uint8 tensors."""
+    images = load_images(config.data)
+    return split_heldout(images, fraction=config.data.heldout_fraction, seed=config.data.split_seed)
+
+
+def run_training(
+    config: PipelineConfig, *, run_dir: str | Path, reporter: Reporter | None = None, steps: int | None = None,
+    resume: bool = True, device: torch.device | None = None,
+) -> TrainResult:
+    """Train the dense model of ``config`` on all timesteps to ``steps`` (default
+    ``train.steps``), resuming from ``run_dir/checkpoints/last.pt`` when it exists."""
+    run_dir = Path(run_dir)
+    train_images, heldout = prepare_data(config)
+    trainer = Trainer(
+        spec=spec_for(config), diffusion=Diffusion.from_config(config.diffusion), train=config.train,
+        train_images=train_images, heldout_images=heldout, config=config,
+        random_flip=config.data.random_flip, device=device,
+    )
+    ckpt = run_dir / "checkpoints" / CHECKPOINT_NAME
+    if resume and ckpt.exists():
+        trainer.resume(ckpt)
+    return trainer.fit(until_step=config.train.steps if steps is None else steps, checkpoint_path=ckpt,
+                       reporter=reporter)
+
+
+@dataclass
+class LoadedModel:
+    model: UNet
+    config: PipelineConfig
+    spec: UNetSpec
+    step: int
+    t_range: tuple[int, int]
+
+
+def load_model(path: str | Path, *, use_ema: bool = True, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild a model from its checkpoint alone (config and spec are stored inside)."""
+    from tdc_core.config import validate_config
+
+    p = load_checkpoint(path, map_location="cpu")
+    try:
+        config = validate_config(p["config"], source=f"checkpoint {path}")
+        spec = UNetSpec.from_dict(p["spec"])
+        model = UNet(spec)
+        model.load_state_dict(p["ema" if use_ema else "model"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be rebuilt: {first_line(exc)}") from None
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model=model, config=config, spec=spec, step=int(p["step"]),
+                       t_range=tuple(p["t_range"]))
