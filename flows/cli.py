@@ -1,8 +1,18 @@
 """The ``tdc`` command.
 
     tdc train  [--preset digits] [--config FILE] [--out-dir DIR] [key=value ...]
-    tdc sample --checkpoint PATH [--out grid.png] [--num 64] [--sampler ddim] [--steps 50]
+    tdc sample (--checkpoint PATH | --run-dir DIR) [--out grid.png] [--num 64] [--steps 50]
     tdc config [--preset digits] [--config FILE] [key=value ...]   # print the resolved config
+
+The TDC stages, by hand, over one run folder (METHOD.md steps 1-4, 6, 7):
+
+    tdc profile --run-dir R [--preset digits] [key=value ...]   # probe training + difficulty profile
+    tdc group   --run-dir R                                      # timestep groups + FLOPs budgets
+    tdc train   --out-dir R                                      # shared training, continues the probe
+    tdc finetune-group --run-dir R --group G                     # one group's expert (any process/GPU)
+    tdc sample  --run-dir R                                      # sample from the routed ensemble
+
+A run folder remembers its config (config.yaml): later commands on it need no preset or overrides.
 
 Bad input (config, data, checkpoints) prints one line naming the field or file and exits 2;
 an interrupted training run says how to resume it.
@@ -11,7 +21,6 @@ an interrupted training run says how to resume it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -33,14 +42,27 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", type=Path, help="YAML/JSON file applied on top of the preset")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=2e-4")
 
-    tr = sub.add_parser("train", help="train a single model on all timesteps (the baseline)")
+    tr = sub.add_parser("train", help="train one model on all timesteps (the baseline; in a TDC run folder, the shared model)")
     config_args(tr)
     tr.add_argument("--out-dir", type=Path, help="run folder (default: runs/<name>-<time>); resumes if it holds a checkpoint")
     tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out-dir and start over")
     tr.add_argument("--no-samples", action="store_true", help="do not write samples.png at the end")
 
-    sa = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint")
-    sa.add_argument("--checkpoint", type=Path, required=True)
+    pr = sub.add_parser("profile", help="train the probe and profile per-timestep difficulty (TDC step 1)")
+    config_args(pr)
+    pr.add_argument("--run-dir", type=Path, required=True)
+
+    gr = sub.add_parser("group", help="group timesteps and assign FLOPs budgets (TDC steps 2-3)")
+    gr.add_argument("--run-dir", type=Path, required=True)
+
+    fg = sub.add_parser("finetune-group", help="fine-tune one group's expert on its timesteps (TDC step 6)")
+    fg.add_argument("--run-dir", type=Path, required=True)
+    fg.add_argument("--group", type=int, required=True, help="group index, 0 = the group holding t = 0")
+
+    sa = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint or a TDC run's ensemble")
+    src = sa.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a single model's checkpoint")
+    src.add_argument("--run-dir", type=Path, help="a TDC run folder: sample from its routed ensemble")
     sa.add_argument("--out", type=Path, default=Path("samples.png"))
     sa.add_argument("--num", type=int, default=None, help="number of samples (default: sample.num_samples)")
     sa.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
@@ -93,34 +115,59 @@ def _fmt_seconds(s: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _cmd_config(args: argparse.Namespace) -> int:
-    import yaml
-
-    from tdc_core.config import load_config
-
-    cfg = load_config(preset=args.preset, path=args.config, overrides=args.overrides)
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    import torch
+def _resolve_config(args: argparse.Namespace, run_dir: Path | None):
+    """The run folder's saved config when it has one (plus any overrides), else preset + file +
+    overrides. Saves the result as the folder's config.yaml."""
     import yaml
 
     from tdc_core.checkpoint import atomic_write_bytes
     from tdc_core.config import load_config
+    from tdc_core.layout import RunLayout
+
+    overrides = getattr(args, "overrides", [])
+    saved = RunLayout(run_dir).config if run_dir is not None else None
+    if saved is not None and saved.is_file():
+        preset = (yaml.safe_load(saved.read_text()) or {}).get("preset", "digits")
+        cfg = load_config(preset=preset, path=saved, overrides=overrides)
+    else:
+        cfg = load_config(preset=getattr(args, "preset", "digits"), path=getattr(args, "config", None),
+                          overrides=overrides)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(RunLayout(run_dir).config,
+                           yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+    return cfg
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = _resolve_config(args, None)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _setup(cfg):
+    import torch
+
     from tdc_core.device import resolve_device
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    return resolve_device(cfg.train.device)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     from tdc_core.flops import count_forward_flops
     from tdc_core.train import load_model, run_training, spec_for
     from tdc_core.unet import UNet
 
-    cfg = load_config(preset=args.preset, path=args.config, overrides=args.overrides)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    out = args.out_dir or Path("runs") / f"{cfg.name}-{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
-    device = resolve_device(cfg.train.device)
+    from tdc_core.config import load_config
+
+    preview = load_config(preset=args.preset, path=args.config, overrides=args.overrides) if args.out_dir is None else None
+    out = args.out_dir or Path("runs") / f"{preview.name}-{preview.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    cfg = _resolve_config(args, out)
+    device = _setup(cfg)
     model = UNet(spec_for(cfg))
     params = sum(p.numel() for p in model.parameters())
     flops = count_forward_flops(model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
@@ -135,9 +182,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = run_training(cfg, run_dir=out, reporter=reporter, resume=not args.fresh, device=device)
     except KeyboardInterrupt:
         reporter.close()
-        print(f"\ninterrupted; the last checkpoint is kept. Resume with:\n  tdc train --out-dir {out}"
-              f"{' --config ' + str(args.config) if args.config else ''} --preset {args.preset} "
-              + " ".join(args.overrides), file=sys.stderr)
+        print(f"\ninterrupted; the last checkpoint is kept. Resume with:\n  tdc train --out-dir {out}", file=sys.stderr)
         return 130
     reporter.close()
     print(f"\ntrained {result.step} steps in {_fmt_seconds(result.seconds)}"
@@ -148,14 +193,71 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"  config                 {out / 'config.yaml'}")
     if not args.no_samples:
         t0 = time.perf_counter()
-        grid = _write_samples(load_model(result.checkpoint, device=device), out=out / "samples.png",
-                              num=None, sampler=None, steps=None, seed=None, device=device)
+        loaded = load_model(result.checkpoint, device=device)
+        grid = _write_samples(loaded.model, loaded.config, out=out / "samples.png", num=None, sampler=None,
+                              steps=None, seed=None, device=device)
         print(f"  samples                {grid}  ({_fmt_seconds(time.perf_counter() - t0)})")
     print(f"\nmore samples: tdc sample --checkpoint {result.checkpoint} --out grid.png")
     return 0
 
 
-def _write_samples(loaded, *, out: Path, num: int | None, sampler: str | None, steps: int | None,
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from tdc_core.layout import RunLayout
+    from tdc_core.stages import profile_stage
+
+    cfg = _resolve_config(args, args.run_dir)
+    device = _setup(cfg)
+    layout = RunLayout(args.run_dir)
+    print(f"TDC · step 1: probe training to step {cfg.profile.profile_steps}, then difficulty profile "
+          f"over {cfg.profile.num_buckets} timestep buckets")
+    reporter = _ProgressReporter(desc="probe")
+    profile = profile_stage(cfg, layout, reporter=reporter, device=device)
+    reporter.close()
+    lm = profile.loss_mean
+    print(f"profiled the model at step {profile.model_step} in {_fmt_seconds(profile.seconds)}: "
+          f"held-out ε-MSE {lm[0]:.3f} at t≈0 … {lm[-1]:.3f} at t≈T")
+    print(f"  {layout.profile_json}\n  {layout.profile_png}")
+    print(f"next: tdc group --run-dir {args.run_dir}")
+    return 0
+
+
+def _cmd_group(args: argparse.Namespace) -> int:
+    from tdc_core.layout import RunLayout
+    from tdc_core.stages import group_stage
+
+    cfg = _resolve_config(args, args.run_dir)
+    layout = RunLayout(args.run_dir)
+    res = group_stage(cfg, layout)
+    g = res.grouping
+    print(f"TDC · steps 2-3: {g.num_groups} groups by the {g.cost_kind!r} cost, budgets ranked by "
+          f"{g.difficulty_measure} (k = {res.plan.k}, F = {res.plan.base_flops / 1e6:.1f} MFLOP)")
+    print(f"  {'group':>5}  {'timesteps':>13}  {'difficulty':>10}  {'rank':>4}  {'budget':>7}")
+    for b, d in zip(res.plan.budgets, g.difficulty):
+        print(f"  {b.group:>5}  {f'[{b.lo}, {b.hi})':>13}  {d:>10.3f}  {b.rank:>4}  {b.fraction:>6.0%} F")
+    print(f"  {layout.grouping_json}\n  {layout.budgets_json}\n  {layout.grouping_png}")
+    print(f"next: tdc train --out-dir {args.run_dir}   (shared training)")
+    return 0
+
+
+def _cmd_finetune_group(args: argparse.Namespace) -> int:
+    from tdc_core.layout import RunLayout
+    from tdc_core.stages import finetune_group_stage
+
+    cfg = _resolve_config(args, args.run_dir)
+    device = _setup(cfg)
+    layout = RunLayout(args.run_dir)
+    reporter = _ProgressReporter(desc=f"group {args.group}")
+    r = finetune_group_stage(cfg, layout, group=args.group, reporter=reporter, device=device)
+    reporter.close()
+    print(f"group {r.group}: timesteps [{r.lo}, {r.hi}), rank {r.rank}, {r.steps} steps in {_fmt_seconds(r.seconds)}")
+    print(f"  held-out ε-MSE on its timesteps: shared {r.heldout_loss_shared:.4f} → fine-tuned {r.heldout_loss:.4f}")
+    print(f"  FLOPs {r.flops / 1e6:.1f} M vs budget {r.budget_flops / 1e6:.1f} M: "
+          + ("met" if r.budget_met else "NOT met (pruning is not implemented yet; the expert keeps full width)"))
+    print(f"  {r.checkpoint}")
+    return 0
+
+
+def _write_samples(model, cfg, *, out: Path, num: int | None, sampler: str | None, steps: int | None,
                    seed: int | None, device) -> Path:
     import torch
 
@@ -164,7 +266,6 @@ def _write_samples(loaded, *, out: Path, num: int | None, sampler: str | None, s
     from tdc_core.images import save_grid
     from tdc_core.samplers import sample
 
-    cfg = loaded.config
     sc = cfg.sample
     num = num or sc.num_samples
     diffusion = Diffusion.from_config(cfg.diffusion).respaced(steps if steps is not None else sc.steps)
@@ -172,7 +273,7 @@ def _write_samples(loaded, *, out: Path, num: int | None, sampler: str | None, s
     chunks = []
     for start in range(0, num, sc.batch_size):
         n = min(sc.batch_size, num - start)
-        x = sample(loaded.model, diffusion, shape=(n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
+        x = sample(model, diffusion, shape=(n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
                    generator=gen, sampler=sampler or sc.sampler, eta=sc.eta, device=device)
         chunks.append(to_uint8(x.cpu()))
     return save_grid(out, torch.cat(chunks))
@@ -181,6 +282,8 @@ def _write_samples(loaded, *, out: Path, num: int | None, sampler: str | None, s
 def _cmd_sample(args: argparse.Namespace) -> int:
     from tdc_core.device import resolve_device
     from tdc_core.errors import ConfigError
+    from tdc_core.layout import RunLayout
+    from tdc_core.stages import assemble_router
     from tdc_core.train import load_model
 
     if args.num is not None and args.num < 1:
@@ -188,16 +291,25 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be ≥ 1, got {args.steps}")
     device = resolve_device("auto")
-    loaded = load_model(args.checkpoint, use_ema=not args.raw_weights, device=device)
-    if args.steps is not None and args.steps > loaded.config.diffusion.num_timesteps:
-        raise ConfigError(f"--steps={args.steps} exceeds the model's {loaded.config.diffusion.num_timesteps} timesteps")
-    path = _write_samples(loaded, out=args.out, num=args.num, sampler=args.sampler, steps=args.steps,
+    if args.run_dir is not None:
+        cfg = _resolve_config(args, args.run_dir)
+        model = assemble_router(RunLayout(args.run_dir), device=device)
+        what = f"the routed ensemble of {model.num_groups} experts"
+    else:
+        loaded = load_model(args.checkpoint, use_ema=not args.raw_weights, device=device)
+        model, cfg, what = loaded.model, loaded.config, f"{args.checkpoint}"
+    if args.steps is not None and args.steps > cfg.diffusion.num_timesteps:
+        raise ConfigError(f"--steps={args.steps} exceeds the model's {cfg.diffusion.num_timesteps} timesteps")
+    path = _write_samples(model, cfg, out=args.out, num=args.num, sampler=args.sampler, steps=args.steps,
                           seed=args.seed, device=device)
-    print(f"wrote {path}")
+    print(f"wrote {path} (samples from {what})")
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "config": _cmd_config}
+_COMMANDS = {
+    "train": _cmd_train, "sample": _cmd_sample, "config": _cmd_config, "profile": _cmd_profile,
+    "group": _cmd_group, "finetune-group": _cmd_finetune_group,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,5 +324,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from tdc_core.errors import ConfigError
 from tdc_core.grouping import Grouping
 
-__all__ = ["GroupBudget", "assign_budgets", "budget_fractions", "mean_sampling_fraction"]
+__all__ = ["BudgetPlan", "GroupBudget", "assign_budgets", "budget_fractions", "mean_sampling_fraction"]
 
 
 def budget_fractions(*, num_groups: int, k: float) -> list[float]:
@@ -98,3 +98,14 @@ def mean_sampling_fraction(*, budgets: list[GroupBudget], steps: np.ndarray) -> 
     los = np.array([b.lo for b in ordered])
     fractions = np.array([b.fraction for b in ordered])
     return float(fractions[np.searchsorted(los, t, side="right") - 1].mean())
+
+
+class BudgetPlan(BaseModel):
+    """Every group's budget with what it was derived from (written to ``budgets.json``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_flops: float               # F: FLOPs of one forward pass of the dense base model
+    k: float                        # budget.k
+    difficulty_measure: str         # budget.difficulty
+    budgets: list[GroupBudget]      # one per group, in timestep order

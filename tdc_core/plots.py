@@ -1,0 +1,175 @@
+"""Figures of the difficulty profile and the timestep grouping, for people to look at.
+
+Each function renders one PNG with matplotlib's object API (:class:`~matplotlib.figure.Figure`
+on a :class:`~matplotlib.backends.backend_agg.FigureCanvasAgg`): no pyplot, no global backend
+or rcParams change, so it is safe from any thread. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from tdc_core.checkpoint import atomic_write_bytes
+from tdc_core.grouping import Grouping
+from tdc_core.profiling import DifficultyProfile
+
+__all__ = ["plot_grouping", "plot_profile"]
+
+_LOSS_COLOUR = "tab:blue"
+_SNR_COLOUR = "tab:red"
+_GROUP_SHADES = ("#fbf1d9", "#e9e9e9")  # alternating group backgrounds (pale yellow, grey)
+_AFFINITY_CMAP = "RdBu_r"               # diverging: red = aligned, blue = conflicting gradients
+_FIGSIZE_IN = (13.0, 5.0)
+_DPI = 110
+
+
+class _HasFraction(Protocol):
+    fraction: float  # FLOPs budget / F of the base model
+
+
+def _centres(profile: DifficultyProfile) -> np.ndarray:
+    """``[B]`` float bucket centres in timesteps, ``(e_b + e_{b+1} - 1) / 2``."""
+    edges = np.asarray(profile.bucket_edges, dtype=np.float64)
+    return (edges[:-1] + edges[1:] - 1) / 2
+
+
+def _draw_loss(ax: Axes, profile: DifficultyProfile) -> None:
+    """Mean ε-MSE per bucket with a ±1 std band (clipped at 0), against the timestep."""
+    a = profile.arrays()
+    x = _centres(profile)
+    ax.fill_between(x, np.maximum(a.loss_mean - a.loss_std, 0.0), a.loss_mean + a.loss_std,
+                    color=_LOSS_COLOUR, alpha=0.18, linewidth=0, label="± 1 std over samples")
+    ax.plot(x, a.loss_mean, "o-", color=_LOSS_COLOUR, markersize=3, linewidth=1.6,
+            label="mean held-out ε-MSE")
+    ax.set_xlim(0, profile.num_timesteps)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("timestep t (0 = clean, T = pure noise)")
+    ax.set_ylabel("ε-MSE per sample (dimensionless)", color=_LOSS_COLOUR)
+    ax.tick_params(axis="y", colors=_LOSS_COLOUR)
+    ax.grid(alpha=0.3)
+
+
+def _draw_affinity(fig: Figure, ax: Axes, profile: DifficultyProfile) -> None:
+    """Heat-map of the bucket affinity with timesteps on both axes (t = 0 at the top left)."""
+    edges = np.asarray(profile.bucket_edges)
+    mesh = ax.pcolormesh(edges, edges, profile.arrays().affinity, cmap=_AFFINITY_CMAP,
+                         vmin=-1.0, vmax=1.0, shading="flat")
+    ax.set_xlim(0, profile.num_timesteps)
+    ax.set_ylim(profile.num_timesteps, 0)
+    ax.set_aspect("equal")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("timestep t")
+    ax.set_title(
+        f"Task affinity: cosine of ε-loss gradients\n"
+        f"({profile.param_subset} parameters, {profile.num_params:,} values)",
+        fontsize=11,
+    )
+    cbar = fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label("cosine similarity (1 = same direction)")
+
+
+def _render(fig: Figure, path: str | Path) -> Path:
+    FigureCanvasAgg(fig)  # attach the Agg canvas explicitly; no pyplot involved
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def plot_profile(profile: DifficultyProfile, path: str | Path) -> Path:
+    """Write a PNG of the difficulty profile; returns ``path``.
+
+    Left: mean held-out ε-MSE ± std per bucket against the timestep, with SNR in dB on a twin
+    axis. Right: the B x B affinity heat-map (timesteps on both axes, colour bar in [-1, 1]).
+    """
+    fig = Figure(figsize=_FIGSIZE_IN, layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=[1.35, 1.0])
+    _draw_loss(left, profile)
+    snr_ax = left.twinx()
+    snr_ax.plot(_centres(profile), profile.snr_db, "--", color=_SNR_COLOUR, linewidth=1.4,
+                label="SNR at bucket centre")
+    snr_ax.set_ylabel("SNR = 10·log10(ᾱ/(1−ᾱ)) (dB)", color=_SNR_COLOUR)
+    snr_ax.tick_params(axis="y", colors=_SNR_COLOUR)
+    handles, labels = [], []
+    for ax in (left, snr_ax):
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    left.legend(handles, labels, loc="upper right", fontsize=9)
+    left.set_title(
+        f"Denoising difficulty over {profile.num_buckets} timestep buckets "
+        f"(probe at step {profile.model_step})", fontsize=11,
+    )
+    _draw_affinity(fig, right, profile)
+    return _render(fig, path)
+
+
+def plot_grouping(
+    profile: DifficultyProfile,
+    grouping: Grouping,
+    path: str | Path,
+    *,
+    budgets: Sequence[_HasFraction] | None = None,
+) -> Path:
+    """Write a PNG of the timestep groups over the profile; returns ``path``.
+
+    Left: the loss curve with each group's interval shaded (alternating colours), boundaries as
+    vertical lines and each group labelled with its difficulty rank (N = hardest) and, given
+    ``budgets`` (one per group in timestep order, objects with ``.fraction``), its FLOPs
+    fraction of the base model. Right: the affinity heat-map with each group's block outlined.
+
+    Raises:
+        ValueError: grouping and profile disagree on T, or ``budgets`` has the wrong length.
+    """
+    if grouping.num_timesteps != profile.num_timesteps:
+        raise ValueError(
+            f"grouping covers T={grouping.num_timesteps} timesteps but the profile T="
+            f"{profile.num_timesteps}"
+        )
+    n = grouping.num_groups
+    if budgets is not None and len(budgets) != n:
+        raise ValueError(f"budgets has {len(budgets)} entries; the grouping has {n} groups")
+    fig = Figure(figsize=_FIGSIZE_IN, layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=[1.35, 1.0])
+    _draw_loss(left, profile)
+    label_ax = left.get_xaxis_transform()  # x in timesteps, y in axes fraction
+    for g in range(n):
+        lo, hi = grouping.interval(g)
+        left.axvspan(lo, hi, color=_GROUP_SHADES[g % 2], zorder=0)
+        if g:
+            left.axvline(lo, color="0.25", linewidth=1.2, zorder=1)
+        parts = [f"G{g + 1}", f"rank {grouping.rank[g]}/{n}"]
+        if budgets is not None:
+            parts.append(f"{budgets[g].fraction:.2f} F")
+        # A narrow group gets one rotated line so that neighbouring labels do not collide.
+        narrow = (hi - lo) < 0.12 * profile.num_timesteps
+        left.text((lo + hi) / 2, 0.97, (" · " if narrow else "\n").join(parts), transform=label_ax,
+                  ha="center", va="top", fontsize=8 if narrow else 9, rotation=90 if narrow else 0,
+                  bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "alpha": 0.8,
+                        "edgecolor": "0.6"})
+    left.set_ylim(top=left.get_ylim()[1] * 1.3)  # head-room for the labels
+    left.legend(loc="center right", fontsize=9)
+    what = "difficulty rank (N = hardest)" + (", FLOPs budget / F" if budgets is not None else "")
+    left.set_title(
+        f"{n} timestep groups ({grouping.cost_kind} cost, ranked by {grouping.difficulty_measure})\n"
+        f"labels: {what}", fontsize=11,
+    )
+
+    _draw_affinity(fig, right, profile)
+    for g in range(n):
+        lo, hi = grouping.interval(g)
+        right.add_patch(Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="black",
+                                  linewidth=2.0))
+    for b in grouping.boundaries[1:-1]:
+        right.axvline(b, color="black", linewidth=0.6, linestyle=":")
+        right.axhline(b, color="black", linewidth=0.6, linestyle=":")
+    return _render(fig, path)

@@ -1,0 +1,252 @@
+"""The TDC stages (METHOD.md steps 1–4, 6, 7), each a plain function over a run folder.
+
+Each stage reads what earlier stages wrote (paths from :class:`RunLayout`), computes, writes its
+own outputs atomically and returns a small JSON-friendly record, so an orchestrator can wrap
+each one in a task and pass only paths and records between them. Nothing here talks to Prefect
+or MLflow; progress goes to the caller's :class:`Reporter`.
+
+Order: :func:`profile_stage` (trains the probe = the first ``profile_steps`` of shared training,
+then profiles it) → :func:`group_stage` → :func:`shared_stage` (continues the same run to
+``train.steps``) → :func:`finetune_group_stage` per group (independent; any process or GPU) →
+:func:`assemble_router` / :func:`cost_stage`.
+
+Pruning (step 5) is not part of this module yet: a group whose budget is below F is fine-tuned
+at full width and its result says ``budget_met = False``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from tdc_core.budgets import BudgetPlan, GroupBudget, assign_budgets
+from tdc_core.config import PipelineConfig
+from tdc_core.costs import SamplingCost, TrainingCost, sampling_cost, training_cost
+from tdc_core.diffusion import Diffusion
+from tdc_core.errors import CheckpointError
+from tdc_core.flops import count_forward_flops
+from tdc_core.grouping import Grouping, group_timesteps
+from tdc_core.layout import RunLayout
+from tdc_core.plots import plot_grouping, plot_profile
+from tdc_core.profiling import DifficultyProfile, profile_difficulty
+from tdc_core.records import load_record, save_record
+from tdc_core.reporting import Reporter
+from tdc_core.routing import ExpertRouter, load_router
+from tdc_core.samplers import sampling_timesteps
+from tdc_core.train import Trainer, TrainResult, load_model, prepare_data, run_training, spec_for
+from tdc_core.unet import UNet
+
+__all__ = [
+    "CostReport",
+    "GroupResult",
+    "GroupingResult",
+    "assemble_router",
+    "cost_stage",
+    "finetune_group_stage",
+    "group_stage",
+    "profile_stage",
+    "shared_stage",
+]
+
+# A pruned model may exceed its budget by at most this fraction of it (pruning works in
+# whole channels); also what "budget met" means for an unpruned model.
+BUDGET_TOLERANCE = 0.02
+
+
+class GroupingResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    grouping: Grouping
+    plan: BudgetPlan
+
+
+class GroupResult(BaseModel):
+    """Outcome of one group's fine-tune (written to ``groups/group-<g>/result.json``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: int
+    lo: int                        # first timestep of the group
+    hi: int                        # one past its last timestep
+    rank: int                      # 1 = easiest … N = hardest
+    steps: int                     # fine-tuning steps done
+    flops: int                     # FLOPs of one forward pass of the group's model
+    budget_flops: float            # its budget
+    budget_met: bool               # flops ≤ budget·(1 + BUDGET_TOLERANCE)
+    pruned: bool                   # whether channels were removed
+    heldout_loss_shared: float     # shared model's held-out ε-MSE on [lo, hi)
+    heldout_loss: float            # the fine-tuned model's, same samples
+    seconds: float
+    checkpoint: str
+
+
+class CostReport(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sampling: SamplingCost
+    training: TrainingCost
+    sampler: str
+    sampling_steps: int
+    budgets_met: bool
+
+
+def _dense_flops(config: PipelineConfig) -> int:
+    with torch.device("cpu"):
+        model = UNet(spec_for(config))
+    return count_forward_flops(model, in_channels=config.data.channels, image_size=config.data.image_size)
+
+
+def profile_stage(
+    config: PipelineConfig, layout: RunLayout, *, reporter: Reporter | None = None,
+    device: torch.device | None = None,
+) -> DifficultyProfile:
+    """Train the probe (shared training up to ``profile.profile_steps``, resumable), profile the
+    EMA model's difficulty per timestep bucket, write ``profile.json`` and ``profile.png``.
+
+    If the shared run is already past ``profile_steps`` the current model is profiled and its
+    step is recorded in the profile (nothing is retrained).
+    """
+    run_training(config, run_dir=layout.root, reporter=reporter, steps=config.profile.profile_steps,
+                 device=device)
+    loaded = load_model(layout.shared_checkpoint, device=device or "cpu")
+    _, heldout = prepare_data(config)
+    profile = profile_difficulty(
+        model=loaded.model, diffusion=Diffusion.from_config(config.diffusion), heldout_images=heldout,
+        config=config.profile, device=next(loaded.model.parameters()).device, model_step=loaded.step,
+        reporter=reporter,
+    )
+    profile.save(layout.profile_json)
+    plot_profile(profile, layout.profile_png)
+    return profile
+
+
+def group_stage(config: PipelineConfig, layout: RunLayout) -> GroupingResult:
+    """Partition [0, T) into groups from the saved profile and assign FLOPs budgets."""
+    profile = DifficultyProfile.load(layout.profile_json)
+    a = profile.arrays()
+    grouping = group_timesteps(
+        bucket_edges=a.bucket_edges, snr_db=a.snr_db, loss_mean=a.loss_mean, affinity=a.affinity,
+        config=config.grouping, difficulty=config.budget.difficulty,
+    )
+    base_flops = _dense_flops(config)
+    plan = BudgetPlan(
+        base_flops=float(base_flops), k=config.budget.k, difficulty_measure=config.budget.difficulty,
+        budgets=assign_budgets(grouping=grouping, k=config.budget.k, base_flops=base_flops),
+    )
+    save_record(layout.grouping_json, grouping)
+    save_record(layout.budgets_json, plan)
+    plot_grouping(profile, grouping, layout.grouping_png, budgets=plan.budgets)
+    return GroupingResult(grouping=grouping, plan=plan)
+
+
+def shared_stage(
+    config: PipelineConfig, layout: RunLayout, *, reporter: Reporter | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Continue the probe's run to ``train.steps`` (stage 1; resumes from its checkpoint)."""
+    return run_training(config, run_dir=layout.root, reporter=reporter, device=device)
+
+
+def load_plan(layout: RunLayout) -> BudgetPlan:
+    return load_record(layout.budgets_json, BudgetPlan, what="budget plan")
+
+
+def load_grouping(layout: RunLayout) -> Grouping:
+    return load_record(layout.grouping_json, Grouping, what="grouping")
+
+
+def finetune_group_stage(
+    config: PipelineConfig, layout: RunLayout, *, group: int, reporter: Reporter | None = None,
+    device: torch.device | None = None,
+) -> GroupResult:
+    """Fine-tune group ``group``'s copy of the shared EMA model on its timesteps only.
+
+    Independent of the other groups (own folder, own seed), so groups can run in separate
+    processes or on separate GPUs; resumes from the group's own checkpoint.
+    """
+    plan = load_plan(layout)
+    if not 0 <= group < len(plan.budgets):
+        raise ValueError(f"group={group} does not exist; this run has groups 0..{len(plan.budgets) - 1}")
+    budget: GroupBudget = plan.budgets[group]
+    if not layout.shared_checkpoint.is_file():
+        raise CheckpointError(f"shared checkpoint {layout.shared_checkpoint} does not exist; run shared training first")
+    train_images, heldout = prepare_data(config)
+    # A distinct data/noise stream per group, reproducible from the run's seed.
+    train_cfg = config.train.model_copy(update={"seed": config.train.seed + 1000 * (group + 1)})
+    trainer = Trainer(
+        spec=spec_for(config), diffusion=Diffusion.from_config(config.diffusion), train=train_cfg,
+        train_images=train_images, heldout_images=heldout, config=config, t_range=(budget.lo, budget.hi),
+        lr=config.finetune.lr, batch_size=config.finetune.batch_size or config.train.batch_size,
+        random_flip=config.data.random_flip, device=device,
+    )
+    ckpt = layout.group_checkpoint(group)
+    if ckpt.exists():
+        trainer.resume(ckpt)
+    else:
+        trainer.init_weights_from(layout.shared_checkpoint, use_ema=True)
+    shared_loss = _shared_heldout_loss(trainer, layout)
+    result = trainer.fit(until_step=config.finetune.steps, checkpoint_path=ckpt, reporter=reporter)
+    flops = count_forward_flops(trainer.model, in_channels=config.data.channels, image_size=config.data.image_size)
+    out = GroupResult(
+        group=group, lo=budget.lo, hi=budget.hi, rank=budget.rank, steps=result.step, flops=flops,
+        budget_flops=budget.flops_budget, budget_met=flops <= budget.flops_budget * (1 + BUDGET_TOLERANCE),
+        pruned=False, heldout_loss_shared=shared_loss, heldout_loss=result.heldout_loss,
+        seconds=result.seconds, checkpoint=str(ckpt),
+    )
+    save_record(layout.group_result(group), out)
+    return out
+
+
+def _shared_heldout_loss(trainer: Trainer, layout: RunLayout) -> float:
+    """The shared EMA model's held-out loss on the trainer's interval, same samples as the
+    trainer's own measurement, so the two numbers compare like for like."""
+    saved = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    shared = load_model(layout.shared_checkpoint, device=trainer.device)
+    trainer.ema.load_state_dict(shared.model.state_dict())
+    try:
+        return trainer.heldout_loss(use_ema=True)
+    finally:
+        trainer.ema.load_state_dict(saved)
+
+
+def load_group_result(layout: RunLayout, group: int) -> GroupResult:
+    return load_record(layout.group_result(group), GroupResult, what="group result")
+
+
+def assemble_router(layout: RunLayout, *, device: torch.device | str = "cpu") -> ExpertRouter:
+    """The routed ensemble: one fine-tuned expert per group, from checkpoints + boundaries."""
+    grouping = load_grouping(layout)
+    checkpoints = [layout.group_checkpoint(g) for g in range(grouping.num_groups)]
+    missing = [str(p) for p in checkpoints if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"group checkpoints missing (fine-tune these groups first): {', '.join(missing)}")
+    return load_router(checkpoints=checkpoints, boundaries=grouping.boundaries, device=device)
+
+
+def cost_stage(config: PipelineConfig, layout: RunLayout) -> CostReport:
+    """Sampling and training cost of the run vs a single model of equal training cost.
+
+    The baseline is charged ``ceil(TDC cost / (F · batch · 3))`` steps, the smallest budget that
+    is at least TDC's total (METHOD.md, "The baseline").
+    """
+    plan = load_plan(layout)
+    results = [load_group_result(layout, g) for g in range(len(plan.budgets))]
+    diffusion = Diffusion.from_config(config.diffusion).respaced(config.sample.steps)
+    boundaries = [b.lo for b in plan.budgets] + [plan.budgets[-1].hi]
+    group_flops = [float(r.flops) for r in results]
+    sampling = sampling_cost(visited_timesteps=sampling_timesteps(diffusion), boundaries=boundaries,
+                             group_flops=group_flops, base_flops=plan.base_flops)
+    ft_batch = config.finetune.batch_size or config.train.batch_size
+    kwargs = dict(shared_steps=config.train.steps, base_flops=plan.base_flops, batch_size=config.train.batch_size,
+                  finetune_steps=[r.steps for r in results], group_flops=group_flops,
+                  finetune_batch_size=ft_batch, baseline_batch_size=config.train.batch_size)
+    tdc_only = training_cost(**kwargs, baseline_steps=1)
+    per_step = plan.base_flops * config.train.batch_size * tdc_only.backward_factor
+    training = training_cost(**kwargs, baseline_steps=math.ceil(tdc_only.tdc_flops / per_step))
+    report = CostReport(sampling=sampling, training=training, sampler=config.sample.sampler,
+                        sampling_steps=diffusion.num_steps, budgets_met=all(r.budget_met for r in results))
+    save_record(layout.costs_json, report)
+    return report
+

@@ -1,0 +1,130 @@
+"""The TDC stages end to end on the smoke preset, through one run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tdc_core import stages
+from tdc_core.config import load_config
+from tdc_core.costs import sampling_cost
+from tdc_core.diffusion import Diffusion
+from tdc_core.errors import CheckpointError, DataError
+from tdc_core.layout import RunLayout
+from tdc_core.samplers import sample, sampling_timesteps
+from tdc_core.train import Trainer, load_model
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """profile → group → shared → fine-tune every group, on the smoke preset."""
+    cfg = load_config(preset="smoke", overrides=["train.steps=16", "profile.profile_steps=8", "finetune.steps=4"])
+    layout = RunLayout(tmp_path_factory.mktemp("run"))
+    profile = stages.profile_stage(cfg, layout)
+    grouped = stages.group_stage(cfg, layout)
+    shared = stages.shared_stage(cfg, layout)
+    results = [stages.finetune_group_stage(cfg, layout, group=g) for g in range(grouped.grouping.num_groups)]
+    return cfg, layout, profile, grouped, shared, results
+
+
+def test_probe_is_the_start_of_shared_training(run):
+    cfg, layout, profile, _, shared, _ = run
+    assert profile.model_step == cfg.profile.profile_steps
+    assert shared.resumed_from == cfg.profile.profile_steps  # continued, not restarted
+    assert shared.step == cfg.train.steps
+
+
+def test_stage_outputs_exist_and_groups_cover_all_timesteps(run):
+    cfg, layout, _, grouped, _, results = run
+    for p in (layout.profile_json, layout.profile_png, layout.grouping_json, layout.grouping_png,
+              layout.budgets_json):
+        assert p.is_file() and p.stat().st_size > 0, p
+    g = grouped.grouping
+    assert g.boundaries[0] == 0 and g.boundaries[-1] == cfg.diffusion.num_timesteps
+    assert g.num_groups == cfg.grouping.num_groups
+    assert [(r.lo, r.hi) for r in results] == [g.interval(i) for i in range(g.num_groups)]
+    saved = json.loads(layout.budgets_json.read_text())
+    assert max(b["fraction"] for b in saved["budgets"]) == 1.0
+
+
+def test_unpruned_groups_report_their_budget_as_unmet(run):
+    *_, results = run
+    for r in results:
+        assert r.pruned is False
+        assert r.budget_met == (r.rank == len(results))  # only the hardest group's budget is F
+        assert r.flops == results[0].flops
+
+
+def test_router_serves_each_group_with_its_expert(run):
+    cfg, layout, *_ = run
+    router = stages.assemble_router(layout)
+    experts = [load_model(layout.group_checkpoint(g)).model for g in range(router.num_groups)]
+    x = torch.randn(router.num_groups * 2, 1, 8, 8)
+    t = torch.tensor([lo for lo, _ in (stages.load_grouping(layout).interval(g) for g in range(router.num_groups))] * 2)
+    out = router(x, t)
+    for i in range(len(t)):
+        g = router.expert_index(int(t[i]))
+        torch.testing.assert_close(out[i:i + 1], experts[g](x[i:i + 1], t[i:i + 1]))
+    xs = sample(router, Diffusion.from_config(cfg.diffusion).respaced(10), shape=(4, 1, 8, 8),
+                generator=torch.Generator().manual_seed(0))
+    assert xs.shape == (4, 1, 8, 8) and torch.isfinite(xs).all()
+
+
+def test_costs_of_an_unpruned_run(run):
+    cfg, layout, _, grouped, _, results = run
+    report = stages.cost_stage(cfg, layout)
+    assert report.sampling.ratio == pytest.approx(1.0)  # every expert still at full width
+    t = report.training
+    assert t.baseline_flops >= t.tdc_flops  # the baseline gets at least TDC's budget
+    assert t.baseline_flops - t.tdc_flops < cfg.train.batch_size * grouped.plan.base_flops * t.backward_factor
+    visited = sampling_timesteps(Diffusion.from_config(cfg.diffusion).respaced(cfg.sample.steps))
+    again = sampling_cost(visited_timesteps=visited, boundaries=grouped.grouping.boundaries,
+                          group_flops=[r.flops for r in results], base_flops=grouped.plan.base_flops)
+    assert report.sampling == again
+    assert layout.costs_json.is_file()
+
+
+def test_group_finetune_draws_timesteps_only_inside_its_interval(run, monkeypatch):
+    cfg, layout, _, grouped, _, _ = run
+    seen: list[torch.Tensor] = []
+
+    class Spy(Trainer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            forward = self.model.forward
+            # Training calls only (the FLOP count afterwards runs in eval mode at t = 0).
+            self.model.forward = lambda x, t: (self.model.training and seen.append(t.clone()), forward(x, t))[1]
+
+    monkeypatch.setattr(stages, "Trainer", Spy)
+    g = 1
+    layout.group_checkpoint(g).unlink()
+    more = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"steps": 6})})
+    stages.finetune_group_stage(more, layout, group=g)
+    lo, hi = grouped.grouping.interval(g)
+    drawn = torch.cat(seen)
+    assert len(drawn) >= 6 * cfg.train.batch_size
+    assert drawn.min() >= lo and drawn.max() < hi
+
+
+def test_stages_need_their_inputs(tmp_path):
+    cfg = load_config(preset="smoke")
+    layout = RunLayout(tmp_path)
+    with pytest.raises(DataError, match="profile.json does not exist"):
+        stages.group_stage(cfg, layout)
+    with pytest.raises(DataError, match="budgets.json does not exist"):
+        stages.finetune_group_stage(cfg, layout, group=0)
+    with pytest.raises(DataError, match="grouping.json does not exist"):
+        stages.assemble_router(layout)
+
+
+def test_finetune_without_shared_checkpoint_or_bad_group(run, tmp_path):
+    cfg, layout, *_ = run
+    other = RunLayout(tmp_path)
+    other.budgets_json.parent.mkdir(parents=True)
+    other.budgets_json.write_bytes(layout.budgets_json.read_bytes())
+    with pytest.raises(CheckpointError, match="run shared training first"):
+        stages.finetune_group_stage(cfg, other, group=0)
+    with pytest.raises(ValueError, match="groups 0..2"):
+        stages.finetune_group_stage(cfg, layout, group=7)
