@@ -23,7 +23,9 @@ from tdc_core.errors import ConfigError
 
 __all__ = [
     "PRESETS",
+    "BaselineConfig",
     "BudgetConfig",
+    "EvalConfig",
     "DataConfig",
     "DiffusionConfig",
     "FinetuneConfig",
@@ -31,6 +33,7 @@ __all__ = [
     "ModelConfig",
     "PipelineConfig",
     "ProfileConfig",
+    "PruneConfig",
     "SampleConfig",
     "TrainConfig",
     "flatten",
@@ -156,6 +159,45 @@ class FinetuneConfig(_Strict):
     batch_size: int | None = Field(None, ge=1)  # None = train.batch_size
 
 
+class PruneConfig(_Strict):
+    """Proxy-guided progressive pruning of each group below F (METHOD.md step 5)."""
+
+    enabled: bool = True                     # False: experts keep full width (budgets unmet)
+    rounds: int = Field(4, ge=1)             # R; round r targets F - (F - FLOPs_g)·r/R
+    proxy: Literal["surrogate", "evolutionary", "random", "llm"] = "surrogate"
+    candidates_per_round: int = Field(8, ge=1)  # proposals scored per round
+    importance: Literal["magnitude", "taylor"] = "taylor"  # which channels go, within a unit
+    recovery_steps: int = Field(50, ge=0)    # fine-tune steps on the group between rounds
+    score_batches: int = Field(2, ge=1)      # held-out batches that score one candidate
+    tolerance: float = Field(0.02, ge=0.0, lt=0.5)  # final FLOPs ≤ budget·(1 + tolerance)
+    min_keep: float = Field(0.1, gt=0.0, le=1.0)    # smallest keep ratio of any unit
+    prune_attention: bool = True             # also prune attention q/k/v channels (by heads)
+    llm_url: str | None = None               # OpenAI-compatible endpoint for proxy=llm
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key_env: str = Field("TDC_LLM_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # env var name, never the key
+    llm_timeout_s: float = Field(30.0, gt=0.0)
+    seed: int = 0
+
+
+class EvalConfig(_Strict):
+    """FID/KID evaluation (clean-fid) of the ensemble and the baseline, identically."""
+
+    num_samples: int = Field(1000, ge=2)     # generated images per seed
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)  # sample seeds; spread is reported
+    feature_extractor: Literal["auto", "inception", "digits"] = "auto"  # auto: digits for digits data
+    fid_mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"
+    inception_weights: Path | None = None    # local Inception file (else $TDC_INCEPTION_WEIGHTS)
+    batch_size: int = Field(250, ge=1)       # generation and feature batch
+    cache_dir: Path | None = None            # reference statistics cache (None: ~/.cache/tdc)
+
+
+class BaselineConfig(_Strict):
+    """The single-model baseline trained beside TDC (METHOD.md, "The baseline")."""
+
+    enabled: bool = True
+    steps: int | None = Field(None, ge=1)    # None: the fewest steps costing ≥ TDC's total
+
+
 class PipelineConfig(_Strict):
     name: str = Field("tdc", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     preset: str = "digits"
@@ -168,6 +210,9 @@ class PipelineConfig(_Strict):
     grouping: GroupingConfig = GroupingConfig()
     budget: BudgetConfig = BudgetConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    prune: PruneConfig = PruneConfig()
+    eval: EvalConfig = EvalConfig()
+    baseline: BaselineConfig = BaselineConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -238,6 +283,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "affinity_batches": 2, "affinity_batch_size": 8},
         "grouping": {"num_groups": 3},
         "finetune": {"steps": 10},
+        "prune": {"rounds": 2, "candidates_per_round": 3, "recovery_steps": 2, "score_batches": 1},
+        "eval": {"num_samples": 64, "seeds": [0, 1], "batch_size": 64},
     },
     # The embedded default: scikit-learn's 8x8 digits, a few minutes on 2 CPU cores.
     "digits": {
@@ -253,6 +300,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "profile": {"profile_steps": 300, "num_buckets": 50},
         "grouping": {"num_groups": 5},
         "finetune": {"steps": 200, "lr": 5e-4},
+        "prune": {"rounds": 3, "candidates_per_round": 6, "recovery_steps": 20, "score_batches": 2},
+        "eval": {"num_samples": 500, "seeds": [0, 1, 2], "batch_size": 250},
     },
     # IDDPM CIFAR-10: 128 channels, 3 blocks, (1, 2, 2, 2), dropout 0.3, L_hybrid, T = 4000.
     "cifar10": {

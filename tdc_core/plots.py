@@ -147,7 +147,7 @@ def plot_grouping(
         left.axvspan(lo, hi, color=_GROUP_SHADES[g % 2], zorder=0)
         if g:
             left.axvline(lo, color="0.25", linewidth=1.2, zorder=1)
-        parts = [f"G{g + 1}", f"rank {grouping.rank[g]}/{n}"]
+        parts = [f"group {g}", f"rank {grouping.rank[g]}/{n}"]
         if budgets is not None:
             parts.append(f"{budgets[g].fraction:.2f} F")
         # A narrow group gets one rotated line so that neighbouring labels do not collide.
