@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", type=Path, help="YAML/JSON file applied on top of the preset")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=2e-4")
 
+    ru = sub.add_parser("run", help="run the whole TDC pipeline (Prefect flow 'tdc') in this process, with the baseline")
+    config_args(ru)
+    ru.add_argument("--run-dir", type=Path, help="run folder (default: runs/<name>-<preset>-<config hash>; a re-run resumes)")
+    ru.add_argument("--workers", type=int, help="parallel group fine-tunes (default: one per GPU, or 2 on CPU)")
+    ru.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
+
     tr = sub.add_parser("train", help="train one model on all timesteps (the baseline; in a TDC run folder, the shared model)")
     config_args(tr)
     tr.add_argument("--out-dir", type=Path, help="run folder (default: runs/<name>-<time>); resumes if it holds a checkpoint")
@@ -58,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     fg = sub.add_parser("finetune-group", help="fine-tune one group's expert on its timesteps (TDC step 6)")
     fg.add_argument("--run-dir", type=Path, required=True)
     fg.add_argument("--group", type=int, required=True, help="group index, 0 = the group holding t = 0")
+    fg.add_argument("--metrics-file", type=Path, help="also append metrics as JSON lines here (used by the pipeline)")
+    fg.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint or a TDC run's ensemble")
     src = sa.add_mutually_exclusive_group(required=True)
@@ -118,24 +126,18 @@ def _fmt_seconds(s: float) -> str:
 def _resolve_config(args: argparse.Namespace, run_dir: Path | None):
     """The run folder's saved config when it has one (plus any overrides), else preset + file +
     overrides. Saves the result as the folder's config.yaml."""
-    import yaml
-
-    from tdc_core.checkpoint import atomic_write_bytes
-    from tdc_core.config import load_config
+    from tdc_core.config import load_config, read_run_config, write_run_config
     from tdc_core.layout import RunLayout
 
     overrides = getattr(args, "overrides", [])
-    saved = RunLayout(run_dir).config if run_dir is not None else None
-    if saved is not None and saved.is_file():
-        preset = (yaml.safe_load(saved.read_text()) or {}).get("preset", "digits")
-        cfg = load_config(preset=preset, path=saved, overrides=overrides)
+    layout = RunLayout(run_dir) if run_dir is not None else None
+    if layout is not None and (layout.config.is_file() or not hasattr(args, "preset")):
+        cfg = read_run_config(layout, overrides=overrides)
     else:
-        cfg = load_config(preset=getattr(args, "preset", "digits"), path=getattr(args, "config", None),
-                          overrides=overrides)
-    if run_dir is not None:
+        cfg = load_config(preset=args.preset, path=getattr(args, "config", None), overrides=overrides)
+    if layout is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(RunLayout(run_dir).config,
-                           yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+        write_run_config(layout, cfg)
     return cfg
 
 
@@ -246,9 +248,16 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
     cfg = _resolve_config(args, args.run_dir)
     device = _setup(cfg)
     layout = RunLayout(args.run_dir)
-    reporter = _ProgressReporter(desc=f"group {args.group}")
-    r = finetune_group_stage(cfg, layout, group=args.group, reporter=reporter, device=device)
-    reporter.close()
+    from tasks.reporters import JsonlReporter
+    from tdc_core.reporting import MultiReporter, NullReporter
+
+    bar = NullReporter() if args.quiet else _ProgressReporter(desc=f"group {args.group}")
+    sink = JsonlReporter(args.metrics_file) if args.metrics_file else NullReporter()
+    try:
+        r = finetune_group_stage(cfg, layout, group=args.group, reporter=MultiReporter(bar, sink), device=device)
+    finally:
+        for rep in (bar, sink):
+            getattr(rep, "close", lambda: None)()
     print(f"group {r.group}: timesteps [{r.lo}, {r.hi}), rank {r.rank}, {r.steps} steps in {_fmt_seconds(r.seconds)}")
     print(f"  held-out ε-MSE on its timesteps: shared {r.heldout_loss_shared:.4f} → fine-tuned {r.heldout_loss:.4f}")
     print(f"  FLOPs {r.flops / 1e6:.1f} M vs budget {r.budget_flops / 1e6:.1f} M: "
@@ -306,7 +315,52 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    cfg = _resolve_config(args, args.run_dir) if args.run_dir else _resolve_config(args, None)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary in-process API needs more than the default 20 s on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if not args.verbose:
+        import logging
+
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    from flows.pipeline import run_pipeline
+    from tasks.report import render_report
+
+    print(f"TDC · full pipeline on the {cfg.preset} preset: profile → group → shared training → "
+          f"{cfg.grouping.num_groups} group fine-tunes → costs" + (" → baseline" if cfg.baseline.enabled else ""))
+    t0 = time.perf_counter()
+    summary = run_pipeline(cfg, run_dir=str(args.run_dir) if args.run_dir else None, workers=args.workers)
+    markdown, _ = render_report(summary.model_dump(mode="json"))
+    print()
+    print(markdown)
+    print(f"finished in {_fmt_seconds(time.perf_counter() - t0)}")
+    uri = summary.tracking_uri
+    print(f"MLflow UI:  uv run mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+    if not args.verbose:
+        _silence_teardown()
+    return 0
+
+
+def _silence_teardown() -> None:
+    """Prefect 3.9's temporary in-process API prints CancelledError tracebacks while it shuts
+    down after a successful run; everything the user needs is printed by now, so stderr is
+    closed for the interpreter's teardown (use --verbose to see it)."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+
+
 _COMMANDS = {
+    "run": _cmd_run,
     "train": _cmd_train, "sample": _cmd_sample, "config": _cmd_config, "profile": _cmd_profile,
     "group": _cmd_group, "finetune-group": _cmd_finetune_group,
 }

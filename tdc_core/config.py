@@ -38,6 +38,8 @@ __all__ = [
     "TrainConfig",
     "flatten",
     "load_config",
+    "read_run_config",
+    "write_run_config",
 ]
 
 
@@ -288,18 +290,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The embedded default: scikit-learn's 8x8 digits, a few minutes on 2 CPU cores.
     "digits": {
-        # 1 residual block per level and batch 64: recognisable digits in ~4 min on 2 cores.
+        # 1 residual block per level and batch 64: recognisable digits in a few minutes on
+        # 2 cores, and the whole pipeline (TDC + an equal-cost baseline) in about 10.
         "data": {"source": "digits", "image_size": 8, "channels": 1},
         "model": {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
                   "attention_resolutions": [4], "num_heads": 4, "norm_groups": 8},
         "diffusion": {"schedule": "cosine", "num_timesteps": 1000},
-        "train": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
+        "train": {"steps": 1200, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100,
                   "ema_decay": 0.995, "log_every": 50, "checkpoint_every": 250,
                   "heldout_every": 250},
         "sample": {"sampler": "ddim", "steps": 50, "num_samples": 64},
         "profile": {"profile_steps": 300, "num_buckets": 50},
         "grouping": {"num_groups": 5},
-        "finetune": {"steps": 200, "lr": 5e-4},
+        "finetune": {"steps": 150, "lr": 5e-4},
         "prune": {"rounds": 3, "candidates_per_round": 6, "recovery_steps": 20, "score_batches": 2},
         "eval": {"num_samples": 500, "seeds": [0, 1, 2], "batch_size": 250},
     },
@@ -462,3 +465,18 @@ def _flatten_into(out: dict[str, str], key: str, value: Any) -> None:
             _flatten_into(out, f"{key}.{sub}", v)
     else:
         out[key] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def write_run_config(layout, config: PipelineConfig) -> None:
+    """Save the resolved config as the run folder's ``config.yaml`` (atomically)."""
+    from tdc_core.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(layout.config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+
+
+def read_run_config(layout, *, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """The config saved in a run folder, with optional overrides on top."""
+    if not layout.config.is_file():
+        raise ConfigError(f"run folder {layout.root} has no config.yaml; start it with tdc run/profile/train")
+    saved = _read_file(layout.config)
+    return load_config(preset=str(saved.get("preset", "digits")), path=layout.config, overrides=overrides)

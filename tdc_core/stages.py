@@ -17,6 +17,7 @@ at full width and its result says ``budget_met = False``.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -79,6 +80,8 @@ class GroupResult(BaseModel):
     heldout_loss_shared: float     # shared model's held-out ε-MSE on [lo, hi)
     heldout_loss: float            # the fine-tuned model's, same samples
     seconds: float
+    started_at: float              # wall clock (Unix time, s) when the stage began
+    finished_at: float             # and when it ended: lets a caller check parallel overlap
     checkpoint: str
 
 
@@ -166,6 +169,7 @@ def finetune_group_stage(
     Independent of the other groups (own folder, own seed), so groups can run in separate
     processes or on separate GPUs; resumes from the group's own checkpoint.
     """
+    started_at = time.time()
     plan = load_plan(layout)
     if not 0 <= group < len(plan.budgets):
         raise ValueError(f"group={group} does not exist; this run has groups 0..{len(plan.budgets) - 1}")
@@ -193,7 +197,7 @@ def finetune_group_stage(
         group=group, lo=budget.lo, hi=budget.hi, rank=budget.rank, steps=result.step, flops=flops,
         budget_flops=budget.flops_budget, budget_met=flops <= budget.flops_budget * (1 + BUDGET_TOLERANCE),
         pruned=False, heldout_loss_shared=shared_loss, heldout_loss=result.heldout_loss,
-        seconds=result.seconds, checkpoint=str(ckpt),
+        seconds=result.seconds, started_at=started_at, finished_at=time.time(), checkpoint=str(ckpt),
     )
     save_record(layout.group_result(group), out)
     return out

@@ -1,0 +1,173 @@
+"""The Prefect flow ``tdc``: the whole TDC pipeline, with the single-model baseline beside it.
+
+Run it with ``tdc run`` (in-process, no server) or as the deployment
+``prefect deployment run tdc/full-pipeline`` (see ``deployments/prefect.yaml``).
+
+The same config always maps to the same run folder and MLflow parent run, so re-running a
+failed or killed pipeline skips every finished stage (Prefect cache) and resumes unfinished
+training from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict
+
+from tasks.console import say
+from tasks.registry import Registration, register_task
+from tasks.report import report_task
+from tasks.stages import (
+    DEVICE_SLOTS,
+    TrainSummary,
+    baseline_task,
+    costs_task,
+    finetune_group_task,
+    group_task,
+    profile_task,
+    shared_train_task,
+    worker_slots,
+)
+from tasks.tracking import TrackingRef, open_tracking
+from tdc_core.config import PipelineConfig, load_config, write_run_config
+from tdc_core.layout import RunLayout
+from tdc_core.stages import CostReport, GroupResult
+
+__all__ = ["PipelineSummary", "run_pipeline", "tdc"]
+
+
+class PipelineSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    run_dir: str
+    mlflow_run_id: str
+    baseline_run_id: str | None
+    tracking_uri: str
+    boundaries: list[int]
+    groups: list[GroupResult]
+    shared: TrainSummary
+    baseline: TrainSummary | None
+    costs: CostReport
+    ensemble_heldout_loss: float
+    registration: Registration
+
+
+def config_key(config: PipelineConfig) -> str:
+    """Short hash of the resolved config: names the run folder and keys the MLflow runs."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:10]
+
+
+def prepare_run_folder(config: PipelineConfig, run_dir: str | None) -> tuple[Path, str]:
+    """The run folder (default ``runs/<name>-<preset>-<config hash>``) and its unique id.
+
+    The id is written once; a deleted and recreated folder gets a new one, which invalidates
+    cached stage results that pointed into the old folder.
+    """
+    root = Path(run_dir) if run_dir else Path("runs") / f"{config.name}-{config.preset}-{config_key(config)}"
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    uid_file = root / ".run_uid"
+    if not uid_file.is_file():
+        uid_file.write_text(uuid.uuid4().hex)
+    write_run_config(RunLayout(root), config)
+    return root, uid_file.read_text().strip()
+
+
+def _resolve(preset: str, overrides: list[str] | None, config: PipelineConfig | None) -> PipelineConfig:
+    return config if config is not None else load_config(preset=preset, overrides=overrides or [])
+
+
+@flow(name="tdc", task_runner=ThreadPoolTaskRunner(max_workers=8))
+def tdc(
+    preset: str = "digits",
+    overrides: list[str] | None = None,
+    config: PipelineConfig | None = None,
+    run_dir: str | None = None,
+    tracking_uri: str | None = None,
+    workers: int | None = None,
+) -> PipelineSummary:
+    """Profile → group → shared training → per-group fine-tunes (parallel) → costs → baseline.
+
+    Args:
+        preset, overrides: build the config (ignored when ``config`` is given).
+        config: the full pipeline config (Prefect renders it as a form).
+        run_dir: run folder; default derived from the config, so a re-run resumes.
+        tracking_uri: MLflow store; default ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``.
+        workers: parallel group fine-tunes: default one per GPU, or 2 on a CPU machine.
+    """
+    cfg = _resolve(preset, overrides, config)
+    slots = worker_slots(workers)
+    DEVICE_SLOTS.configure(slots)
+    threads = max(1, (os.cpu_count() or 1) // len(slots))
+    root, run_uid = prepare_run_folder(cfg, run_dir)
+    run_key = f"{config_key(cfg)}-{run_uid}"
+    tracking = open_tracking(config=cfg, run_key=run_key, run_dir=root, tracking_uri=tracking_uri,
+                             tags={"prefect.flow_run_id": str(flow_run.id or ""),
+                                   "prefect.flow_run_url": str(flow_run.ui_url or "")})
+    get_run_logger().info("run folder %s; MLflow run %s", root, tracking.parent_run_id)
+    args = (cfg, str(root), run_uid, tracking)
+
+    profile = profile_task(*args)
+    grouped = group_task(*args, wait_for=[profile])
+    shared = shared_train_task(*args, wait_for=[grouped])
+    say(f"fine-tuning {grouped.grouping.num_groups} group experts, {len(slots)} at a time "
+        f"({'one per GPU' if slots[0] is not None else f'{threads} CPU thread(s) each'})")
+    futures = [finetune_group_task.submit(*args, group=g, threads=threads, wait_for=[shared])
+               for g in range(grouped.grouping.num_groups)]
+    groups = [f.result() for f in futures]
+    costs = costs_task(*args, groups=groups)
+    baseline, baseline_run_id = None, None
+    if cfg.baseline.enabled:
+        steps = cfg.baseline.steps or costs.training.baseline_steps
+        baseline_run_id = _baseline_run(tracking, cfg, run_key=run_key, steps=steps)
+        baseline = baseline_task(*args, steps=steps, baseline_run_id=baseline_run_id)
+        tracking.finish(baseline_run_id)
+    score = ensemble_heldout_loss(groups, num_timesteps=cfg.diffusion.num_timesteps)
+    tracking.log_metrics(tracking.parent_run_id, {"heldout_loss": score})
+    registration = register_task(tracking=tracking, run_dir=str(root), preset=cfg.preset, num_groups=len(groups),
+                                 score_name="heldout_eps_mse", score=score)
+    summary = PipelineSummary(
+        run_dir=str(root), mlflow_run_id=tracking.parent_run_id, baseline_run_id=baseline_run_id,
+        tracking_uri=tracking.tracking_uri, boundaries=grouped.grouping.boundaries, groups=groups,
+        shared=shared, baseline=baseline, costs=costs, ensemble_heldout_loss=score, registration=registration,
+    )
+    report_task(summary_json=summary.model_dump_json(), tracking=tracking)
+    tracking.finish(tracking.parent_run_id)
+    return summary
+
+
+def ensemble_heldout_loss(groups: list[GroupResult], *, num_timesteps: int) -> float:
+    """Held-out ε-MSE of the routed ensemble for t uniform on [0, T): each expert's loss on its
+    own interval, weighted by the interval's share of the timesteps."""
+    return sum(g.heldout_loss * (g.hi - g.lo) for g in groups) / num_timesteps
+
+
+def _baseline_run(tracking: TrackingRef, cfg: PipelineConfig, *, run_key: str, steps: int) -> str:
+    """The baseline's own top-level run in the same experiment (side by side with TDC's)."""
+    from tdc_core.config import flatten
+
+    client = tracking.client()
+    key = f"{run_key}-baseline"
+    found = client.search_runs([tracking.experiment_id], filter_string=f"tags.`tdc.run_key` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run_id = client.create_run(tracking.experiment_id, run_name=f"{cfg.name}-{cfg.preset}-baseline", tags={
+        "tdc.run_key": key, "tdc.kind": "baseline", "tdc.pipeline_run_id": tracking.parent_run_id,
+    }).info.run_id
+    tracking.log_params(run_id, {**flatten(cfg), "train.steps": str(steps)})
+    tracking.set_tags(tracking.parent_run_id, {"tdc.baseline_run_id": run_id})
+    return run_id
+
+
+def run_pipeline(
+    config: PipelineConfig, *, run_dir: str | None = None, workers: int | None = None,
+    tracking_uri: str | None = None,
+) -> PipelineSummary:
+    """Run the flow in this process (no Prefect server needed)."""
+    return tdc(config=config, run_dir=run_dir, tracking_uri=tracking_uri, workers=workers)

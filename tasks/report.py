@@ -1,0 +1,76 @@
+"""The run report: a Markdown summary and a table, as Prefect artifacts and in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.tracking import TrackingRef
+from tdc_core.checkpoint import atomic_write_bytes
+
+__all__ = ["render_report", "report_task"]
+
+
+def render_report(summary: dict) -> tuple[str, list[dict]]:
+    """Markdown text and table rows (one per model) of a pipeline summary (as a plain dict)."""
+    costs = summary["costs"]
+    rows = []
+    for g in summary["groups"]:
+        rows.append({
+            "model": f"group {g['group']}", "timesteps": f"[{g['lo']}, {g['hi']})", "rank": g["rank"],
+            "MFLOP/forward": round(g["flops"] / 1e6, 3), "budget MFLOP": round(g["budget_flops"] / 1e6, 3),
+            "budget met": g["budget_met"], "held-out ε-MSE shared → expert":
+                f"{g['heldout_loss_shared']:.4f} → {g['heldout_loss']:.4f}",
+        })
+    t, s = costs["training"], costs["sampling"]
+    lines = [
+        "# TDC pipeline run",
+        "",
+        f"- run folder: `{summary['run_dir']}`",
+        f"- MLflow run: `{summary['mlflow_run_id']}` ({summary['tracking_uri']})",
+        f"- group boundaries (timesteps): {summary['boundaries']}",
+        "",
+        "| model | timesteps | rank | MFLOP/forward | budget MFLOP | budget met | held-out ε-MSE shared → expert |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r['model']} | {r['timesteps']} | {r['rank']} | {r['MFLOP/forward']} | {r['budget MFLOP']} | "
+          f"{'yes' if r['budget met'] else 'no'} | {r['held-out ε-MSE shared → expert']} |" for r in rows],
+        "",
+        "## Cost",
+        "",
+        "| | TDC | single model | ratio |",
+        "|---|---|---|---|",
+        f"| sampling FLOPs per image ({costs['sampler']}, {costs['sampling_steps']} steps) | "
+        f"{s['total_flops']:.4g} | {s['single_model_flops']:.4g} | {s['ratio']:.3f} |",
+        f"| training FLOPs | {t['tdc_flops']:.4g} | {t['baseline_flops']:.4g} | {t['ratio']:.3f} |",
+    ]
+    sh = summary["shared"]
+    lines += ["", "## Held-out ε-MSE (t uniform on [0, T))", "",
+              f"- TDC ensemble: {summary['ensemble_heldout_loss']:.4f}",
+              f"- shared model alone: {sh['heldout_loss']:.4f} ({sh['step']} steps)"]
+    if summary.get("baseline"):
+        b = summary["baseline"]
+        lines += [f"- baseline: {b['heldout_loss']:.4f} ({b['step']} steps, same training FLOPs as TDC; "
+                  f"MLflow run `{summary['baseline_run_id']}`)"]
+    reg = summary.get("registration")
+    if reg:
+        lines += ["", f"Registered as `{reg['name']}` version {reg['version']}"
+                  + (" (alias `champion`)" if reg["champion"] else " (the champion stays)")]
+    if not costs["budgets_met"]:
+        lines += ["", "Budgets below F are not met: the experts keep full width until pruning runs."]
+    return "\n".join(lines) + "\n", rows
+
+
+@task(name="report")
+def report_task(*, summary_json: str, tracking: TrackingRef) -> str:
+    """Write ``report.md`` into the run folder, log it to MLflow, publish Prefect artifacts."""
+    summary = json.loads(summary_json)
+    markdown, rows = render_report(summary)
+    path = Path(summary["run_dir"]) / "report.md"
+    atomic_write_bytes(path, markdown.encode())
+    tracking.log_artifact(tracking.parent_run_id, path)
+    create_markdown_artifact(markdown=markdown, key="tdc-report", description="TDC pipeline run report")
+    create_table_artifact(table=rows, key="tdc-groups", description="Per-group models of the TDC run")
+    return markdown

@@ -1,0 +1,263 @@
+"""Prefect tasks: one per pipeline stage, each a thin wrapper over :mod:`tdc_core.stages`.
+
+A task takes the config, the run folder and a :class:`TrackingRef` (paths and small records,
+never tensors), runs its stage inside its own MLflow child run, logs the stage's metrics and
+artifacts, and returns a small pydantic record.
+
+Caching: finished stages are cached on (task source, inputs) with persisted results, so
+re-running a failed pipeline with the same config skips them; ``run_uid`` (a random id written
+once into the run folder) is an input, so deleting the folder invalidates the cache.
+Training stages are not cached when they fail and resume from their own checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel, ConfigDict
+
+from tasks.console import say
+from tasks.reporters import read_jsonl_metrics
+from tasks.tracking import MlflowReporter, TrackingRef
+from tdc_core.config import PipelineConfig
+from tdc_core.layout import RunLayout
+from tdc_core.profiling import DifficultyProfile
+from tdc_core.records import load_record
+from tdc_core.stages import CostReport, GroupingResult, GroupResult, cost_stage, group_stage, profile_stage, shared_stage
+from tdc_core.train import TrainResult, run_training
+
+__all__ = [
+    "TrainSummary",
+    "baseline_task",
+    "costs_task",
+    "finetune_group_task",
+    "group_task",
+    "profile_task",
+    "shared_train_task",
+]
+
+CACHED = {"cache_policy": INPUTS + TASK_SOURCE, "persist_result": True}
+
+
+class TrainSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    step: int
+    checkpoint: str
+    train_loss: float
+    heldout_loss: float
+    initial_heldout_loss: float
+    seconds: float
+    resumed_from: int
+
+    @classmethod
+    def of(cls, r: TrainResult) -> TrainSummary:
+        return cls(step=r.step, checkpoint=str(r.checkpoint), train_loss=r.train_loss, heldout_loss=r.heldout_loss,
+                   initial_heldout_loss=r.initial_heldout_loss, seconds=r.seconds, resumed_from=r.resumed_from)
+
+
+@contextmanager
+def _child_run(tracking: TrackingRef, *, key: str, name: str) -> Iterator[str]:
+    run_id = tracking.child(key=key, name=name)
+    try:
+        yield run_id
+    except BaseException:
+        tracking.finish(run_id, ok=False)
+        raise
+    tracking.finish(run_id, ok=True)
+
+
+def _train_metrics(s: TrainSummary) -> dict[str, float]:
+    return {"final_heldout_loss": s.heldout_loss, "final_train_loss": s.train_loss, "steps": s.step,
+            "train_seconds": s.seconds}
+
+
+@task(name="profile", **CACHED)
+def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef) -> DifficultyProfile:
+    """Probe training (start of shared training) + difficulty profile (METHOD.md step 1)."""
+    layout = RunLayout(Path(run_dir))
+    say(f"probe: shared training to step {config.profile.profile_steps}, then difficulty profile "
+        f"({config.profile.num_buckets} buckets)")
+    with _child_run(tracking, key="stage.profile", name="profile") as run_id:
+        reporter = MlflowReporter(tracking, run_id, prefix="probe_")
+        try:
+            profile = profile_stage(config, layout, reporter=reporter)
+        finally:
+            reporter.close()
+        edges = profile.bucket_edges
+        for b in range(profile.num_buckets):
+            # One point per bucket, at the bucket's first timestep: the UI plots the profile.
+            tracking.log_metrics(run_id, {"bucket_loss_mean": profile.loss_mean[b], "bucket_loss_std":
+                                          profile.loss_std[b], "bucket_snr_db": profile.snr_db[b]}, step=edges[b])
+        tracking.log_metrics(run_id, {"profile_seconds": profile.seconds, "probe_step": profile.model_step})
+        tracking.log_artifact(run_id, layout.profile_json, artifact_path="profile")
+        tracking.log_artifact(run_id, layout.profile_png, artifact_path="profile")
+    say(f"profiled the model at step {profile.model_step}: ε-MSE {profile.loss_mean[0]:.3f} at t≈0 … "
+        f"{profile.loss_mean[-1]:.3f} at t≈T  ({layout.profile_png})")
+    return profile
+
+
+@task(name="group", **CACHED)
+def group_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef) -> GroupingResult:
+    """Timestep groups and FLOPs budgets (METHOD.md steps 2-3)."""
+    layout = RunLayout(Path(run_dir))
+    with _child_run(tracking, key="stage.group", name="group") as run_id:
+        res = group_stage(config, layout)
+        for b in res.plan.budgets:
+            tracking.log_metrics(run_id, {"group_lo": b.lo, "group_hi": b.hi, "group_rank": b.rank,
+                                          "group_budget_fraction": b.fraction,
+                                          "group_difficulty": res.grouping.difficulty[b.group]}, step=b.group)
+        tracking.log_metrics(run_id, {"base_flops": res.plan.base_flops, "grouping_cost": res.grouping.total_cost})
+        tracking.set_tags(run_id, {"boundaries": str(res.grouping.boundaries)})
+        tracking.set_tags(tracking.parent_run_id, {"tdc.boundaries": str(res.grouping.boundaries)})
+        for p in (layout.grouping_json, layout.budgets_json, layout.grouping_png):
+            tracking.log_artifact(run_id, p, artifact_path="grouping")
+    budgets = ", ".join(f"[{b.lo},{b.hi})→{b.fraction:.2f}F" for b in res.plan.budgets)
+    say(f"{res.grouping.num_groups} groups: {budgets}  ({layout.grouping_png})")
+    return res
+
+
+@task(name="shared-train", **CACHED)
+def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef) -> TrainSummary:
+    """Stage 1: the shared model, continuing the probe's run to ``train.steps``."""
+    layout = RunLayout(Path(run_dir))
+    say(f"shared training to step {config.train.steps}")
+    with _child_run(tracking, key="stage.shared", name="shared-train") as run_id:
+        reporter = MlflowReporter(tracking, run_id)
+        try:
+            summary = TrainSummary.of(shared_stage(config, layout, reporter=reporter))
+        finally:
+            reporter.close()
+        tracking.log_metrics(run_id, _train_metrics(summary), step=summary.step)
+        tracking.log_artifact(run_id, layout.shared_checkpoint, artifact_path="checkpoints")
+    say(f"shared model: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
+    return summary
+
+
+class _DeviceSlots:
+    """At most one group per GPU (or per CPU worker) at a time, across task threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[str | None] | None = None
+        self._cond = threading.Condition(self._lock)
+
+    def configure(self, slots: list[str | None]) -> None:
+        with self._lock:
+            self._free = list(slots)
+
+    @contextmanager
+    def acquire(self) -> Iterator[str | None]:
+        with self._cond:
+            if self._free is None:
+                self._free = [None]
+            while not self._free:
+                self._cond.wait()
+            slot = self._free.pop(0)
+        try:
+            yield slot
+        finally:
+            with self._cond:
+                self._free.append(slot)
+                self._cond.notify()
+
+
+DEVICE_SLOTS = _DeviceSlots()
+
+
+def worker_slots(max_workers: int | None = None) -> list[str | None]:
+    """One slot per visible GPU (its CUDA device id), else ``max_workers`` CPU slots (default:
+    2, bounded by the core count)."""
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return [str(i) for i in range(n if max_workers is None else min(n, max_workers))]
+    cores = os.cpu_count() or 1
+    return [None] * max(1, min(cores, max_workers or 2))
+
+
+@task(name="finetune-group", **CACHED)
+def finetune_group_task(
+    config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef, group: int, threads: int = 1,
+) -> GroupResult:
+    """Stage 2 for one group, in its own process (crash isolation; memory freed at exit) on one
+    GPU (``CUDA_VISIBLE_DEVICES``) or a share of the CPU cores."""
+    layout = RunLayout(Path(run_dir))
+    metrics_file = layout.group_dir(group) / "metrics.jsonl"
+    with _child_run(tracking, key=f"group.{group}", name=f"group-{group}") as run_id, DEVICE_SLOTS.acquire() as slot:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+        else:
+            env["OMP_NUM_THREADS"] = str(threads)
+        start_line = sum(1 for _ in read_jsonl_metrics(metrics_file))
+        cmd = [sys.executable, "-m", "flows.cli", "finetune-group", "--run-dir", str(layout.root), "--group",
+               str(group), "--metrics-file", str(metrics_file), "--quiet"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"group {group} fine-tune failed (exit {proc.returncode}): " + " | ".join(tail))
+        new = list(read_jsonl_metrics(metrics_file))[start_line:]
+        reporter = MlflowReporter(tracking, run_id)
+        for step, m in new:
+            reporter.log_metrics(m, step=step)
+        reporter.close()
+        result = load_record(layout.group_result(group), GroupResult, what="group result")
+        tracking.log_metrics(run_id, {
+            "flops": result.flops, "budget_flops": result.budget_flops, "budget_met": float(result.budget_met),
+            "heldout_loss_shared": result.heldout_loss_shared, "heldout_loss": result.heldout_loss,
+            "finetune_seconds": result.seconds, "lo": result.lo, "hi": result.hi, "rank": result.rank,
+        }, step=result.steps)
+        tracking.set_tags(run_id, {"interval": f"[{result.lo}, {result.hi})", "device": slot or "cpu"})
+        tracking.log_artifact(run_id, layout.group_result(group), artifact_path="group")
+        tracking.log_artifact(run_id, layout.group_checkpoint(group), artifact_path="checkpoints")
+    say(f"group {group} [{result.lo}, {result.hi}): ε-MSE {result.heldout_loss_shared:.4f} → "
+        f"{result.heldout_loss:.4f} after {result.steps} steps ({result.seconds:.0f} s, {slot and 'GPU ' + slot or 'CPU'})")
+    return result
+
+
+@task(name="costs", **CACHED)
+def costs_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef,
+               groups: list[GroupResult]) -> CostReport:
+    """Sampling and training cost of TDC vs a single model (logged on the parent run)."""
+    layout = RunLayout(Path(run_dir))
+    report = cost_stage(config, layout)
+    s, t = report.sampling, report.training
+    tracking.log_metrics(tracking.parent_run_id, {
+        "sampling_flops_per_image": s.total_flops, "sampling_flops_ratio": s.ratio,
+        "training_flops": t.tdc_flops, "training_flops_ratio": t.ratio, "budgets_met": float(report.budgets_met),
+    })
+    tracking.log_artifact(tracking.parent_run_id, layout.costs_json)
+    return report
+
+
+@task(name="baseline", **CACHED)
+def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef,
+                  steps: int, baseline_run_id: str) -> TrainSummary:
+    """The single-model baseline: same data, model, optimiser; ``steps`` steps on all timesteps,
+    in ``<run_dir>/baseline``, tracked as its own top-level MLflow run beside TDC's."""
+    cfg = baseline_config(config, steps=steps)
+    out = Path(run_dir) / "baseline"
+    say(f"baseline: one model, {steps} steps on all timesteps (≥ TDC's training FLOPs)")
+    reporter = MlflowReporter(tracking, baseline_run_id)
+    try:
+        summary = TrainSummary.of(run_training(cfg, run_dir=out, reporter=reporter))
+    finally:
+        reporter.close()
+    tracking.log_metrics(baseline_run_id, _train_metrics(summary), step=summary.step)
+    tracking.log_artifact(baseline_run_id, out / "checkpoints" / "last.pt", artifact_path="checkpoints")
+    say(f"baseline: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
+    return summary
+
+
+def baseline_config(config: PipelineConfig, *, steps: int) -> PipelineConfig:
+    return config.model_copy(update={"train": config.train.model_copy(update={"steps": steps})})

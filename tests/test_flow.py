@@ -1,0 +1,134 @@
+"""The Prefect flow `tdc` with MLflow lineage, on the smoke preset (throwaway stores)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tdc_core.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["train.steps=12", "profile.profile_steps=6", "finetune.steps=4"]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect")
+    os.environ["PREFECT_HOME"] = str(home)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _runs(uri: str):
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("tdc")
+    return c, c.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def flow_run(harness, tmp_path_factory):
+    from flows.pipeline import run_pipeline
+
+    tmp = tmp_path_factory.mktemp("flow")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = load_config(preset="smoke", overrides=FAST)
+    summary = run_pipeline(cfg, run_dir=str(tmp / "run"), workers=2, tracking_uri=uri)
+    return cfg, summary, uri, tmp
+
+
+def test_run_tree_params_metrics_and_artifacts(flow_run):
+    cfg, summary, uri, _ = flow_run
+    client, runs = _runs(uri)
+    parent = client.get_run(summary.mlflow_run_id)
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"profile", "group", "shared-train", "group-0", "group-1", "group-2"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert parent.data.params["train.lr"] == str(cfg.train.lr) and len(parent.data.params) > 50
+    for key in ("sampling_flops_ratio", "training_flops_ratio", "training_flops"):
+        assert key in parent.data.metrics
+    loss = client.get_metric_history(children["shared-train"].info.run_id, "loss")
+    assert [m.step for m in loss] == sorted(m.step for m in loss) and loss[-1].step == cfg.train.steps
+    profile = client.get_metric_history(children["profile"].info.run_id, "bucket_loss_mean")
+    assert len(profile) == cfg.profile.num_buckets
+    arts = lambda run, path="": {a.path for a in client.list_artifacts(run.info.run_id, path)}  # noqa: E731
+    assert {"profile/profile.json", "profile/profile.png"} <= arts(children["profile"], "profile")
+    assert "grouping/grouping.png" in arts(children["group"], "grouping")
+    assert "checkpoints/last.pt" in arts(children["group-1"], "checkpoints")
+    assert {"report.md", "costs.json"} <= arts(parent)
+    baseline = client.get_run(summary.baseline_run_id)
+    assert baseline.data.tags["tdc.kind"] == "baseline" and "mlflow.parentRunId" not in baseline.data.tags
+    assert baseline.data.metrics["steps"] >= summary.shared.step
+    assert parent.data.tags["tdc.baseline_run_id"] == baseline.info.run_id
+    assert parent.data.tags["prefect.flow_run_id"]
+    champion = client.get_model_version_by_alias("tdc-ensemble-smoke", "champion")
+    assert champion.run_id == parent.info.run_id and float(champion.tags["score"]) == summary.ensemble_heldout_loss
+    ensemble = {a.path for a in client.list_artifacts(parent.info.run_id, "ensemble")}
+    assert "ensemble/grouping.json" in ensemble and "ensemble/group-2" in ensemble
+
+
+def test_group_fine_tunes_overlap_in_time(flow_run):
+    _, summary, _, _ = flow_run
+    spans = sorted((g.started_at, g.finished_at) for g in summary.groups)
+    assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), spans
+
+
+def test_rerun_reuses_finished_stages_and_run_tree(flow_run):
+    from flows.pipeline import run_pipeline
+
+    cfg, summary, uri, tmp = flow_run
+    run = Path(summary.run_dir)
+    stamps = {p: p.stat().st_mtime_ns for p in [run / "profile" / "profile.json", run / "grouping" / "grouping.json",
+                                                  *(run / "groups").glob("group-*/result.json")]}
+    again = run_pipeline(cfg, run_dir=str(tmp / "run"), workers=2, tracking_uri=uri)
+    assert again.mlflow_run_id == summary.mlflow_run_id
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
+    _, runs = _runs(uri)
+    names = sorted(r.info.run_name for r in runs)
+    assert len(names) == len(set(names)) == 8  # parent, baseline, 6 children: no duplicates
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_shared_training(tmp_path):
+    """SIGKILL during shared training; the re-run skips profiling and resumes the checkpoint."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI":
+           f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--run-dir", str(tmp_path / "run"),
+            "train.steps=400", "train.checkpoint_every=20", "profile.profile_steps=10", "finetune.steps=2",
+            "baseline.enabled=false"]
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    profile_json = tmp_path / "run" / "profile" / "profile.json"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    try:
+        while not (profile_json.exists() and ckpt.stat().st_mtime > profile_json.stat().st_mtime + 0.5):
+            assert proc.poll() is None and time.time() < deadline, "shared training never started"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    from tdc_core.checkpoint import load_checkpoint
+
+    killed_at = load_checkpoint(ckpt)["step"]
+    assert 10 < killed_at < 400
+    profiled = profile_json.stat().st_mtime_ns
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert profile_json.stat().st_mtime_ns == profiled  # the finished stage was not recomputed
+    assert "Traceback" not in done.stdout
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = c.search_runs([c.get_experiment_by_name("tdc").experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names.count("shared-train") == 1 and names.count("profile") == 1 and len(names) == len(set(names))
+    shared = next(r for r in runs if r.info.run_name == "shared-train")
+    assert shared.info.status == "FINISHED" and shared.data.metrics["steps"] == 400
+    history = c.get_metric_history(shared.info.run_id, "loss")
+    assert max(m.step for m in history) == 400
