@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 from tdc_core.checkpoint import atomic_write_bytes
@@ -52,6 +52,7 @@ from tdc_core.config import ProfileConfig
 from tdc_core.data import to_model_range
 from tdc_core.diffusion import Diffusion
 from tdc_core.errors import ConfigError, DataError, TrainingError
+from tdc_core.records import load_record
 from tdc_core.reporting import NullReporter, Reporter
 
 __all__ = [
@@ -183,20 +184,7 @@ class DifficultyProfile(BaseModel):
             DataError: the file is missing, unreadable, not JSON, or not a valid profile; the
                 message names the file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"difficulty profile {path} does not exist (or is not a file)")
-        try:
-            return cls.model_validate_json(path.read_bytes())
-        except OSError as exc:
-            raise DataError(f"difficulty profile {path} cannot be read: {exc.strerror or exc}") from None
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            raise DataError(
-                f"difficulty profile {path} is corrupt or invalid: {where + ': ' if where else ''}{msg}"
-            ) from None
+        return load_record(path, cls, what="difficulty profile")
 
 
 # --- parameters ----------------------------------------------------------------------------

@@ -37,4 +37,5 @@ def load_record(path: str | Path, cls: type[M], *, what: str) -> M:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise DataError(f"{what} {path} is corrupt or invalid: {where + ': ' if where else ''}{err['msg']}") from None
+        raise DataError(f"{what} {path} is corrupt or invalid: {where + ': ' if where else ''}"
+                        f"{err['msg'].removeprefix('Value error, ')}") from None
