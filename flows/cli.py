@@ -259,9 +259,11 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
         for rep in (bar, sink):
             getattr(rep, "close", lambda: None)()
     print(f"group {r.group}: timesteps [{r.lo}, {r.hi}), rank {r.rank}, {r.steps} steps in {_fmt_seconds(r.seconds)}")
-    print(f"  held-out ε-MSE on its timesteps: shared {r.heldout_loss_shared:.4f} → fine-tuned {r.heldout_loss:.4f}")
+    pruned = f" → pruned {r.heldout_loss_pruned:.4f}" if r.heldout_loss_pruned is not None else ""
+    print(f"  held-out ε-MSE on its timesteps: shared {r.heldout_loss_shared:.4f}{pruned} → fine-tuned {r.heldout_loss:.4f}")
     print(f"  FLOPs {r.flops / 1e6:.1f} M vs budget {r.budget_flops / 1e6:.1f} M: "
-          + ("met" if r.budget_met else "NOT met (pruning is not implemented yet; the expert keeps full width)"))
+          + ("met" if r.budget_met else "NOT met (prune.enabled=false: the expert keeps full width)")
+          + (f"; pruning search cost {r.pruning_flops:.3g} FLOPs" if r.pruned else ""))
     print(f"  {r.checkpoint}")
     return 0
 

@@ -22,8 +22,10 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         rows.append({
             "model": f"group {g['group']}", "timesteps": f"[{g['lo']}, {g['hi']})", "rank": g["rank"],
             "MFLOP/forward": round(g["flops"] / 1e6, 3), "budget MFLOP": round(g["budget_flops"] / 1e6, 3),
-            "budget met": g["budget_met"], "held-out ε-MSE shared → expert":
-                f"{g['heldout_loss_shared']:.4f} → {g['heldout_loss']:.4f}",
+            "budget met": g["budget_met"], "held-out ε-MSE shared → pruned → expert":
+                f"{g['heldout_loss_shared']:.4f} → "
+                + (f"{g['heldout_loss_pruned']:.4f} → " if g.get("heldout_loss_pruned") is not None else "— → ")
+                + f"{g['heldout_loss']:.4f}",
         })
     t, s = costs["training"], costs["sampling"]
     lines = [
@@ -33,10 +35,10 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         f"- MLflow run: `{summary['mlflow_run_id']}` ({summary['tracking_uri']})",
         f"- group boundaries (timesteps): {summary['boundaries']}",
         "",
-        "| model | timesteps | rank | MFLOP/forward | budget MFLOP | budget met | held-out ε-MSE shared → expert |",
+        "| model | timesteps | rank | MFLOP/forward | budget MFLOP | budget met | held-out ε-MSE shared → pruned → expert |",
         "|---|---|---|---|---|---|---|",
         *[f"| {r['model']} | {r['timesteps']} | {r['rank']} | {r['MFLOP/forward']} | {r['budget MFLOP']} | "
-          f"{'yes' if r['budget met'] else 'no'} | {r['held-out ε-MSE shared → expert']} |" for r in rows],
+          f"{'yes' if r['budget met'] else 'no'} | {r['held-out ε-MSE shared → pruned → expert']} |" for r in rows],
         "",
         "## Cost",
         "",
@@ -44,7 +46,8 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         "|---|---|---|---|",
         f"| sampling FLOPs per image ({costs['sampler']}, {costs['sampling_steps']} steps) | "
         f"{s['total_flops']:.4g} | {s['single_model_flops']:.4g} | {s['ratio']:.3f} |",
-        f"| training FLOPs | {t['tdc_flops']:.4g} | {t['baseline_flops']:.4g} | {t['ratio']:.3f} |",
+        f"| training FLOPs (incl. pruning search {t['pruning_flops']:.3g}) | {t['tdc_flops']:.4g} | "
+        f"{t['baseline_flops']:.4g} | {t['ratio']:.3f} |",
     ]
     sh = summary["shared"]
     lines += ["", "## Held-out ε-MSE (t uniform on [0, T))", "",
@@ -59,7 +62,7 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         lines += ["", f"Registered as `{reg['name']}` version {reg['version']}"
                   + (" (alias `champion`)" if reg["champion"] else " (the champion stays)")]
     if not costs["budgets_met"]:
-        lines += ["", "Budgets below F are not met: the experts keep full width until pruning runs."]
+        lines += ["", "Some budgets below F are not met (pruning disabled: `prune.enabled=false`)."]
     return "\n".join(lines) + "\n", rows
 
 

@@ -216,11 +216,18 @@ def finetune_group_task(
             "flops": result.flops, "budget_flops": result.budget_flops, "budget_met": float(result.budget_met),
             "heldout_loss_shared": result.heldout_loss_shared, "heldout_loss": result.heldout_loss,
             "finetune_seconds": result.seconds, "lo": result.lo, "hi": result.hi, "rank": result.rank,
+            "pruning_flops": result.pruning_flops,
+            **({"heldout_loss_pruned": result.heldout_loss_pruned} if result.heldout_loss_pruned is not None else {}),
         }, step=result.steps)
+        prune_dir = layout.group_dir(group) / "prune"
+        for name in ("memory.json", "prune.png"):  # the pruning rounds' decision log and plot
+            tracking.log_artifact(run_id, prune_dir / name, artifact_path="pruning")
         tracking.set_tags(run_id, {"interval": f"[{result.lo}, {result.hi})", "device": slot or "cpu"})
         tracking.log_artifact(run_id, layout.group_result(group), artifact_path="group")
         tracking.log_artifact(run_id, layout.group_checkpoint(group), artifact_path="checkpoints")
-    say(f"group {group} [{result.lo}, {result.hi}): ε-MSE {result.heldout_loss_shared:.4f} → "
+    pruned = (f"pruned to {result.flops / 1e6:.1f} MFLOP (budget {result.budget_flops / 1e6:.1f}; ε-MSE "
+              f"{result.heldout_loss_pruned:.4f}) → " if result.pruned else "")
+    say(f"group {group} [{result.lo}, {result.hi}): ε-MSE {result.heldout_loss_shared:.4f} → {pruned}"
         f"{result.heldout_loss:.4f} after {result.steps} steps ({result.seconds:.0f} s, {slot and 'GPU ' + slot or 'CPU'})")
     return result
 

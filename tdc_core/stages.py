@@ -10,21 +10,25 @@ then profiles it) → :func:`group_stage` → :func:`shared_stage` (continues th
 ``train.steps``) → :func:`finetune_group_stage` per group (independent; any process or GPU) →
 :func:`assemble_router` / :func:`cost_stage`.
 
-Pruning (step 5) is not part of this module yet: a group whose budget is below F is fine-tuned
-at full width and its result says ``budget_met = False``.
+A group whose budget is below F is pruned to it before its fine-tune (step 5, proxy-guided
+progressive rounds, :mod:`tdc_core.prune_search`), unless ``prune.enabled`` is false: then it is
+fine-tuned at full width and its result says ``budget_met = False``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from tdc_core.budgets import BudgetPlan, GroupBudget, assign_budgets
+from tdc_core.budgets import BudgetPlan, assign_budgets
+from tdc_core.checkpoint import load_checkpoint
 from tdc_core.config import PipelineConfig
 from tdc_core.costs import SamplingCost, TrainingCost, sampling_cost, training_cost
+from tdc_core.device import resolve_device
 from tdc_core.diffusion import Diffusion
 from tdc_core.errors import CheckpointError
 from tdc_core.flops import count_forward_flops
@@ -32,12 +36,21 @@ from tdc_core.grouping import Grouping, group_timesteps
 from tdc_core.layout import RunLayout
 from tdc_core.plots import plot_grouping, plot_profile
 from tdc_core.profiling import DifficultyProfile, profile_difficulty
+from tdc_core.proxies import MemoryBank
+from tdc_core.prune_search import plot_prune_rounds, prune_to_budget
 from tdc_core.records import load_record, save_record
 from tdc_core.reporting import Reporter
 from tdc_core.routing import ExpertRouter, load_router
 from tdc_core.samplers import sampling_timesteps
-from tdc_core.train import Trainer, TrainResult, load_model, prepare_data, run_training, spec_for
-from tdc_core.unet import UNet
+from tdc_core.train import (
+    Trainer,
+    TrainResult,
+    load_model,
+    prepare_data,
+    run_training,
+    spec_for,
+)
+from tdc_core.unet import UNet, UNetSpec
 
 __all__ = [
     "CostReport",
@@ -50,11 +63,6 @@ __all__ = [
     "profile_stage",
     "shared_stage",
 ]
-
-# A pruned model may exceed its budget by at most this fraction of it (pruning works in
-# whole channels); also what "budget met" means for an unpruned model.
-BUDGET_TOLERANCE = 0.02
-
 
 class GroupingResult(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -75,9 +83,11 @@ class GroupResult(BaseModel):
     steps: int                     # fine-tuning steps done
     flops: int                     # FLOPs of one forward pass of the group's model
     budget_flops: float            # its budget
-    budget_met: bool               # flops ≤ budget·(1 + BUDGET_TOLERANCE)
+    budget_met: bool               # flops ≤ budget·(1 + prune.tolerance)
     pruned: bool                   # whether channels were removed
+    pruning_flops: float = 0.0     # compute of the pruning search (scoring + recovery), FLOPs
     heldout_loss_shared: float     # shared model's held-out ε-MSE on [lo, hi)
+    heldout_loss_pruned: float | None = None  # the pruned model before fine-tuning, same samples
     heldout_loss: float            # the fine-tuned model's, same samples
     seconds: float
     started_at: float              # wall clock (Unix time, s) when the stage began
@@ -164,55 +174,81 @@ def finetune_group_stage(
     config: PipelineConfig, layout: RunLayout, *, group: int, reporter: Reporter | None = None,
     device: torch.device | None = None,
 ) -> GroupResult:
-    """Fine-tune group ``group``'s copy of the shared EMA model on its timesteps only.
+    """Fine-tune group ``group``'s copy of the shared EMA model on its timesteps only; a group whose
+    budget is below F is first pruned to it (METHOD.md step 5, :func:`prune_to_budget`).
 
     Independent of the other groups (own folder, own seed), so groups can run in separate
-    processes or on separate GPUs; resumes from the group's own checkpoint.
+    processes or on separate GPUs; resumes from the group's own checkpoint, which records the
+    pruned widths (the search is not redone: a step-0 checkpoint is written right after it).
     """
     started_at = time.time()
     plan = load_plan(layout)
     if not 0 <= group < len(plan.budgets):
         raise ValueError(f"group={group} does not exist; this run has groups 0..{len(plan.budgets) - 1}")
-    budget: GroupBudget = plan.budgets[group]
+    budget = plan.budgets[group]
     if not layout.shared_checkpoint.is_file():
         raise CheckpointError(f"shared checkpoint {layout.shared_checkpoint} does not exist; run shared training first")
     train_images, heldout = prepare_data(config)
     # A distinct data/noise stream per group, reproducible from the run's seed.
     train_cfg = config.train.model_copy(update={"seed": config.train.seed + 1000 * (group + 1)})
-    trainer = Trainer(
-        spec=spec_for(config), diffusion=Diffusion.from_config(config.diffusion), train=train_cfg,
-        train_images=train_images, heldout_images=heldout, config=config, t_range=(budget.lo, budget.hi),
-        lr=config.finetune.lr, batch_size=config.finetune.batch_size or config.train.batch_size,
-        random_flip=config.data.random_flip, device=device,
-    )
+    diffusion = Diffusion.from_config(config.diffusion)
+    device = device or resolve_device(config.train.device)
     ckpt = layout.group_checkpoint(group)
+    prune_dir = layout.group_dir(group) / "prune"
+    prune = config.prune.enabled and budget.fraction < 1.0
     if ckpt.exists():
+        spec, start = UNetSpec.from_dict(load_checkpoint(ckpt)["spec"]), None  # pruned widths live there
+    else:
+        start = load_model(layout.shared_checkpoint, device=device).model
+        spec = start.spec
+        if prune:
+            result = prune_to_budget(
+                model=start, diffusion=diffusion, train_images=train_images, heldout_images=heldout,
+                t_range=(budget.lo, budget.hi), budget_flops=budget.flops_budget, config=config,
+                train_cfg=train_cfg, device=device, reporter=reporter, work_dir=prune_dir / "work",
+            )
+            result.memory.save(prune_dir / "memory.json")
+            plot_prune_rounds(result.memory, prune_dir / "prune.png")
+            spec, start = result.spec, result.model
+    trainer = Trainer(
+        spec=spec, diffusion=diffusion, train=train_cfg, train_images=train_images, heldout_images=heldout,
+        config=config, t_range=(budget.lo, budget.hi), lr=config.finetune.lr,
+        batch_size=config.finetune.batch_size or config.train.batch_size, random_flip=config.data.random_flip,
+        device=device,
+    )
+    if start is None:
         trainer.resume(ckpt)
     else:
-        trainer.init_weights_from(layout.shared_checkpoint, use_ema=True)
-    shared_loss = _shared_heldout_loss(trainer, layout)
+        trainer.model.load_state_dict(start.state_dict())
+        trainer.ema.load_state_dict(start.state_dict())
+        if prune:
+            trainer.save(prune_dir / "pruned.pt")  # the pruned model before fine-tuning
+            trainer.save(ckpt)  # step 0: a crash from here on resumes without redoing the search
+    shared_loss = _heldout_loss_of(trainer, layout.shared_checkpoint)
+    pruned_loss = _heldout_loss_of(trainer, prune_dir / "pruned.pt") if prune else None
     result = trainer.fit(until_step=config.finetune.steps, checkpoint_path=ckpt, reporter=reporter)
     flops = count_forward_flops(trainer.model, in_channels=config.data.channels, image_size=config.data.image_size)
+    memory = MemoryBank.load(prune_dir / "memory.json") if prune else None
     out = GroupResult(
         group=group, lo=budget.lo, hi=budget.hi, rank=budget.rank, steps=result.step, flops=flops,
-        budget_flops=budget.flops_budget, budget_met=flops <= budget.flops_budget * (1 + BUDGET_TOLERANCE),
-        pruned=False, heldout_loss_shared=shared_loss, heldout_loss=result.heldout_loss,
+        budget_flops=budget.flops_budget, budget_met=flops <= budget.flops_budget * (1 + config.prune.tolerance),
+        pruned=prune, pruning_flops=memory.search_flops if memory is not None else 0.0,
+        heldout_loss_shared=shared_loss, heldout_loss_pruned=pruned_loss, heldout_loss=result.heldout_loss,
         seconds=result.seconds, started_at=started_at, finished_at=time.time(), checkpoint=str(ckpt),
     )
     save_record(layout.group_result(group), out)
     return out
 
 
-def _shared_heldout_loss(trainer: Trainer, layout: RunLayout) -> float:
-    """The shared EMA model's held-out loss on the trainer's interval, same samples as the
-    trainer's own measurement, so the two numbers compare like for like."""
-    saved = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
-    shared = load_model(layout.shared_checkpoint, device=trainer.device)
-    trainer.ema.load_state_dict(shared.model.state_dict())
+def _heldout_loss_of(trainer: Trainer, checkpoint: Path) -> float:
+    """Held-out loss of another checkpoint's EMA model (any width) on the trainer's interval, same
+    samples as the trainer's own measurement, so the numbers compare like for like."""
+    other = load_model(checkpoint, device=trainer.device)
+    saved, trainer.ema = trainer.ema, other.model
     try:
         return trainer.heldout_loss(use_ema=True)
     finally:
-        trainer.ema.load_state_dict(saved)
+        trainer.ema = saved
 
 
 def load_group_result(layout: RunLayout, group: int) -> GroupResult:
@@ -245,7 +281,8 @@ def cost_stage(config: PipelineConfig, layout: RunLayout) -> CostReport:
     ft_batch = config.finetune.batch_size or config.train.batch_size
     kwargs = dict(shared_steps=config.train.steps, base_flops=plan.base_flops, batch_size=config.train.batch_size,
                   finetune_steps=[r.steps for r in results], group_flops=group_flops,
-                  finetune_batch_size=ft_batch, baseline_batch_size=config.train.batch_size)
+                  finetune_batch_size=ft_batch, baseline_batch_size=config.train.batch_size,
+                  pruning_flops=math.fsum(r.pruning_flops for r in results))
     tdc_only = training_cost(**kwargs, baseline_steps=1)
     per_step = plan.base_flops * config.train.batch_size * tdc_only.backward_factor
     training = training_cost(**kwargs, baseline_steps=math.ceil(tdc_only.tdc_flops / per_step))

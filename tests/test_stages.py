@@ -49,12 +49,35 @@ def test_stage_outputs_exist_and_groups_cover_all_timesteps(run):
     assert max(b["fraction"] for b in saved["budgets"]) == 1.0
 
 
-def test_unpruned_groups_report_their_budget_as_unmet(run):
-    *_, results = run
-    for r in results:
-        assert r.pruned is False
-        assert r.budget_met == (r.rank == len(results))  # only the hardest group's budget is F
-        assert r.flops == results[0].flops
+def test_groups_below_f_are_pruned_to_their_budget(run):
+    cfg, layout, _, grouped, _, results = run
+    base = grouped.plan.base_flops
+    for r, b in zip(results, grouped.plan.budgets):
+        assert r.pruned == (b.fraction < 1.0)
+        assert r.budget_met and r.flops <= b.flops_budget * (1 + cfg.prune.tolerance)
+        if r.pruned:
+            assert r.flops < base and r.pruning_flops > 0 and r.heldout_loss_pruned is not None
+            assert (layout.group_dir(r.group) / "prune" / "memory.json").is_file()
+            assert (layout.group_dir(r.group) / "prune" / "prune.png").is_file()
+        else:
+            assert r.flops == base
+    # The pruned expert rebuilds from its own checkpoint (its widths are in the spec).
+    hardest = min(results, key=lambda r: r.flops)
+    assert load_model(layout.group_checkpoint(hardest.group)).spec.res_inner is not None
+
+
+def test_without_pruning_budgets_below_f_are_reported_unmet(run, tmp_path):
+    cfg, layout, *_ = run
+    off = cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"enabled": False})})
+    other = RunLayout(tmp_path)
+    for p in (layout.shared_checkpoint, layout.budgets_json):
+        dest = other.root / p.relative_to(layout.root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(p.read_bytes())
+    plan = stages.load_plan(other)
+    g = min(range(len(plan.budgets)), key=lambda i: plan.budgets[i].fraction)
+    r = stages.finetune_group_stage(off, other, group=g)
+    assert r.pruned is False and r.budget_met is False and r.pruning_flops == 0
 
 
 def test_router_serves_each_group_with_its_expert(run):
@@ -72,11 +95,12 @@ def test_router_serves_each_group_with_its_expert(run):
     assert xs.shape == (4, 1, 8, 8) and torch.isfinite(xs).all()
 
 
-def test_costs_of_an_unpruned_run(run):
+def test_costs_of_the_run(run):
     cfg, layout, _, grouped, _, results = run
     report = stages.cost_stage(cfg, layout)
-    assert report.sampling.ratio == pytest.approx(1.0)  # every expert still at full width
+    assert report.sampling.ratio < 1.0 and report.budgets_met
     t = report.training
+    assert t.pruning_flops == pytest.approx(sum(r.pruning_flops for r in results)) and t.pruning_flops > 0
     assert t.baseline_flops >= t.tdc_flops  # the baseline gets at least TDC's budget
     assert t.baseline_flops - t.tdc_flops < cfg.train.batch_size * grouped.plan.base_flops * t.backward_factor
     visited = sampling_timesteps(Diffusion.from_config(cfg.diffusion).respaced(cfg.sample.steps))

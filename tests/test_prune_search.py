@@ -1,0 +1,130 @@
+"""Progressive proxy-guided pruning of a group's model to its FLOPs budget (METHOD.md step 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tdc_core.config import load_config
+from tdc_core.diffusion import Diffusion
+from tdc_core.errors import ConfigError
+from tdc_core.flops import count_forward_flops
+from tdc_core.proxies import MemoryBank
+from tdc_core.prune_search import plot_prune_rounds, prune_to_budget, round_targets
+from tdc_core.reporting import RecordingReporter
+from tdc_core.train import Trainer, load_model, prepare_data, spec_for
+from tdc_core.unet import UNet
+
+T_RANGE = (60, 100)  # the group's timesteps (smoke preset: T = 100)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convolutions: a second thread only adds synchronisation (and stalls on a busy machine).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config(preset="smoke", overrides=["prune.rounds=2", "prune.candidates_per_round=3",
+                                                 "prune.recovery_steps=2", "prune.score_batches=1",
+                                                 "train.batch_size=8"])
+    train, heldout = prepare_data(cfg)
+    g = torch.Generator().manual_seed(0)
+    model = UNet(spec_for(cfg)).eval()
+    with torch.no_grad():  # a "trained-looking" model: no zero-initialised layers, every channel matters
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    dense = count_forward_flops(model, in_channels=1, image_size=8)
+    return cfg, train, heldout, model, dense
+
+
+def run(setup, *, fraction: float, reporter=None, **overrides):
+    cfg, train, heldout, model, dense = setup
+    if overrides:
+        cfg = cfg.model_copy(update={"prune": cfg.prune.model_copy(update=overrides)})
+    return prune_to_budget(model=model, diffusion=Diffusion.from_config(cfg.diffusion), train_images=train,
+                           heldout_images=heldout, t_range=T_RANGE, budget_flops=fraction * dense, config=cfg,
+                           reporter=reporter)
+
+
+def test_round_targets_step_from_dense_to_the_budget():
+    assert round_targets(dense_flops=100.0, budget_flops=60.0, rounds=4) == [90.0, 80.0, 70.0, 60.0]
+    assert round_targets(dense_flops=100.0, budget_flops=61.3, rounds=1) == [61.3]
+
+
+def test_pruning_meets_the_budget_deterministically_and_records_every_decision(setup, tmp_path):
+    cfg, train, heldout, model, dense = setup
+    reporter = RecordingReporter()
+    result = run(setup, fraction=0.7, reporter=reporter)
+
+    # the budget is met: FLOPs counted on the returned model, not estimated
+    counted = count_forward_flops(result.model, in_channels=1, image_size=8)
+    budget = 0.7 * dense
+    assert counted == result.flops and result.met and result.within_tolerance
+    assert abs(counted - budget) <= cfg.prune.tolerance * budget
+    targets = round_targets(dense_flops=dense, budget_flops=budget, rounds=2)
+    assert all(abs(f - t) <= cfg.prune.tolerance * t for f, t in zip(result.round_flops, targets))
+    assert result.spec.res_inner == result.model.unit_widths()[0]
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([60, 99])
+    assert result.model(x, t).shape == model(x, t).shape
+
+    # every candidate and decision is recorded; one accepted per round; JSON round trip
+    memory = result.memory
+    assert [r.round for r in memory.rounds] == [1, 2]
+    for r in (1, 2):
+        entries = memory.round_entries(r)
+        assert 1 <= len(entries) <= 3 and sum(e.accepted for e in entries) == 1
+        accepted = next(e for e in entries if e.accepted)
+        assert accepted.score == min(e.score for e in entries)
+        assert memory.rounds[r - 1].recovered_score is not None
+    assert MemoryBank.load(memory.save(tmp_path / "memory.json")) == memory
+    assert memory.t_range == T_RANGE and memory.score_before == result.score_before
+    assert result.search_flops > 0 and set(result.search_flops_by_part) == {"importance", "scoring", "recovery"}
+    assert len([m for m in reporter.messages if m.startswith("prune round")]) == 2
+    png = plot_prune_rounds(memory, tmp_path / "prune.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the pruned model saves and reloads alone (trainer checkpoint format)
+    trainer = Trainer(spec=result.spec, diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
+                      train_images=train, heldout_images=heldout, config=cfg, t_range=T_RANGE)
+    trainer.model.load_state_dict(result.model.state_dict())
+    trainer.ema.load_state_dict(result.model.state_dict())
+    trainer.save(tmp_path / "group.pt")
+    assert torch.equal(load_model(tmp_path / "group.pt").model(x, t), result.model(x, t))
+
+    # same seed, same decisions, same weights
+    again = run(setup, fraction=0.7)
+    assert again.memory.model_dump_json() == memory.model_dump_json()
+    for (k, a), (_, b) in zip(result.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_attention_can_be_left_whole_and_recovery_skipped(setup):
+    cfg, _, _, model, dense = setup
+    result = run(setup, fraction=0.75, prune_attention=False, recovery_steps=0, rounds=1, importance="magnitude")
+    assert result.model.unit_widths()[1] == model.unit_widths()[1]
+    assert result.model.unit_widths()[0] != model.unit_widths()[0]
+    assert result.met and result.memory.rounds[0].recovered_score is None
+    assert result.search_flops_by_part["recovery"] == 0 == result.search_flops_by_part["importance"]
+
+
+def test_an_unreachable_budget_is_a_clear_error(setup):
+    with pytest.raises(ConfigError, match="prune.min_keep"):
+        run(setup, fraction=0.2)
+
+
+def test_candidates_can_be_scored_after_a_short_recovery(setup):
+    cfg, train, heldout, model, dense = setup
+    cfg = cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"rounds": 1, "recovery_steps": 0})})
+    plain = prune_to_budget(model=model, diffusion=Diffusion.from_config(cfg.diffusion), train_images=train,
+                            heldout_images=heldout, t_range=T_RANGE, budget_flops=0.8 * dense, config=cfg)
+    tuned = prune_to_budget(model=model, diffusion=Diffusion.from_config(cfg.diffusion), train_images=train,
+                            heldout_images=heldout, t_range=T_RANGE, budget_flops=0.8 * dense, config=cfg,
+                            candidate_recovery_steps=2)
+    assert [e.widths for e in tuned.memory.entries] == [e.widths for e in plain.memory.entries]
+    assert [e.score for e in tuned.memory.entries] != [e.score for e in plain.memory.entries]
+    assert tuned.met and tuned.search_flops_by_part["recovery"] > 0 == plain.search_flops_by_part["recovery"]
