@@ -12,6 +12,11 @@ The TDC stages, by hand, over one run folder (METHOD.md steps 1-4, 6, 7):
     tdc finetune-group --run-dir R --group G                     # one group's expert (any process/GPU)
     tdc sample  --run-dir R                                      # sample from the routed ensemble
 
+Evaluation (clean-fid; reference statistics cached under eval.cache_dir):
+
+    tdc fid (--checkpoint PATH | --run-dir R) [--num N] [--seeds 0,1,2] [key=value ...]
+    tdc compare --run-dir R [--baseline PATH]                    # TDC vs the single-model baseline
+
 A run folder remembers its config (config.yaml): later commands on it need no preset or overrides.
 
 Bad input (config, data, checkpoints) prints one line naming the field or file and exits 2;
@@ -78,6 +83,27 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=None)
     sa.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
 
+    def eval_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--num", type=int, help="samples per seed (default: eval.num_samples)")
+        sp.add_argument("--seeds", type=_int_list, help="comma-separated sample seeds (default: eval.seeds)")
+        sp.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: sample.sampler")
+        sp.add_argument("--steps", type=int, help="respaced sampling steps (default: sample.steps)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of the saved config, e.g. eval.inception_weights=/path/inception-2015-12-05.pt")
+
+    fi = sub.add_parser("fid", help="FID/KID (clean-fid) of a checkpoint or a TDC run's ensemble over several sample seeds")
+    src = fi.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a single model's checkpoint")
+    src.add_argument("--run-dir", type=Path, help="a TDC run folder: evaluate its routed ensemble")
+    fi.add_argument("--out-dir", type=Path, help="sample grid and scores (default: <run>/eval)")
+    eval_args(fi)
+
+    cm = sub.add_parser("compare", help="TDC ensemble vs the single-model baseline: FID/KID over seeds, sampling and training cost")
+    cm.add_argument("--run-dir", type=Path, required=True)
+    cm.add_argument("--baseline", type=Path, help="baseline checkpoint (default: <run-dir>/baseline/checkpoints/last.pt)")
+    cm.add_argument("--out-dir", type=Path, help="table, JSON, plot and sample grids (default: <run-dir>/eval)")
+    eval_args(cm)
+
     co = sub.add_parser("config", help="print the resolved configuration (a dry run)")
     config_args(co)
     return p
@@ -116,6 +142,29 @@ class _ProgressReporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _LineReporter:
+    """Prints each message on its own line (evaluation reports per seed, not per step)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        pass
+
+    def progress(self, *, step: int, total: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        print(f"  {text}", flush=True)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    return values
 
 
 def _fmt_seconds(s: float) -> str:
@@ -160,11 +209,10 @@ def _setup(cfg):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from tdc_core.config import load_config
     from tdc_core.flops import count_forward_flops
     from tdc_core.train import load_model, run_training, spec_for
     from tdc_core.unet import UNet
-
-    from tdc_core.config import load_config
 
     preview = load_config(preset=args.preset, path=args.config, overrides=args.overrides) if args.out_dir is None else None
     out = args.out_dir or Path("runs") / f"{preview.name}-{preview.preset}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -317,6 +365,75 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_setup(args: argparse.Namespace, cfg):
+    from tdc_core.errors import ConfigError
+    from tdc_core.evaluate import EvalSetup
+
+    if args.num is not None and args.num < 2:
+        raise ConfigError(f"--num must be ≥ 2 (FID needs a covariance), got {args.num}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be ≥ 1, got {args.steps}")
+    return EvalSetup.from_config(cfg, num_samples=args.num, seeds=args.seeds, sampler=args.sampler, steps=args.steps)
+
+
+def _print_scores_header(what: str, setup, device, cfg) -> None:
+    from tdc_core.feature_extractors import resolve_cache_dir
+
+    steps = setup.steps if setup.steps is not None else cfg.diffusion.num_timesteps
+    print(f"TDC · FID/KID of {what} on {device}: {setup.num_samples} samples × seeds {list(setup.seeds)}, "
+          f"{setup.sampler} {steps} steps (reference statistics cache: {resolve_cache_dir(cfg.eval.cache_dir)})")
+
+
+def _cmd_fid(args: argparse.Namespace) -> int:
+    from tdc_core.config import apply_overrides, read_run_config
+    from tdc_core.evaluate import evaluate_config
+    from tdc_core.layout import RunLayout
+    from tdc_core.stages import assemble_router
+    from tdc_core.train import load_model
+
+    if args.run_dir is not None:
+        layout = RunLayout(args.run_dir)
+        cfg = read_run_config(layout, overrides=args.overrides)  # not written back: eval overrides stay local
+        device = _setup(cfg)
+        model, name, what = assemble_router(layout, device=device), "tdc", f"the routed ensemble of {args.run_dir}"
+        out = args.out_dir or layout.root / "eval"
+    else:
+        loaded = load_model(args.checkpoint, device="cpu")
+        cfg = apply_overrides(loaded.config, args.overrides, source=f"checkpoint {args.checkpoint}")
+        device = _setup(cfg)
+        model, name, what = loaded.model.to(device), "model", str(args.checkpoint)
+        run_root = args.checkpoint.parent.parent if args.checkpoint.parent.name == "checkpoints" else args.checkpoint.parent
+        out = args.out_dir or run_root / "eval"
+    setup = _eval_setup(args, cfg)
+    _print_scores_header(what, setup, device, cfg)
+    result, real = evaluate_config(cfg, model=model, name=name, out_dir=out, setup=setup, device=device,
+                                   reporter=_LineReporter())
+    print(f"features: {result.feature_extractor} ({result.fid_mode}) — {result.comparability}")
+    print(f"FID {result.fid_mean:.4f} ± {result.fid_std:.4f}   KID {result.kid_mean:.5f} ± {result.kid_std:.5f}   "
+          f"(mean ± std over {len(result.per_seed)} seeds; {1e3 * result.seconds_per_image:.2f} ms per image)")
+    print(f"real held-out images ({real.num_images}) for scale: FID {real.fid:.4f}, KID {real.kid:.5f}")
+    print(f"  {result.grid_png}\n  {out / f'{name}-eval.json'}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from tdc_core.config import read_run_config
+    from tdc_core.evaluate import compare_run, comparison_markdown
+    from tdc_core.layout import RunLayout
+
+    layout = RunLayout(args.run_dir)
+    cfg = read_run_config(layout, overrides=args.overrides)  # not written back: eval overrides stay local
+    device = _setup(cfg)
+    setup = _eval_setup(args, cfg)
+    _print_scores_header(f"TDC ({args.run_dir}) and its baseline", setup, device, cfg)
+    c = compare_run(cfg, layout, baseline_checkpoint=args.baseline, out_dir=args.out_dir, setup=setup, device=device,
+                    reporter=_LineReporter())
+    print()
+    print(comparison_markdown(c))
+    print(f"  {c.markdown_path}\n  {c.json_path}\n  {c.plot_path}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
 
@@ -364,7 +481,7 @@ def _silence_teardown() -> None:
 _COMMANDS = {
     "run": _cmd_run,
     "train": _cmd_train, "sample": _cmd_sample, "config": _cmd_config, "profile": _cmd_profile,
-    "group": _cmd_group, "finetune-group": _cmd_finetune_group,
+    "group": _cmd_group, "finetune-group": _cmd_finetune_group, "fid": _cmd_fid, "compare": _cmd_compare,
 }
 
 

@@ -28,6 +28,7 @@ from tasks.stages import (
     TrainSummary,
     baseline_task,
     costs_task,
+    evaluate_task,
     finetune_group_task,
     group_task,
     profile_task,
@@ -36,6 +37,7 @@ from tasks.stages import (
 )
 from tasks.tracking import TrackingRef, open_tracking
 from tdc_core.config import PipelineConfig, load_config, write_run_config
+from tdc_core.evaluate import Comparison
 from tdc_core.layout import RunLayout
 from tdc_core.stages import CostReport, GroupResult
 
@@ -55,6 +57,7 @@ class PipelineSummary(BaseModel):
     baseline: TrainSummary | None
     costs: CostReport
     ensemble_heldout_loss: float
+    comparison: Comparison | None
     registration: Registration
 
 
@@ -92,7 +95,8 @@ def tdc(
     tracking_uri: str | None = None,
     workers: int | None = None,
 ) -> PipelineSummary:
-    """Profile → group → shared training → per-group fine-tunes (parallel) → costs → baseline.
+    """Profile → group → shared training → per-group prune + fine-tune (parallel) → costs →
+    baseline → FID comparison → registry.
 
     Args:
         preset, overrides: build the config (ignored when ``config`` is given).
@@ -122,20 +126,25 @@ def tdc(
                for g in range(grouped.grouping.num_groups)]
     groups = [f.result() for f in futures]
     costs = costs_task(*args, groups=groups)
-    baseline, baseline_run_id = None, None
+    baseline, baseline_run_id, comparison = None, None, None
     if cfg.baseline.enabled:
         steps = cfg.baseline.steps or costs.training.baseline_steps
         baseline_run_id = _baseline_run(tracking, cfg, run_key=run_key, steps=steps)
         baseline = baseline_task(*args, steps=steps, baseline_run_id=baseline_run_id)
+        comparison = evaluate_task(*args, baseline_run_id=baseline_run_id, baseline=baseline)
         tracking.finish(baseline_run_id)
-    score = ensemble_heldout_loss(groups, num_timesteps=cfg.diffusion.num_timesteps)
-    tracking.log_metrics(tracking.parent_run_id, {"heldout_loss": score})
+    heldout = ensemble_heldout_loss(groups, num_timesteps=cfg.diffusion.num_timesteps)
+    tracking.log_metrics(tracking.parent_run_id, {"heldout_loss": heldout})
+    # The registry ranks ensembles by FID when it was measured, else by held-out ε-MSE.
+    score_name, score = (("fid_mean", comparison.tdc.eval.fid_mean) if comparison is not None
+                         else ("heldout_eps_mse", heldout))
     registration = register_task(tracking=tracking, run_dir=str(root), preset=cfg.preset, num_groups=len(groups),
-                                 score_name="heldout_eps_mse", score=score)
+                                 score_name=score_name, score=score)
     summary = PipelineSummary(
         run_dir=str(root), mlflow_run_id=tracking.parent_run_id, baseline_run_id=baseline_run_id,
         tracking_uri=tracking.tracking_uri, boundaries=grouped.grouping.boundaries, groups=groups,
-        shared=shared, baseline=baseline, costs=costs, ensemble_heldout_loss=score, registration=registration,
+        shared=shared, baseline=baseline, costs=costs, ensemble_heldout_loss=heldout, comparison=comparison,
+        registration=registration,
     )
     report_task(summary_json=summary.model_dump_json(), tracking=tracking)
     tracking.finish(tracking.parent_run_id)

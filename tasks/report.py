@@ -57,6 +57,9 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         b = summary["baseline"]
         lines += [f"- baseline: {b['heldout_loss']:.4f} ({b['step']} steps, same training FLOPs as TDC; "
                   f"MLflow run `{summary['baseline_run_id']}`)"]
+    comparison = summary.get("comparison")
+    if comparison:
+        lines += ["", "## TDC vs the single-model baseline", "", _comparison_table(comparison)]
     reg = summary.get("registration")
     if reg:
         lines += ["", f"Registered as `{reg['name']}` version {reg['version']}"
@@ -64,6 +67,28 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
     if not costs["budgets_met"]:
         lines += ["", "Some budgets below F are not met (pruning disabled: `prune.enabled=false`)."]
     return "\n".join(lines) + "\n", rows
+
+
+def _comparison_table(c: dict) -> str:
+    """The comparison as Markdown (the evaluation module writes the same data in full)."""
+    setup = c["setup"]
+    rows = ["| | FID (mean ± std) | KID (mean ± std) | FID per seed | sampling MFLOP/image | ms/image | training FLOPs |",
+            "|---|---|---|---|---|---|---|"]
+    for name in ("tdc", "baseline"):
+        e, cost = c[name]["eval"], c[name]["cost"]
+        seeds = ", ".join(f"{s['fid']:.3f}" for s in e["per_seed"])
+        train = f"{cost['training_flops']:.3g}" if cost.get("training_flops") is not None else "—"
+        rows.append(f"| {'TDC' if name == 'tdc' else 'baseline'} | {e['fid_mean']:.4f} ± {e['fid_std']:.4f} | "
+                    f"{e['kid_mean']:.5f} ± {e['kid_std']:.5f} | {seeds} | "
+                    f"{cost['sampling_flops_per_image'] / 1e6:.1f} | {1e3 * e['seconds_per_image']:.2f} | {train} |")
+    real = c.get("real_heldout")
+    tail = [f"{setup['num_samples']} samples per seed, seeds {list(setup['seeds'])}, {setup['sampler']} "
+            f"{c['tdc']['eval']['sampling_steps']} steps; features: {c['feature_extractor']} ({c['fid_mode']}) — "
+            f"{c['comparability']}."]
+    if real:
+        tail.append(f"Real held-out images for scale: FID {real['fid']:.4f} ({real['num_images']} images).")
+    tail += c.get("notes", [])
+    return "\n".join(rows) + "\n\n" + "\n".join(f"- {t}" for t in tail)
 
 
 @task(name="report")

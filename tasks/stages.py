@@ -28,16 +28,27 @@ from tasks.console import say
 from tasks.reporters import read_jsonl_metrics
 from tasks.tracking import MlflowReporter, TrackingRef
 from tdc_core.config import PipelineConfig
+from tdc_core.device import resolve_device
+from tdc_core.evaluate import Comparison, compare_run
 from tdc_core.layout import RunLayout
 from tdc_core.profiling import DifficultyProfile
 from tdc_core.records import load_record
-from tdc_core.stages import CostReport, GroupingResult, GroupResult, cost_stage, group_stage, profile_stage, shared_stage
+from tdc_core.stages import (
+    CostReport,
+    GroupingResult,
+    GroupResult,
+    cost_stage,
+    group_stage,
+    profile_stage,
+    shared_stage,
+)
 from tdc_core.train import TrainResult, run_training
 
 __all__ = [
     "TrainSummary",
     "baseline_task",
     "costs_task",
+    "evaluate_task",
     "finetune_group_task",
     "group_task",
     "profile_task",
@@ -268,3 +279,33 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
 
 def baseline_config(config: PipelineConfig, *, steps: int) -> PipelineConfig:
     return config.model_copy(update={"train": config.train.model_copy(update={"steps": steps})})
+
+
+@task(name="evaluate", **CACHED)
+def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef,
+                  baseline_run_id: str, baseline: TrainSummary) -> Comparison:
+    """FID/KID of the TDC ensemble and the baseline, evaluated identically (same sample count,
+    seeds, sampler, steps and features), with sampling and training cost side by side."""
+    layout = RunLayout(Path(run_dir))
+    say(f"evaluating TDC and the baseline: {config.eval.num_samples} samples × seeds {list(config.eval.seeds)}")
+    c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint),
+                    device=resolve_device(config.train.device))
+    for run_id, row in ((tracking.parent_run_id, c.tdc), (baseline_run_id, c.baseline)):
+        # The same metric names on both runs: the MLflow UI compares them side by side.
+        tracking.log_metrics(run_id, {
+            "fid_mean": row.eval.fid_mean, "fid_std": row.eval.fid_std, "kid_mean": row.eval.kid_mean,
+            "kid_std": row.eval.kid_std, "sampling_seconds_per_image": row.eval.seconds_per_image,
+            "sampling_flops_per_image": row.cost.sampling_flops_per_image,
+            **({"training_flops": row.cost.training_flops} if row.cost.training_flops is not None else {}),
+        })
+        for s in row.eval.per_seed:
+            tracking.log_metrics(run_id, {"fid_per_seed": s.fid, "kid_per_seed": s.kid}, step=s.seed)
+        tracking.set_tags(run_id, {"fid.features": c.feature_extractor, "fid.mode": c.fid_mode,
+                                   "fid.comparability": c.comparability})
+        if row.eval.grid_png:
+            tracking.log_artifact(run_id, row.eval.grid_png, artifact_path="samples")
+    for p in (c.markdown_path, c.json_path, c.plot_path):
+        tracking.log_artifact(tracking.parent_run_id, p, artifact_path="comparison")
+    say(f"FID ({c.comparability}): TDC {c.tdc.eval.fid_mean:.4f} ± {c.tdc.eval.fid_std:.4f}, "
+        f"baseline {c.baseline.eval.fid_mean:.4f} ± {c.baseline.eval.fid_std:.4f}")
+    return c

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ __all__ = [
     "PruneConfig",
     "SampleConfig",
     "TrainConfig",
+    "apply_overrides",
     "flatten",
     "load_config",
     "read_run_config",
@@ -449,6 +451,20 @@ def validate_config(tree: dict[str, Any], *, source: str = "config") -> Pipeline
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def apply_overrides(config: PipelineConfig, overrides: Sequence[str], *, source: str = "config") -> PipelineConfig:
+    """``config`` with dotted ``key=value`` overrides on top, validated like :func:`load_config`'s.
+
+    Raises:
+        ConfigError: an unknown key or an invalid value (named, with what is allowed).
+    """
+    if not overrides:
+        return config
+    tree = config.model_dump(mode="json")
+    for override in overrides:
+        _apply_override(tree, override)
+    return validate_config(tree, source=f"{source} + overrides")
 
 
 def flatten(config: BaseModel, *, prefix: str = "") -> dict[str, str]:

@@ -70,7 +70,13 @@ def test_run_tree_params_metrics_and_artifacts(flow_run):
     assert parent.data.tags["tdc.baseline_run_id"] == baseline.info.run_id
     assert parent.data.tags["prefect.flow_run_id"]
     champion = client.get_model_version_by_alias("tdc-ensemble-smoke", "champion")
-    assert champion.run_id == parent.info.run_id and float(champion.tags["score"]) == summary.ensemble_heldout_loss
+    assert champion.run_id == parent.info.run_id and champion.tags["score_name"] == "fid_mean"
+    assert float(champion.tags["score"]) == summary.comparison.tdc.eval.fid_mean
+    for run in (parent, baseline):  # the same metric names on both: side by side in the UI
+        assert {"fid_mean", "kid_mean", "sampling_flops_per_image"} <= set(run.data.metrics)
+        assert "not comparable with Inception FID" in run.data.tags["fid.comparability"]
+    assert len(client.get_metric_history(parent.info.run_id, "fid_per_seed")) == len(cfg.eval.seeds)
+    assert {"comparison/comparison.md", "comparison/comparison.png"} <= arts(parent, "comparison")
     ensemble = {a.path for a in client.list_artifacts(parent.info.run_id, "ensemble")}
     assert "ensemble/grouping.json" in ensemble and "ensemble/group-2" in ensemble
 

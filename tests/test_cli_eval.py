@@ -1,0 +1,71 @@
+"""`tdc fid` and `tdc compare` as a user runs them (smoke runs, offline digits features)."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from tdc_core import feature_extractors as fx
+from tdc_core import stages
+from tdc_core.config import load_config, write_run_config
+from tdc_core.layout import RunLayout
+from tdc_core.train import run_training
+
+
+def _smoke_run_with_baseline(root, cache):
+    """A tiny TDC run folder with its baseline in <run>/baseline, as `tdc run` leaves it."""
+    overrides = ["train.steps=4", "profile.profile_steps=2", "finetune.steps=2", "grouping.num_groups=2",
+                 "profile.num_buckets=4", f"eval.cache_dir={cache}"]
+    cfg = load_config(preset="smoke", overrides=overrides)
+    layout = RunLayout(root)
+    root.mkdir(parents=True)
+    write_run_config(layout, cfg)
+    stages.profile_stage(cfg, layout)
+    stages.group_stage(cfg, layout)
+    stages.shared_stage(cfg, layout)
+    for g in range(cfg.grouping.num_groups):
+        stages.finetune_group_stage(cfg, layout, group=g)
+    run_training(cfg, run_dir=root / "baseline", steps=4)
+    return layout
+
+
+def test_compare_and_fid_print_scores_and_write_the_table(tmp_path, capsys):
+    from flows.cli import main
+
+    layout = _smoke_run_with_baseline(tmp_path / "run", tmp_path / "cache")
+    assert main(["compare", "--run-dir", str(layout.root), "--num", "8", "--seeds", "0,1", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| tdc |" in out and "| baseline |" in out and "not comparable with Inception FID" in out
+    for name in ("comparison.md", "comparison.json", "comparison.png", "tdc-samples.png", "baseline-samples.png"):
+        assert (layout.root / "eval" / name).is_file(), name
+    ckpt = layout.root / "baseline" / "checkpoints" / "last.pt"
+    assert main(["fid", "--checkpoint", str(ckpt), "--num", "8", "--seeds", "3", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "model seed 3: FID" in out and "digits-cnn" in out
+    assert (layout.root / "baseline" / "eval" / "model-eval.json").is_file()
+
+
+def test_fid_with_inception_and_no_weights_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    from flows.cli import main
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(fx, "_cleanfid_default_path", lambda mode: tmp_path / "none" / fx.inception_weights_name(mode))
+    monkeypatch.delenv(fx.INCEPTION_ENV_VAR, raising=False)
+    ckpt = run_training(load_config(preset="smoke"), run_dir=tmp_path / "m", steps=1).checkpoint
+    rc = main(["fid", "--checkpoint", str(ckpt), "eval.feature_extractor=inception", f"eval.cache_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "inception-2015-12-05.pt" in err and "TDC_INCEPTION_WEIGHTS" in err and "eval.inception_weights" in err
+
+
+def test_compare_without_a_baseline_says_how_to_train_it(tmp_path, capsys):
+    from flows.cli import main
+
+    layout = RunLayout(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    write_run_config(layout, load_config(preset="smoke"))
+    assert main(["compare", "--run-dir", str(layout.root)]) == 2
+    assert "baseline checkpoint" in capsys.readouterr().err
