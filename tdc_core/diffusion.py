@@ -9,6 +9,7 @@ so one network serves every respacing.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 

@@ -46,8 +46,22 @@ from tdc_core.device import autocast_dtype
 from tdc_core.diffusion import Diffusion
 from tdc_core.errors import ConfigError
 from tdc_core.flops import count_forward_flops
-from tdc_core.proxies import MemoryBank, MemoryEntry, Proposal, Proxy, ProxyState, RoundRecord, make_proxy
-from tdc_core.pruning import ChannelScores, PruneSpace, channel_importance, prune_space, prune_to_widths
+from tdc_core.proxies import (
+    MemoryBank,
+    MemoryEntry,
+    Proposal,
+    Proxy,
+    ProxyState,
+    RoundRecord,
+    make_proxy,
+)
+from tdc_core.pruning import (
+    ChannelScores,
+    PruneSpace,
+    channel_importance,
+    prune_space,
+    prune_to_widths,
+)
 from tdc_core.reporting import NullReporter, Reporter
 from tdc_core.train import Trainer
 from tdc_core.unet import UNet, UNetSpec

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tdc_core.budgets import GroupBudget, assign_budgets, budget_fractions, mean_sampling_fraction
+from tdc_core.budgets import (
+    GroupBudget,
+    assign_budgets,
+    budget_fractions,
+    mean_sampling_fraction,
+)
 from tdc_core.errors import ConfigError
 from tdc_core.grouping import Grouping
 

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from tdc_core.config import PRESETS, PipelineConfig, flatten, load_config, validate_config
+from tdc_core.config import (
+    PRESETS,
+    PipelineConfig,
+    flatten,
+    load_config,
+    validate_config,
+)
 from tdc_core.errors import ConfigError
 
 

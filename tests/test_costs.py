@@ -12,7 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tdc_core.budgets import budget_fractions
 from tdc_core.config import DiffusionConfig, ModelConfig
-from tdc_core.costs import SamplingCost, TrainingCost, measure_group_flops, sampling_cost, training_cost
+from tdc_core.costs import (
+    SamplingCost,
+    TrainingCost,
+    measure_group_flops,
+    sampling_cost,
+    training_cost,
+)
 from tdc_core.diffusion import Diffusion
 from tdc_core.flops import count_forward_flops
 from tdc_core.routing import ExpertRouter
