@@ -17,3 +17,17 @@ def smoke_config():
     from tdc_core.config import load_config
 
     return load_config(preset="smoke")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and one BLAS thread for modules of tiny CPU workloads (8x8 images, small
+    UNets, 64-d features): on 2 shared cores a second thread only adds synchronisation and,
+    when the machine is busy, slows such work down several-fold."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(before)

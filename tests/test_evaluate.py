@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from tdc_core import stages
 from tdc_core.config import load_config
@@ -41,14 +40,8 @@ TRAIN_OVERRIDES = ["train.steps=80", "train.batch_size=32", "train.ema_decay=0.9
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These CPU workloads are tiny (8x8 images, 64-d features): one torch and one BLAS thread
-    avoid oversubscribing 2 shared cores, which otherwise slows them down several-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Tiny CPU workloads: see ``one_thread`` in conftest."""
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cleanfid import fid as cleanfid_fid
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from tdc_core import feature_extractors as fx
@@ -48,14 +47,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These CPU workloads are tiny (8x8 images, 64-d features): one torch and one BLAS thread
-    avoid oversubscribing 2 shared cores, which otherwise slows them down several-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Tiny CPU workloads: see ``one_thread`` in conftest."""
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,9 @@ from tdc_core.unet import UNet
 T_RANGE = (60, 100)  # the group's timesteps (smoke preset: T = 100)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: a second thread only adds synchronisation (and stalls on a busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread(one_thread):
+    """Tiny CPU workloads: see ``one_thread`` in conftest."""
 
 
 @pytest.fixture(scope="module")

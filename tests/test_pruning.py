@@ -42,13 +42,9 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: a second thread only adds synchronisation (and stalls on a busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread(one_thread):
+    """Tiny CPU workloads: see ``one_thread`` in conftest."""
 
 
 _SPACES: dict[str, PruneSpace] = {}
