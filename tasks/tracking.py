@@ -67,9 +67,13 @@ class TrackingRef(BaseModel):
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self.log_metric_items(run_id, [Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_metric_items(self, run_id: str, items: list[Metric]) -> None:
+        """Send metrics in ``log_batch`` calls of at most ``_BATCH`` values, one client."""
+        client = self.client()
         for i in range(0, len(items), _BATCH):
-            self.client().log_batch(run_id, metrics=items[i:i + _BATCH])
+            client.log_batch(run_id, metrics=items[i:i + _BATCH])
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -152,9 +156,7 @@ class MlflowReporter:
             return
         ts = int(time.time() * 1000)
         items = [Metric(k, v, ts, step) for step, m in self._buffer for k, v in m.items()]
-        client = self.ref.client()
-        for i in range(0, len(items), _BATCH):
-            client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+        self.ref.log_metric_items(self.run_id, items)
         self.logged += len(items)
         self._buffer.clear()
 

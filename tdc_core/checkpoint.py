@@ -8,6 +8,7 @@ a crash mid-write leaves the previous checkpoint intact. Loading always uses
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import tempfile
@@ -35,7 +36,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
 def _umask() -> int:
+    # os.umask can only be read by setting it; do that once per process, not on every write,
+    # since another thread creating a file in between would get the temporary mask.
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -38,6 +38,7 @@ from tdc_core.plots import plot_grouping, plot_profile
 from tdc_core.profiling import DifficultyProfile, profile_difficulty
 from tdc_core.proxies import MemoryBank
 from tdc_core.prune_search import plot_prune_rounds, prune_to_budget
+from tdc_core.pruning import count_spec_flops
 from tdc_core.records import load_record, save_record
 from tdc_core.reporting import Reporter
 from tdc_core.routing import ExpertRouter, load_router
@@ -50,7 +51,7 @@ from tdc_core.train import (
     run_training,
     spec_for,
 )
-from tdc_core.unet import UNet, UNetSpec
+from tdc_core.unet import UNetSpec
 
 __all__ = [
     "CostReport",
@@ -105,12 +106,6 @@ class CostReport(BaseModel):
     budgets_met: bool
 
 
-def _dense_flops(config: PipelineConfig) -> int:
-    with torch.device("cpu"):
-        model = UNet(spec_for(config))
-    return count_forward_flops(model, in_channels=config.data.channels, image_size=config.data.image_size)
-
-
 def profile_stage(
     config: PipelineConfig, layout: RunLayout, *, reporter: Reporter | None = None,
     device: torch.device | None = None,
@@ -143,7 +138,7 @@ def group_stage(config: PipelineConfig, layout: RunLayout) -> GroupingResult:
         bucket_edges=a.bucket_edges, snr_db=a.snr_db, loss_mean=a.loss_mean, affinity=a.affinity,
         config=config.grouping, difficulty=config.budget.difficulty,
     )
-    base_flops = _dense_flops(config)
+    base_flops = count_spec_flops(spec_for(config))  # counted on the meta device: no weights
     plan = BudgetPlan(
         base_flops=float(base_flops), k=config.budget.k, difficulty_measure=config.budget.difficulty,
         budgets=assign_budgets(grouping=grouping, k=config.budget.k, base_flops=base_flops),

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tdc_core.checkpoint import load_checkpoint, save_checkpoint
-from tdc_core.config import PipelineConfig, TrainConfig
+from tdc_core.config import PipelineConfig, TrainConfig, validate_config
 from tdc_core.data import BatchSampler, load_images, split_heldout, to_model_range
 from tdc_core.device import autocast_dtype, resolve_device
 from tdc_core.diffusion import Diffusion
@@ -336,8 +336,6 @@ class LoadedModel:
 
 def load_model(path: str | Path, *, use_ema: bool = True, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild a model from its checkpoint alone (config and spec are stored inside)."""
-    from tdc_core.config import validate_config
-
     p = load_checkpoint(path, map_location="cpu")
     try:
         config = validate_config(p["config"], source=f"checkpoint {path}")
