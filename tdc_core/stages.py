@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -191,10 +190,11 @@ def finetune_group_stage(
     ckpt = layout.group_checkpoint(group)
     prune_dir = layout.group_dir(group) / "prune"
     prune = config.prune.enabled and budget.fraction < 1.0
+    shared = load_model(layout.shared_checkpoint, device=device).model  # loaded once: start and reference
     if ckpt.exists():
         spec, start = UNetSpec.from_dict(load_checkpoint(ckpt)["spec"]), None  # pruned widths live there
     else:
-        start = load_model(layout.shared_checkpoint, device=device).model
+        start = shared  # prune_to_budget does not modify it
         spec = start.spec
         if prune:
             result = prune_to_budget(
@@ -219,8 +219,8 @@ def finetune_group_stage(
         if prune:
             trainer.save(prune_dir / "pruned.pt")  # the pruned model before fine-tuning
             trainer.save(ckpt)  # step 0: a crash from here on resumes without redoing the search
-    shared_loss = _heldout_loss_of(trainer, layout.shared_checkpoint)
-    pruned_loss = _heldout_loss_of(trainer, prune_dir / "pruned.pt") if prune else None
+    shared_loss = _heldout_loss_of(trainer, shared)
+    pruned_loss = _heldout_loss_of(trainer, load_model(prune_dir / "pruned.pt", device=device).model) if prune else None
     result = trainer.fit(until_step=config.finetune.steps, checkpoint_path=ckpt, reporter=reporter)
     flops = count_forward_flops(trainer.model, in_channels=config.data.channels, image_size=config.data.image_size)
     memory = MemoryBank.load(prune_dir / "memory.json") if prune else None
@@ -235,11 +235,10 @@ def finetune_group_stage(
     return out
 
 
-def _heldout_loss_of(trainer: Trainer, checkpoint: Path) -> float:
-    """Held-out loss of another checkpoint's EMA model (any width) on the trainer's interval, same
-    samples as the trainer's own measurement, so the numbers compare like for like."""
-    other = load_model(checkpoint, device=trainer.device)
-    saved, trainer.ema = trainer.ema, other.model
+def _heldout_loss_of(trainer: Trainer, model: torch.nn.Module) -> float:
+    """Held-out loss of another model (any width) on the trainer's interval, same samples as the
+    trainer's own measurement, so the numbers compare like for like."""
+    saved, trainer.ema = trainer.ema, model
     try:
         return trainer.heldout_loss(use_ema=True)
     finally:
