@@ -120,6 +120,15 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA
     num_threads: int | None = Field(None, ge=1)  # CPU threads for torch (None = torch default)
+    # A non-finite loss: "stop" raises (naming the steps and the last good checkpoint);
+    # "skip" drops that step's update, counts it, and stops after `max_skipped_steps`.
+    # "skip" checks every step, i.e. one host sync per step.
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = Field(10, ge=1)
+    # Speed levers (benchmarks/RESULTS.md): NHWC activations on CUDA ("auto"), and
+    # torch.compile of the training forward pass (off by default: compile takes minutes).
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
 
 
 class SampleConfig(_Strict):
