@@ -6,6 +6,11 @@ fine-tune (stage 2, timesteps restricted to the group's interval ``[lo, hi)``).
 
 Nothing here prints: progress and metrics go to the caller's :class:`Reporter`. Metrics are
 fetched from the device only every ``log_every`` steps, so the step itself has no host sync.
+
+Speed (benchmarks/RESULTS.md): bf16 autocast and fused AdamW on CUDA, NHWC (channels_last)
+activations on CUDA, optional ``torch.compile`` of the training model, the uint8 dataset held
+on the GPU when it fits (batches are gathered there: no host-to-device copy per step), and DDP
+under ``torchrun`` (see :mod:`tdc_core.distributed`) through the same code path.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from tdc_core.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.config import PipelineConfig, TrainConfig, validate_config
 from tdc_core.data import BatchSampler, load_images, split_heldout, to_model_range
 from tdc_core.device import autocast_dtype, resolve_device
+from tdc_core.distributed import DistInfo, all_gather_objects, init_distributed, mean_across_ranks
 from tdc_core.diffusion import Diffusion
 from tdc_core.errors import CheckpointError, TrainingError, first_line
 from tdc_core.reporting import NullReporter, Reporter
@@ -57,17 +63,22 @@ class Trainer:
         train_images, heldout_images: uint8 ``[N x C x H x W]``.
         config: the resolved pipeline config, stored inside every checkpoint.
         t_range: the interval of timesteps trained on (default all of [0, T)).
-        lr: learning rate (default ``train.lr``); batch_size likewise.
+        lr: learning rate (default ``train.lr``); batch_size likewise: the *global* batch, split
+            evenly over the processes of a torchrun job.
+        dist: this process's rank (default: from torchrun's environment, else rank 0 of 1).
     """
 
     def __init__(
         self, *, spec: UNetSpec, diffusion: Diffusion, train: TrainConfig, train_images: torch.Tensor,
         heldout_images: torch.Tensor, config: PipelineConfig, t_range: tuple[int, int] | None = None,
         lr: float | None = None, batch_size: int | None = None, random_flip: bool = False,
-        device: torch.device | None = None,
+        device: torch.device | None = None, dist: DistInfo | None = None,
     ) -> None:
         self.spec, self.diffusion, self.cfg, self.config = spec, diffusion, train, config
         self.device = device or resolve_device(train.device)
+        self.dist = dist or init_distributed(device_type=self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":  # one GPU per process
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = autocast_dtype(train.precision, self.device)
         self.t_range = t_range or (0, diffusion.num_steps)
         lo, hi = self.t_range
@@ -75,19 +86,43 @@ class Trainer:
             raise ValueError(f"t_range {self.t_range} must lie within [0, {diffusion.num_steps})")
         self.lr = lr if lr is not None else train.lr
         self.batch_size = batch_size or train.batch_size
+        world = self.dist.world_size
+        if self.batch_size % world:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by the {world} processes of this job")
+        self.local_batch = self.batch_size // world
         self.heldout_images = heldout_images
+        self.memory_format = (torch.channels_last if train.channels_last == "on" or
+                              (train.channels_last == "auto" and self.device.type == "cuda")
+                              else torch.contiguous_format)
         with torch.random.fork_rng(devices=[]):  # seeded init without touching global RNG
             torch.manual_seed(train.seed)
-            self.model = UNet(spec).to(self.device)
+            self.model = UNet(spec).to(self.device, memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.lr, weight_decay=train.weight_decay,
             fused=self.device.type == "cuda",
         )
-        self.sampler = BatchSampler(train_images, batch_size=self.batch_size, seed=train.seed,
+        # What runs the training forward pass: the model, wrapped for DDP and/or compiled.
+        # Weights are shared with self.model, which is what checkpoints hold.
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if train.compile:
+            self.train_model = torch.compile(self.train_model)
+        # Small datasets live on the GPU as uint8 (CIFAR-10: 150 MB; ImageNet-64: 16 GB), so a
+        # batch is a gather on the device, never a host-to-device copy in the step.
+        self.data_on_device = self.device.type == "cuda" and _fits_on_device(train_images, self.device)
+        images = train_images.to(self.device) if self.data_on_device else train_images
+        # Rank r draws its own batches and noise; rank 0 draws what a single process would.
+        rank_seed = train.seed + 1_000_003 * self.dist.rank
+        self.sampler = BatchSampler(images, batch_size=self.local_batch, seed=rank_seed,
                                     random_flip=random_flip)
         # Timesteps and noise come from a generator of our own, so resume restores them exactly.
-        self.gen = torch.Generator(device=self.device).manual_seed(train.seed + 1)
+        self.gen = torch.Generator(device=self.device).manual_seed(rank_seed + 1)
+        self.skipped_steps = 0  # steps whose update was dropped (train.nonfinite="skip")
         # Dropout draws from torch's global RNG: training runs inside fork_rng with this saved
         # state, so results do not depend on what ran before and resume restores it exactly.
         self._global_rng: dict[str, torch.Tensor] | None = None
@@ -122,17 +157,27 @@ class Trainer:
             if self.device.type == "cuda" and "cuda" in self._global_rng:
                 torch.cuda.set_rng_state(self._global_rng["cuda"], self.device)
 
+    def _rng_state(self) -> dict[str, Any]:
+        return {**self._capture_global_rng(), "gen": self.gen.get_state(), "sampler": self.sampler.state_dict()}
+
     def state_dict(self) -> dict[str, Any]:
-        rng = {**self._capture_global_rng(), "gen": self.gen.get_state(), "sampler": self.sampler.state_dict()}
+        """Everything a resume needs. Under torchrun every rank's RNG state is gathered, so
+        a collective: all ranks must call it together."""
+        ranks = all_gather_objects(self._rng_state(), info=self.dist)
         return {
             "kind": "train", "config": self.config.model_dump(mode="json"), "spec": self.spec.to_dict(),
             "t_range": list(self.t_range), "step": self.step, "lr": self.lr, "batch_size": self.batch_size,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "rng": rng,
+            "optimizer": self.optimizer.state_dict(), "rng": ranks[0],
+            "world_size": self.dist.world_size, "rng_ranks": ranks if self.dist.enabled else [],
+            "skipped_steps": self.skipped_steps,
         }
 
     def save(self, path: str | Path) -> None:
-        save_checkpoint(path, self.state_dict())
+        """Write a checkpoint (rank 0 writes; every rank must call it: the RNG gather)."""
+        state = self.state_dict()
+        if self.dist.is_main:
+            save_checkpoint(path, state)
 
     def resume(self, path: str | Path) -> None:
         """Restore everything (weights, EMA, optimizer, step, RNG states) from ``path``.
@@ -160,10 +205,18 @@ class Trainer:
             self.optimizer.load_state_dict(p["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} is inconsistent: {first_line(exc)}") from None
+        saved_world = int(p.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {saved_world} process(es); resume it with the same "
+                f"number (this job has {self.dist.world_size}) so every rank continues its own data stream"
+            )
+        rng = p["rng_ranks"][self.dist.rank] if self.dist.enabled else p["rng"]
         self.step = int(p["step"])
-        self._global_rng = {k: p["rng"][k] for k in ("torch", "cuda") if k in p["rng"]}
-        self.gen.set_state(p["rng"]["gen"].to(torch.uint8).cpu())
-        self.sampler.load_state_dict(p["rng"]["sampler"])
+        self.skipped_steps = int(p.get("skipped_steps", 0))
+        self._global_rng = {k: rng[k] for k in ("torch", "cuda") if k in rng}
+        self.gen.set_state(rng["gen"].to(torch.uint8).cpu())
+        self.sampler.load_state_dict(rng["sampler"])
 
     # --- evaluation --------------------------------------------------------------------------
 
@@ -200,8 +253,11 @@ class Trainer:
         warm = self.cfg.warmup_steps
         return self.lr * min(1.0, (step + 1) / warm) if warm else self.lr
 
-    def _train_step(self) -> dict[str, torch.Tensor]:
+    def _train_step(self) -> dict[str, torch.Tensor] | None:
+        """One optimizer step; the step's metrics as device tensors (no host sync), or None
+        when ``train.nonfinite="skip"`` dropped a non-finite update."""
         x0 = self.sampler.next_batch().to(self.device, non_blocking=True)
+        x0 = x0.contiguous(memory_format=self.memory_format)
         lo, hi = self.t_range
         t = torch.randint(lo, hi, (x0.shape[0],), generator=self.gen, device=self.device)
         noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
@@ -210,16 +266,26 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             x_t = self.diffusion.q_sample(x0, t, noise)
-            out = self.model(x_t, self.diffusion.model_timesteps(t))
+            out = self.train_model(x_t, self.diffusion.model_timesteps(t))
         losses = self.diffusion.training_losses(out, x0=x0, x_t=x_t, t=t, noise=noise)
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.step += 1
+        # The norm is of all-reduced gradients, so every rank takes the same decision.
+        if self.cfg.nonfinite == "skip" and not bool(torch.isfinite(grad_norm)):  # the one sync
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            if self.skipped_steps > self.cfg.max_skipped_steps:
+                raise TrainingError(
+                    f"{self.skipped_steps} steps with a non-finite loss or gradient (latest: step "
+                    f"{self.step}) exceed train.max_skipped_steps={self.cfg.max_skipped_steps}"
+                )
+            return None
         self.optimizer.step()
         self._update_ema()
-        self.step += 1
         return {k: v.detach().mean() for k, v in losses.items()} | {"grad_norm": grad_norm.detach()}
 
     @torch.no_grad()
@@ -253,17 +319,22 @@ class Trainer:
         window: dict[str, torch.Tensor] = {}
         window_steps, window_t0, train_loss = 0, time.perf_counter(), float("nan")
         reporter.progress(step=self.step, total=until_step)
+        if not self.dist.is_main:
+            reporter = NullReporter()  # rank 0 speaks for the job
         while self.step < until_step:
             stats = self._train_step()
-            for k, v in stats.items():
-                window[k] = window[k] + v if k in window else v
-            window_steps += 1
+            if stats is not None:
+                for k, v in stats.items():
+                    window[k] = window[k] + v if k in window else v
+                window_steps += 1
             reporter.progress(step=self.step, total=until_step)
             at_log = self.step % self.cfg.log_every == 0 or self.step == until_step
             at_ckpt = self.step % self.cfg.checkpoint_every == 0 or self.step == until_step
-            if at_log or at_ckpt:
+            if (at_log or at_ckpt) and window_steps:
                 # One host sync per window: fetch all accumulated metrics together.
                 values = {k: float(v) / window_steps for k, v in window.items()}
+                # Averaged first: a NaN on one rank is then a NaN on all, and all stop together.
+                values = mean_across_ranks(values, info=self.dist, device=self.device)
                 if not all(map(_finite, values.values())):
                     raise TrainingError(
                         f"non-finite training loss between steps {self.step - window_steps + 1} and "
@@ -272,6 +343,8 @@ class Trainer:
                 elapsed = time.perf_counter() - window_t0
                 values["lr"] = self._lr_at(self.step - 1)
                 values["images_per_sec"] = window_steps * self.batch_size / max(elapsed, 1e-9)
+                if self.cfg.nonfinite == "skip":
+                    values["skipped_steps"] = float(self.skipped_steps)
                 reporter.log_metrics(values, step=self.step)
                 train_loss = values["loss"]
                 window, window_steps, window_t0 = {}, 0, time.perf_counter()
@@ -282,7 +355,7 @@ class Trainer:
                 last_good = checkpoint_path
                 reporter.message(f"checkpoint at step {self.step}: {checkpoint_path}")
         if self.step == start:  # nothing to do (already finished): still leave a checkpoint
-            if not checkpoint_path.exists():
+            if self.dist.enabled or not checkpoint_path.exists():  # ranks must agree: save is collective
                 self.save(checkpoint_path)
         final_heldout = self.heldout_loss()
         reporter.log_metrics({"heldout_loss": final_heldout}, step=self.step)
@@ -294,6 +367,12 @@ class Trainer:
 
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
+
+
+def _fits_on_device(images: torch.Tensor, device: torch.device) -> bool:
+    """Whether the uint8 dataset takes under a quarter of the GPU's free memory."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.numel() * images.element_size() < free // 4
 
 
 # --- whole-run helpers -------------------------------------------------------------------------
