@@ -6,7 +6,7 @@ import torch
 
 from tdc_core.errors import ConfigError
 
-__all__ = ["autocast_dtype", "resolve_device"]
+__all__ = ["autocast_dtype", "peak_memory_gib", "reset_peak_memory", "resolve_device"]
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
@@ -28,3 +28,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on a CUDA device (no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak memory allocated by tensors on ``device`` since the last reset, in GiB (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30

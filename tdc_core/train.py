@@ -26,7 +26,7 @@ import torch
 from tdc_core.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.config import PipelineConfig, TrainConfig, validate_config
 from tdc_core.data import BatchSampler, load_images, split_heldout, to_model_range
-from tdc_core.device import autocast_dtype, resolve_device
+from tdc_core.device import autocast_dtype, peak_memory_gib, reset_peak_memory, resolve_device
 from tdc_core.distributed import DistInfo, all_gather_objects, init_distributed, mean_across_ranks
 from tdc_core.diffusion import Diffusion
 from tdc_core.errors import CheckpointError, TrainingError, first_line
@@ -47,6 +47,7 @@ class TrainResult:
     initial_heldout_loss: float  # the same, before this call's first step
     seconds: float               # wall time of this call
     resumed_from: int            # step the call started from (0 = fresh)
+    peak_memory_gib: float | None = None  # peak CUDA memory of the call (None on CPU)
 
 
 def spec_for(config: PipelineConfig) -> UNetSpec:
@@ -91,9 +92,8 @@ class Trainer:
             raise ValueError(f"batch size {self.batch_size} is not divisible by the {world} processes of this job")
         self.local_batch = self.batch_size // world
         self.heldout_images = heldout_images
-        self.memory_format = (torch.channels_last if train.channels_last == "on" or
-                              (train.channels_last == "auto" and self.device.type == "cuda")
-                              else torch.contiguous_format)
+        nhwc = train.channels_last if train.channels_last is not None else self.device.type == "cuda"
+        self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
         with torch.random.fork_rng(devices=[]):  # seeded init without touching global RNG
             torch.manual_seed(train.seed)
             self.model = UNet(spec).to(self.device, memory_format=self.memory_format)
@@ -313,6 +313,7 @@ class Trainer:
         reporter = reporter or NullReporter()
         checkpoint_path = Path(checkpoint_path)
         start, t0 = self.step, time.perf_counter()
+        reset_peak_memory(self.device)
         initial_heldout = self.heldout_loss()
         last_good = checkpoint_path if checkpoint_path.exists() else None
         self.model.train()
@@ -358,10 +359,13 @@ class Trainer:
             if self.dist.enabled or not checkpoint_path.exists():  # ranks must agree: save is collective
                 self.save(checkpoint_path)
         final_heldout = self.heldout_loss()
-        reporter.log_metrics({"heldout_loss": final_heldout}, step=self.step)
+        peak = peak_memory_gib(self.device)
+        reporter.log_metrics({"heldout_loss": final_heldout,
+                              **({"peak_gpu_memory_gib": peak} if peak is not None else {})}, step=self.step)
         return TrainResult(
             step=self.step, checkpoint=checkpoint_path, train_loss=train_loss, heldout_loss=final_heldout,
             initial_heldout_loss=initial_heldout, seconds=time.perf_counter() - t0, resumed_from=start,
+            peak_memory_gib=peak,
         )
 
 
