@@ -125,9 +125,9 @@ class TrainConfig(_Strict):
     # "skip" checks every step, i.e. one host sync per step.
     nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = Field(10, ge=1)
-    # Speed levers (benchmarks/RESULTS.md): NHWC activations on CUDA ("auto"), and
+    # Speed levers (benchmarks/RESULTS.md): NHWC activations (None = on CUDA only), and
     # torch.compile of the training forward pass (off by default: compile takes minutes).
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: bool | None = None
     compile: bool = False
 
 
