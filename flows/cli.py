@@ -26,6 +26,7 @@ an interrupted training run says how to resume it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -172,10 +173,13 @@ def _fmt_seconds(s: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _resolve_config(args: argparse.Namespace, run_dir: Path | None):
+def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_budgets: bool = False):
     """The run folder's saved config when it has one (plus any overrides), else preset + file +
-    overrides. Saves the result as the folder's config.yaml."""
-    from tdc_core.config import load_config, read_run_config, write_run_config
+    overrides. Saves the result as the folder's config.yaml.
+
+    ``check_budgets``: also refuse FLOPs budgets that pruning cannot reach (for commands that
+    start a TDC run: found now rather than after hours of training)."""
+    from tdc_core.config import check_budgets_reachable, load_config, read_run_config, write_run_config
     from tdc_core.layout import RunLayout
 
     overrides = getattr(args, "overrides", [])
@@ -184,6 +188,8 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path | None):
         cfg = read_run_config(layout, overrides=overrides)
     else:
         cfg = load_config(preset=args.preset, path=getattr(args, "config", None), overrides=overrides)
+    if check_budgets:
+        check_budgets_reachable(cfg)
     if layout is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(layout, cfg)
@@ -193,7 +199,7 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path | None):
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    cfg = _resolve_config(args, None)
+    cfg = _resolve_config(args, None, check_budgets=True)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 
@@ -211,13 +217,22 @@ def _setup(cfg):
 def _cmd_train(args: argparse.Namespace) -> int:
     from tdc_core.config import load_config
     from tdc_core.flops import count_forward_flops
+    from tdc_core.layout import safe_child
     from tdc_core.train import load_model, run_training, spec_for
     from tdc_core.unet import UNet
 
+    # Under torchrun (DDP) every process runs this; rank 0 alone prints, checkpoints and samples.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.out_dir is None:
+        print("error: under torchrun pass --out-dir: all processes must share one run folder", file=sys.stderr)
+        return 2
     preview = load_config(preset=args.preset, path=args.config, overrides=args.overrides) if args.out_dir is None else None
-    out = args.out_dir or Path("runs") / f"{preview.name}-{preview.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = args.out_dir or safe_child(Path("runs"), f"{preview.name}-{preview.preset}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg = _resolve_config(args, out)
     device = _setup(cfg)
+    if rank != 0:
+        run_training(cfg, run_dir=out, resume=not args.fresh, device=device)
+        return 0
     model = UNet(spec_for(cfg))
     params = sum(p.numel() for p in model.parameters())
     flops = count_forward_flops(model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
@@ -255,7 +270,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from tdc_core.layout import RunLayout
     from tdc_core.stages import profile_stage
 
-    cfg = _resolve_config(args, args.run_dir)
+    cfg = _resolve_config(args, args.run_dir, check_budgets=True)
     device = _setup(cfg)
     layout = RunLayout(args.run_dir)
     print(f"TDC · step 1: probe training to step {cfg.profile.profile_steps}, then difficulty profile "
@@ -294,8 +309,9 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
     from tdc_core.stages import finetune_group_stage
 
     cfg = _resolve_config(args, args.run_dir)
-    device = _setup(cfg)
     layout = RunLayout(args.run_dir)
+    _check_group(layout, args.group)
+    device = _setup(cfg)
     from tasks.reporters import JsonlReporter
     from tdc_core.reporting import MultiReporter, NullReporter
 
@@ -314,6 +330,16 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
           + (f"; pruning search cost {r.pruning_flops:.3g} FLOPs" if r.pruned else ""))
     print(f"  {r.checkpoint}")
     return 0
+
+
+def _check_group(layout, group: int) -> None:
+    """``--group`` names one of the run's groups (else one line, not a traceback)."""
+    from tdc_core.errors import ConfigError
+    from tdc_core.stages import load_plan
+
+    n = len(load_plan(layout).budgets)
+    if not 0 <= group < n:
+        raise ConfigError(f"--group={group} does not exist in {layout.root}; allowed: 0..{n - 1}")
 
 
 def _write_samples(model, cfg, *, out: Path, num: int | None, sampler: str | None, steps: int | None,
@@ -437,7 +463,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
 
-    cfg = _resolve_config(args, args.run_dir) if args.run_dir else _resolve_config(args, None)
+    cfg = _resolve_config(args, args.run_dir, check_budgets=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary in-process API needs more than the default 20 s on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -5,20 +5,24 @@ dotted overrides (``train.lr=2e-4``), in that order. It is the Prefect flow's pa
 logged as MLflow params (:func:`flatten`), and it is stored inside every checkpoint so any
 checkpoint can be rebuilt alone.
 
-Every invalid value raises :class:`~tdc_core.errors.ConfigError` whose message names the
-dotted field, the bad value and what is allowed.
+Every invalid value raises :class:`~tdc_core.errors.ConfigError` whose message, one line, names
+the dotted field, the bad value and what is allowed. :func:`check_budgets_reachable` adds the one
+check that needs the model's FLOPs (budgets that pruning cannot reach).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tdc_core.errors import ConfigError
 
@@ -38,6 +42,7 @@ __all__ = [
     "SampleConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_budgets_reachable",
     "flatten",
     "load_config",
     "read_run_config",
@@ -46,9 +51,41 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors: a typo must never be silently ignored."""
+    """Unknown keys are errors: a typo must never be silently ignored. Numbers must be finite
+    (``.inf``/``.nan`` in YAML would train nothing, or forever)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, data: Any) -> Any:
+        # YAML reads yes/no/true/false as booleans, and pydantic would quietly turn them into
+        # 1/0 for a number field (train.steps=true -> 1 step). Handing pydantic the word
+        # instead makes it report "valid integer/number ... (got 'true')" at the right field.
+        if not isinstance(data, dict):
+            return data
+
+        def worded(value: Any) -> Any:
+            if isinstance(value, bool):
+                return str(value).lower()
+            return [worded(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+        fields = cls.model_fields
+        return {k: worded(v) if k in fields and _numeric(fields[k].annotation) else v for k, v in data.items()}
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field holds numbers (int, float, a Literal of ints, or containers of them)."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) is Literal:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in get_args(annotation))
+    return any(_numeric(a) for a in get_args(annotation))
+
+
+# Seeds feed torch, numpy and Python generators; numpy refuses negative seeds and torch ones
+# above 2**64, and per-group seeds add offsets, so keep them in [0, 2**32).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 DataSource = Literal["digits", "cifar10", "imagenet64", "folder", "npz"]
@@ -62,7 +99,7 @@ class DataConfig(_Strict):
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # share kept out of training
     max_images: int | None = Field(None, ge=2)  # use only the first N images (None = all)
     random_flip: bool = False                # horizontal flips as augmentation
-    split_seed: int = 0                      # seed of the train/held-out split
+    split_seed: Seed = 0                     # seed of the train/held-out split
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -74,10 +111,11 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """IDDPM UNet (Nichol & Dhariwal 2021)."""
 
-    base_channels: int = Field(32, ge=1)                  # channels at the first level
-    channel_mult: tuple[int, ...] = Field((1, 2), min_length=1)  # per level, x base_channels
+    # >= 2: the sinusoidal timestep embedding is base_channels wide and is empty at width 1.
+    base_channels: int = Field(32, ge=2)                  # channels at the first level
+    channel_mult: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 2), min_length=1)  # per level, x base_channels
     num_res_blocks: int = Field(2, ge=1)                  # residual blocks per level
-    attention_resolutions: tuple[int, ...] = (4,)         # feature-map sizes (px) with attention
+    attention_resolutions: tuple[Annotated[int, Field(ge=1)], ...] = (4,)  # feature-map sizes (px) with attention
     num_heads: int = Field(4, ge=1)                       # attention heads
     num_head_channels: int | None = Field(None, ge=1)     # if set, heads = channels // this
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -116,10 +154,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints
     heldout_every: int = Field(500, ge=1)    # steps between held-out loss evaluations
     heldout_batches: int = Field(4, ge=1)    # batches per held-out evaluation
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA
-    num_threads: int | None = Field(None, ge=1)  # CPU threads for torch (None = torch default)
+    num_threads: int | None = Field(None, ge=1, le=4096)  # CPU threads for torch (None = torch default)
     # A non-finite loss: "stop" raises (naming the steps and the last good checkpoint);
     # "skip" drops that step's update, counts it, and stops after `max_skipped_steps`.
     # "skip" checks every step, i.e. one host sync per step.
@@ -137,7 +175,7 @@ class SampleConfig(_Strict):
     eta: float = Field(0.0, ge=0.0)          # DDIM stochasticity (0 = deterministic)
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     use_ema: bool = True
 
 
@@ -150,7 +188,7 @@ class ProfileConfig(_Strict):
     affinity_batches: int = Field(4, ge=1)   # batches averaged for gradient cosine similarity
     affinity_batch_size: int = Field(32, ge=1)
     param_subset: Literal["all", "output", "middle"] = "all"  # parameters whose gradients count
-    seed: int = 0
+    seed: Seed = 0
 
 
 class GroupingConfig(_Strict):
@@ -189,14 +227,14 @@ class PruneConfig(_Strict):
     llm_model: str = "gpt-4o-mini"
     llm_api_key_env: str = Field("TDC_LLM_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # env var name, never the key
     llm_timeout_s: float = Field(30.0, gt=0.0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EvalConfig(_Strict):
     """FID/KID evaluation (clean-fid) of the ensemble and the baseline, identically."""
 
     num_samples: int = Field(1000, ge=2)     # generated images per seed
-    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)  # sample seeds; spread is reported
+    seeds: tuple[Seed, ...] = Field((0, 1, 2), min_length=1)  # sample seeds; spread is reported
     feature_extractor: Literal["auto", "inception", "digits"] = "auto"  # auto: digits for digits data
     fid_mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = "clean"
     inception_weights: Path | None = None    # local Inception file (else $TDC_INCEPTION_WEIGHTS)
@@ -211,9 +249,31 @@ class BaselineConfig(_Strict):
     steps: int | None = Field(None, ge=1)    # None: the fewest steps costing ≥ TDC's total
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 class PipelineConfig(_Strict):
-    name: str = Field("tdc", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # Both become parts of folder and run names (runs/<name>-<preset>-<hash>): a "/" or a
+    # leading "." could point outside the runs folder.
+    name: str = "tdc"
     preset: str = "digits"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(
+                f"name={value!r} becomes a folder name; allowed: 1-100 letters, digits, '.', '_' or '-', "
+                f"starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"preset={value!r} is not a preset; allowed: {', '.join(PRESETS)}")
+        return value
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -235,6 +295,14 @@ class PipelineConfig(_Strict):
                 f"data.image_size={self.data.image_size} must be divisible by {down}, the UNet's "
                 f"total downsampling for model.channel_mult={list(self.model.channel_mult)}"
             )
+        if self.data.image_size // down < 2:
+            # GroupNorm over a 1x1 map of a narrow (e.g. pruned) block has one value per group:
+            # torch refuses it for a batch of 1 (sampling one image, FLOP counting).
+            raise ValueError(
+                f"data.image_size={self.data.image_size} leaves 1x1 feature maps after the {down}x downsampling "
+                f"of model.channel_mult={list(self.model.channel_mult)}; allowed: image_size >= {2 * down}, or "
+                f"fewer levels"
+            )
         sizes = {self.data.image_size // 2**i for i in range(len(self.model.channel_mult))}
         bad = [r for r in self.model.attention_resolutions if r not in sizes]
         if bad:
@@ -242,6 +310,7 @@ class PipelineConfig(_Strict):
                 f"model.attention_resolutions={bad} are not feature-map sizes of this UNet; "
                 f"allowed: {sorted(sizes, reverse=True)}"
             )
+        self._check_attention_heads()
         if self.sample.steps is not None and self.sample.steps > self.diffusion.num_timesteps:
             raise ValueError(
                 f"sample.steps={self.sample.steps} exceeds diffusion.num_timesteps="
@@ -268,7 +337,33 @@ class PipelineConfig(_Strict):
                 f"profile.profile_steps={self.profile.profile_steps} exceeds train.steps="
                 f"{self.train.steps} (the probe is the start of shared training)"
             )
+        prune = self.prune
+        if prune.enabled and prune.proxy == "llm" and not prune.llm_url:
+            raise ValueError("prune.proxy=llm needs prune.llm_url (an OpenAI-compatible http(s) endpoint)")
+        if prune.llm_url is not None and not re.match(r"https?://[^\s/]", prune.llm_url):
+            raise ValueError(
+                f"prune.llm_url={prune.llm_url!r} is not an http(s) URL; allowed: http://... or https://..."
+            )
         return self
+
+    def _check_attention_heads(self) -> None:
+        """Every attention block's width must split evenly into its heads (else the UNet
+        cannot be built, which would only show once training starts)."""
+        m = self.model
+        widths = {m.base_channels * m.channel_mult[-1]}  # the middle block always has attention
+        for level, mult in enumerate(m.channel_mult):
+            if self.data.image_size // 2**level in m.attention_resolutions:
+                widths.add(m.base_channels * mult)
+        for width in sorted(widths):
+            heads = max(1, width // m.num_head_channels) if m.num_head_channels else m.num_heads
+            if width % heads:
+                setting = (f"model.num_head_channels={m.num_head_channels} gives {heads} heads"
+                           if m.num_head_channels else f"model.num_heads={heads}")
+                raise ValueError(
+                    f"{setting} for an attention block {width} channels wide (model.base_channels x "
+                    f"model.channel_mult), which they do not divide; allowed: head counts dividing every "
+                    f"attention width {sorted(widths)}"
+                )
 
     @property
     def in_channels(self) -> int:
@@ -362,8 +457,11 @@ def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {path} cannot be parsed: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError, RecursionError) as exc:
+        # YAML's messages span several lines (context, marks): fold them into one.
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"config file {path} cannot be parsed as {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                          f"{reason}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -399,6 +497,12 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             raise ConfigError(f"config key {'.'.join(keys[: depth + 1])!r} is not a section")
         model = annotation
+        if not isinstance(node.get(key, {}), dict):
+            # An earlier override or the file set the whole section to a non-mapping value.
+            raise ConfigError(
+                f"override {override!r}: {'.'.join(keys[: depth + 1])} is {node[key]!r}, not a section; "
+                f"allowed: a mapping of its fields"
+            )
         node = node.setdefault(key, {})
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
@@ -423,9 +527,16 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             lines.append(f"{loc}: {msg}")
             continue
         got = err.get("input")
-        shown = "" if isinstance(got, dict) or loc == "" else f" (got {got!r})"
+        # Our own checks (value_error) already name the value.
+        shown = "" if isinstance(got, dict) or loc == "" or err["type"] == "value_error" else f" (got {_short(got)})"
         lines.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
-    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+    # One line, so that the CLI prints one line per bad input (several errors joined by "; ").
+    return f"invalid configuration ({source}): " + "; ".join(" ".join(line.split()) for line in lines)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_config(
@@ -474,6 +585,52 @@ def apply_overrides(config: PipelineConfig, overrides: Sequence[str], *, source:
     for override in overrides:
         _apply_override(tree, override)
     return validate_config(tree, source=f"{source} + overrides")
+
+
+def check_budgets_reachable(config: PipelineConfig) -> None:
+    """Refuse FLOPs budgets that no pruning allowed by ``prune`` can reach, before any training.
+
+    The easiest group's budget is ``(1 + (N-1)·k)/N · F``; pruning narrows each unit to no less
+    than ``prune.min_keep`` of its width (in whole GroupNorm groups / heads), which puts a floor
+    under the FLOPs. Counting that floor builds the UNet on the meta device (about half a
+    second), so this runs where a run starts (``tdc config``/``run``/``profile``) rather than on
+    every validation; pruning itself refuses the same budgets, but only hours later.
+
+    Raises:
+        ConfigError: the smallest budget lies below the floor; the message names budget.k and
+            the smallest k that works.
+    """
+    prune, n, k = config.prune, config.grouping.num_groups, config.budget.k
+    smallest = (1 + (n - 1) * k) / n
+    if not prune.enabled or n == 1 or smallest >= 1.0:
+        return  # nothing is pruned
+    floor = _prune_floor_fraction(config.model.model_dump_json(), config.data.image_size, config.data.channels,
+                                  config.learn_sigma, prune.min_keep, prune.prune_attention)
+    reachable = floor / (1 + prune.tolerance)  # as tdc_core.prune_search accepts it
+    if smallest < reachable:
+        need = math.ceil(1000 * (n * reachable - 1) / (n - 1)) / 1000
+        raise ConfigError(
+            f"budget.k={k} gives the easiest of {n} groups {smallest:.3f} F, below the {floor:.3f} F of the "
+            f"narrowest model pruning may make (prune.min_keep={prune.min_keep}, prune.prune_attention="
+            f"{str(prune.prune_attention).lower()}); allowed: budget.k >= {need}, a smaller prune.min_keep, "
+            f"or prune.enabled=false"
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def _prune_floor_fraction(model_json: str, image_size: int, channels: int, learn_sigma: bool, min_keep: float,
+                          prune_attention: bool) -> float:
+    """FLOPs of the narrowest prunable model / FLOPs of the dense one (the rule of
+    :func:`tdc_core.prune_search.prune_to_budget`: attention keeps its width unless pruned)."""
+    from tdc_core.pruning import prune_space  # imports torch and the UNet, which imports this module
+    from tdc_core.unet import UNetSpec
+
+    spec = UNetSpec(model=ModelConfig.model_validate_json(model_json), image_size=image_size,
+                    in_channels=channels, learn_sigma=learn_sigma)
+    space = prune_space(spec, min_keep=min_keep)
+    lower = [int(w) if prune_attention or u.kind != "attn" else u.dense_width
+             for u, w in zip(space.units, space.min_widths)]
+    return space.flops(lower) / space.dense_flops
 
 
 def flatten(config: BaseModel, *, prefix: str = "") -> dict[str, str]:

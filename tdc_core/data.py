@@ -15,6 +15,7 @@ deterministic, exactly resumable minibatches.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import pickle
 import re
@@ -49,10 +50,16 @@ __all__ = [
 ]
 
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+# PIL modes of 8-bit pixels. 16-bit or float images (modes I;16, I, F) would be clipped to 0..255
+# by convert(), i.e. silently become almost white: they are refused instead.
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
 _LUMA_601 = (299, 587, 114)  # ITU-R BT.601 weights, per mille
 _CIFAR_SIZE = 32
-# What reading a corrupt or truncated npz can raise (numpy, zipfile, zlib, the OS).
-_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+# What reading a corrupt or truncated npz can raise (numpy, zipfile, zlib, the OS). zipfile
+# answers flipped flag bits with RuntimeError ("encrypted") or NotImplementedError ("strong
+# encryption", "zip file version"); a header claiming a huge array with MemoryError/OverflowError.
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError,
+               NotImplementedError, MemoryError, OverflowError)
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
@@ -328,10 +335,13 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays, nothing else.
 
     Unpickling can run arbitrary code; a dataset file is untrusted input, so only the
-    callables numpy's own array pickles use are resolved (old and new module names).
+    callables numpy's own array pickles use are resolved (old and new module names), plus
+    ``_codecs.encode``, which Python 3 pickles of protocol <= 2 use for every bytes object
+    (a text-to-bytes conversion; it runs no code).
     """
 
     _ALLOWED: dict[tuple[str, str], Any] = {
+        ("_codecs", "encode"): codecs.encode,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
@@ -353,7 +363,7 @@ def _read_cifar_batch(file: Path) -> np.ndarray:
             batch = _ArrayOnlyUnpickler(f, encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - a corrupt pickle can raise nearly any type
         raise DataError(
-            f"cannot read CIFAR-10 batch {file}: {exc}; only a dict of numpy arrays and "
+            f"cannot read CIFAR-10 batch {file}: {_one_line(exc)}; only a dict of numpy arrays and "
             f"lists is allowed"
         ) from None
     if not isinstance(batch, dict) or b"data" not in batch:
@@ -406,7 +416,7 @@ def _read_npz_array(file: Path, *, keys: tuple[str, ...], only_preferred: bool =
                 )
             return npz[key]
     except _NPZ_ERRORS as exc:
-        raise DataError(f"cannot read {file} as a numpy .npz archive: {_npz_failure(exc)}") from None
+        raise DataError(f"cannot read {file} as a numpy .npz archive: {_one_line(_npz_failure(exc))}") from None
 
 
 def _npz_failure(exc: Exception) -> str:
@@ -428,9 +438,16 @@ def _read_image(file: Path, *, size: int, mode: str) -> np.ndarray:
                     f"image {file} is {img.size[0]}x{img.size[1]}; every image must be "
                     f"{size}x{size} (data.image_size; only the digits source is resized)"
                 )
+            if img.mode not in _EIGHT_BIT_MODES:
+                raise DataError(
+                    f"image {file} has {img.mode} pixels (16-bit or float); allowed: 8-bit grayscale, "
+                    f"palette or RGB(A) images"
+                )
             return np.asarray(img.convert(mode))
     except _IMAGE_ERRORS as exc:
-        raise DataError(f"cannot read image {file}: {exc}") from None
+        raise DataError(
+            f"cannot read image {file}: {_one_line(exc)}; allowed: intact .png, .jpg or .jpeg files"
+        ) from None
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -448,6 +465,12 @@ def _existing(path: Path | None, *, want: str) -> Path:
     if want == "file" and not path.is_file():
         raise DataError(f"data.path {path} must be a file")
     return path
+
+
+def _one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """A library's reason folded onto one line (the CLI prints each error as one line)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _natural_sorted(paths: Iterable[Path]) -> list[Path]:

@@ -9,15 +9,36 @@
     <root>/groups/group-<g>/result.json    its summary (FLOPs, budget, held-out losses)
     <root>/costs.json                      sampling and training cost of the run
 
-Group folders are named from integers only, so no name can escape the run folder.
+Group folders are named from non-negative integers only, and :func:`safe_child` joins any
+other name that comes from a config or a user, so no name can escape the run folder.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunLayout"]
+from tdc_core.errors import ConfigError
+
+__all__ = ["RunLayout", "safe_child"]
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def safe_child(parent: str | Path, name: str, *, what: str = "name") -> Path:
+    """``parent / name`` for a single, plain path component ``name``.
+
+    Raises:
+        ConfigError: ``name`` is empty, starts with ".", holds a separator or anything but
+            letters, digits, ".", "_" and "-" (so it cannot be "..", absolute, or hidden).
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{what}={name!r} cannot be a file or folder name; allowed: 1-200 letters, digits, '.', '_' "
+            f"or '-', starting with a letter or digit"
+        )
+    return Path(parent) / name
 
 
 @dataclass(frozen=True)
@@ -56,8 +77,9 @@ class RunLayout:
         return self.root / "grouping" / "budgets.json"
 
     def group_dir(self, group: int) -> Path:
-        if not isinstance(group, int) or group < 0:
-            raise ValueError(f"group index must be a non-negative int, got {group!r}")
+        """Raises ConfigError (a ValueError) for anything but an int >= 0 (bool included)."""
+        if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+            raise ConfigError(f"group index must be an int >= 0, got {group!r}")
         return self.root / "groups" / f"group-{group}"
 
     def group_checkpoint(self, group: int) -> Path:

@@ -29,7 +29,7 @@ from tdc_core.data import BatchSampler, load_images, split_heldout, to_model_ran
 from tdc_core.device import autocast_dtype, peak_memory_gib, reset_peak_memory, resolve_device
 from tdc_core.distributed import DistInfo, all_gather_objects, init_distributed, mean_across_ranks
 from tdc_core.diffusion import Diffusion
-from tdc_core.errors import CheckpointError, TrainingError, first_line
+from tdc_core.errors import CheckpointError, TDCError, TrainingError, first_line
 from tdc_core.reporting import NullReporter, Reporter
 from tdc_core.unet import UNet, UNetSpec
 
@@ -187,9 +187,17 @@ class Trainer:
                 architecture, timestep interval or config.
         """
         p = load_checkpoint(path, map_location="cpu")
+        try:
+            self._restore(p, path)
+        except CheckpointError:
+            raise
+        except _REBUILD_ERRORS as exc:  # an edited or foreign checkpoint: name the file, one line
+            raise CheckpointError(f"checkpoint {path} is inconsistent: {_one_line(exc)}") from None
+
+    def _restore(self, p: dict[str, Any], path: str | Path) -> None:
         if p.get("kind") != "train":
             raise CheckpointError(f"checkpoint {path} is not a training checkpoint")
-        if p["spec"] != self.spec.to_dict() or tuple(p["t_range"]) != tuple(self.t_range):
+        if p["spec"] != self.spec.to_dict() or _t_range(p["t_range"]) != tuple(self.t_range):
             raise CheckpointError(
                 f"checkpoint {path} was written for a different model or timestep interval; "
                 f"use a new run folder or delete it"
@@ -199,12 +207,9 @@ class Trainer:
                 f"checkpoint {path} was written with a different config; resume needs the same "
                 f"config (use a new run folder to start afresh)"
             )
-        try:
-            self.model.load_state_dict(p["model"])
-            self.ema.load_state_dict(p["ema"])
-            self.optimizer.load_state_dict(p["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {path} is inconsistent: {first_line(exc)}") from None
+        self.model.load_state_dict(p["model"])
+        self.ema.load_state_dict(p["ema"])
+        self.optimizer.load_state_dict(p["optimizer"])
         saved_world = int(p.get("world_size", 1))
         if saved_world != self.dist.world_size:
             raise CheckpointError(
@@ -425,8 +430,24 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: torch.device |
         spec = UNetSpec.from_dict(p["spec"])
         model = UNet(spec)
         model.load_state_dict(p["ema" if use_ema else "model"])
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be rebuilt: {first_line(exc)}") from None
+        step, t_range = int(p["step"]), _t_range(p["t_range"])
+    except _REBUILD_ERRORS as exc:  # an edited or foreign checkpoint: name the file, one line
+        raise CheckpointError(f"checkpoint {path} cannot be rebuilt: {_one_line(exc)}") from None
     model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model=model, config=config, spec=spec, step=int(p["step"]),
-                       t_range=tuple(p["t_range"]))
+    return LoadedModel(model=model, config=config, spec=spec, step=step, t_range=t_range)
+
+
+# ValueError covers pydantic's ValidationError; TDCError our ConfigError and DataError.
+_REBUILD_ERRORS = (TDCError, KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError)
+
+
+def _t_range(value: Any) -> tuple[int, int]:
+    lo, hi = (int(v) for v in value)
+    return lo, hi
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: state-dict errors put their substance after the first line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = "; ".join(lines) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
