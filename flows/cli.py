@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out-dir", type=Path, help="run folder (default: runs/<name>-<time>); resumes if it holds a checkpoint")
     tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out-dir and start over")
     tr.add_argument("--no-samples", action="store_true", help="do not write samples.png at the end")
+    tr.add_argument("--metrics-file", type=Path, help="also append metrics as JSON lines here (used by the pipeline)")
+    tr.add_argument("--result-file", type=Path, help="write the training result as JSON here (used by the pipeline)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pr = sub.add_parser("profile", help="train the probe and profile per-timestep difficulty (TDC step 1)")
     config_args(pr)
@@ -242,14 +245,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ckpt = out / "checkpoints" / "last.pt"
     if ckpt.exists() and not args.fresh:
         print(f"resuming from {ckpt}")
-    reporter = _ProgressReporter(desc="train")
+    from tasks.reporters import JsonlReporter
+    from tdc_core.reporting import MultiReporter, NullReporter
+
+    bar = NullReporter() if args.quiet else _ProgressReporter(desc="train")
+    sink = JsonlReporter(args.metrics_file) if args.metrics_file else NullReporter()
+    reporter = MultiReporter(bar, sink)
     try:
         result = run_training(cfg, run_dir=out, reporter=reporter, resume=not args.fresh, device=device)
     except KeyboardInterrupt:
-        reporter.close()
         print(f"\ninterrupted; the last checkpoint is kept. Resume with:\n  tdc train --out-dir {out}", file=sys.stderr)
         return 130
-    reporter.close()
+    finally:
+        for rep in (bar, sink):
+            getattr(rep, "close", lambda: None)()
+    if args.result_file:
+        import dataclasses
+        import json
+
+        from tdc_core.checkpoint import atomic_write_bytes
+
+        record = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
+        atomic_write_bytes(args.result_file, json.dumps(record).encode())
     print(f"\ntrained {result.step} steps in {_fmt_seconds(result.seconds)}"
           + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
     print(f"  held-out ε-MSE (EMA)   {result.initial_heldout_loss:.4f} → {result.heldout_loss:.4f}")

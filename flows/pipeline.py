@@ -10,12 +10,14 @@ training from its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +27,7 @@ from tasks.registry import Registration, register_task
 from tasks.report import report_task
 from tasks.stages import (
     DEVICE_SLOTS,
+    GroupFailed,
     TrainSummary,
     baseline_task,
     costs_task,
@@ -35,8 +38,8 @@ from tasks.stages import (
     shared_train_task,
     worker_slots,
 )
-from tasks.tracking import TrackingRef, open_tracking
-from tdc_core.config import PipelineConfig, load_config, write_run_config
+from tasks.tracking import TrackingRef, check_tracking, default_tracking_uri, open_tracking
+from tdc_core.config import PipelineConfig, check_budgets_reachable, load_config, write_run_config
 from tdc_core.evaluate import Comparison
 from tdc_core.layout import RunLayout
 from tdc_core.stages import CostReport, GroupResult
@@ -83,7 +86,9 @@ def prepare_run_folder(config: PipelineConfig, run_dir: str | None) -> tuple[Pat
 
 
 def _resolve(preset: str, overrides: list[str] | None, config: PipelineConfig | None) -> PipelineConfig:
-    return config if config is not None else load_config(preset=preset, overrides=overrides or [])
+    cfg = config if config is not None else load_config(preset=preset, overrides=overrides or [])
+    check_budgets_reachable(cfg)  # refuse unreachable budgets before any training, deployments too
+    return cfg
 
 
 @flow(name="tdc", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -115,6 +120,19 @@ def tdc(
                              tags={"prefect.flow_run_id": str(flow_run.id or ""),
                                    "prefect.flow_run_url": str(flow_run.ui_url or "")})
     get_run_logger().info("run folder %s; MLflow run %s", root, tracking.parent_run_id)
+    try:
+        return _stages(cfg, root=root, run_uid=run_uid, run_key=run_key, tracking=tracking, slots=slots,
+                       threads=threads)
+    except Exception:
+        # The parent run shows FAILED in the UI until a re-run finishes it (then FINISHED).
+        with contextlib.suppress(Exception):
+            tracking.finish(tracking.parent_run_id, ok=False)
+        raise
+
+
+def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, tracking: TrackingRef,
+            slots: list[str | None], threads: int) -> PipelineSummary:
+    """The pipeline's stages in order (the body of the flow ``tdc``)."""
     args = (cfg, str(root), run_uid, tracking)
 
     profile = profile_task(*args)
@@ -124,7 +142,7 @@ def tdc(
         f"({'one per GPU' if slots[0] is not None else f'{threads} CPU thread(s) each'})")
     futures = [finetune_group_task.submit(*args, group=g, threads=threads, wait_for=[shared])
                for g in range(grouped.grouping.num_groups)]
-    groups = [f.result() for f in futures]
+    groups = _all_groups(futures)
     costs = costs_task(*args, groups=groups)
     baseline, baseline_run_id, comparison = None, None, None
     if cfg.baseline.enabled:
@@ -149,6 +167,33 @@ def tdc(
     report_task(summary_json=summary.model_dump_json(), tracking=tracking)
     tracking.finish(tracking.parent_run_id)
     return summary
+
+
+def _all_groups(futures: list) -> list[GroupResult]:
+    """Every group's result, once every group has finished or failed.
+
+    A failed group does not stop the others: they run to the end and are cached, so the
+    re-run redoes only the failed ones.
+
+    Raises:
+        GroupFailed: naming each failed group and why.
+    """
+    wait(futures)
+    results, failures = [], []
+    for g, f in enumerate(futures):
+        try:
+            results.append(f.result())
+        except Exception as exc:  # noqa: BLE001 - collected and reported together below
+            failures.append((g, exc))
+    if failures:
+        done = [g for g in range(len(futures)) if g not in {g for g, _ in failures}]
+        reasons = "; ".join(str(exc) if f"group {g}" in str(exc) else f"group {g}: {exc}" for g, exc in failures)
+        raise GroupFailed(
+            f"{len(failures)} of {len(futures)} group fine-tunes failed: {reasons}. "
+            + (f"Finished groups {done} are kept; " if done else "")
+            + "re-run the same command to redo only the failed groups"
+        )
+    return results
 
 
 def ensemble_heldout_loss(groups: list[GroupResult], *, num_timesteps: int) -> float:
@@ -178,5 +223,11 @@ def run_pipeline(
     config: PipelineConfig, *, run_dir: str | None = None, workers: int | None = None,
     tracking_uri: str | None = None,
 ) -> PipelineSummary:
-    """Run the flow in this process (no Prefect server needed)."""
+    """Run the flow in this process (no Prefect server needed).
+
+    Raises:
+        TrackingError: the MLflow tracking server is unreachable (checked before the flow
+            starts, in one request, so this fails within seconds).
+    """
+    check_tracking(tracking_uri or default_tracking_uri())
     return tdc(config=config, run_dir=run_dir, tracking_uri=tracking_uri, workers=workers)

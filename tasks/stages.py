@@ -12,14 +12,18 @@ Training stages are not cached when they fail and resume from their own checkpoi
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, ConfigDict
@@ -27,8 +31,9 @@ from pydantic import BaseModel, ConfigDict
 from tasks.console import say
 from tasks.reporters import read_jsonl_metrics
 from tasks.tracking import MlflowReporter, TrackingRef
-from tdc_core.config import PipelineConfig
+from tdc_core.config import PipelineConfig, write_run_config
 from tdc_core.device import resolve_device
+from tdc_core.errors import TDCError, TrainingError
 from tdc_core.evaluate import Comparison, compare_run
 from tdc_core.layout import RunLayout
 from tdc_core.profiling import DifficultyProfile
@@ -45,6 +50,7 @@ from tdc_core.stages import (
 from tdc_core.train import TrainResult, run_training
 
 __all__ = [
+    "GroupFailed",
     "TrainSummary",
     "baseline_task",
     "costs_task",
@@ -56,6 +62,26 @@ __all__ = [
 ]
 
 CACHED = {"cache_policy": INPUTS + TASK_SOURCE, "persist_result": True}
+
+
+class GroupFailed(TDCError):
+    """A group's fine-tune process failed (crashed, was killed, or raised)."""
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def _last_error(output: str) -> list[str]:
+    """The line that says what went wrong: the last non-empty line of the process's output
+    (the exception, or the CLI's one-line error)."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    return lines[-1:]
 
 
 class TrainSummary(BaseModel):
@@ -81,7 +107,10 @@ def _child_run(tracking: TrackingRef, *, key: str, name: str) -> Iterator[str]:
     try:
         yield run_id
     except BaseException:
-        tracking.finish(run_id, ok=False)
+        try:
+            tracking.finish(run_id, ok=False)
+        except Exception:  # noqa: BLE001 - e.g. the store is down: the stage's own error matters
+            pass
         raise
     tracking.finish(run_id, ok=True)
 
@@ -103,11 +132,13 @@ def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: T
             profile = profile_stage(config, layout, reporter=reporter)
         finally:
             reporter.close()
-        edges = profile.bucket_edges
-        for b in range(profile.num_buckets):
-            # One point per bucket, at the bucket's first timestep: the UI plots the profile.
-            tracking.log_metrics(run_id, {"bucket_loss_mean": profile.loss_mean[b], "bucket_loss_std":
-                                          profile.loss_std[b], "bucket_snr_db": profile.snr_db[b]}, step=edges[b])
+        edges, ts = profile.bucket_edges, int(time.time() * 1000)
+        # One point per bucket, at the bucket's first timestep: the UI plots the profile.
+        tracking.log_metric_items(run_id, [
+            Metric(k, float(v), ts, edges[b]) for b in range(profile.num_buckets)
+            for k, v in (("bucket_loss_mean", profile.loss_mean[b]), ("bucket_loss_std", profile.loss_std[b]),
+                         ("bucket_snr_db", profile.snr_db[b]))
+        ])
         tracking.log_metrics(run_id, {"profile_seconds": profile.seconds, "probe_step": profile.model_step})
         tracking.log_artifact(run_id, layout.profile_json, artifact_path="profile")
         tracking.log_artifact(run_id, layout.profile_png, artifact_path="profile")
@@ -122,10 +153,12 @@ def group_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: Tra
     layout = RunLayout(Path(run_dir))
     with _child_run(tracking, key="stage.group", name="group") as run_id:
         res = group_stage(config, layout)
-        for b in res.plan.budgets:
-            tracking.log_metrics(run_id, {"group_lo": b.lo, "group_hi": b.hi, "group_rank": b.rank,
-                                          "group_budget_fraction": b.fraction,
-                                          "group_difficulty": res.grouping.difficulty[b.group]}, step=b.group)
+        ts = int(time.time() * 1000)
+        tracking.log_metric_items(run_id, [
+            Metric(k, float(v), ts, b.group) for b in res.plan.budgets
+            for k, v in (("group_lo", b.lo), ("group_hi", b.hi), ("group_rank", b.rank),
+                         ("group_budget_fraction", b.fraction), ("group_difficulty", res.grouping.difficulty[b.group]))
+        ])
         tracking.log_metrics(run_id, {"base_flops": res.plan.base_flops, "grouping_cost": res.grouping.total_cost})
         tracking.set_tags(run_id, {"boundaries": str(res.grouping.boundaries)})
         tracking.set_tags(tracking.parent_run_id, {"tdc.boundaries": str(res.grouping.boundaries)})
@@ -142,15 +175,57 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
     layout = RunLayout(Path(run_dir))
     say(f"shared training to step {config.train.steps}")
     with _child_run(tracking, key="stage.shared", name="shared-train") as run_id:
-        reporter = MlflowReporter(tracking, run_id)
-        try:
-            summary = TrainSummary.of(shared_stage(config, layout, reporter=reporter))
-        finally:
-            reporter.close()
+        if train_processes(config) > 1:
+            summary = _train_under_torchrun(config, layout.root, tracking=tracking, run_id=run_id)
+        else:
+            reporter = MlflowReporter(tracking, run_id)
+            try:
+                summary = TrainSummary.of(shared_stage(config, layout, reporter=reporter))
+            finally:
+                reporter.close()
         tracking.log_metrics(run_id, _train_metrics(summary), step=summary.step)
         tracking.log_artifact(run_id, layout.shared_checkpoint, artifact_path="checkpoints")
     say(f"shared model: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
     return summary
+
+
+def train_processes(config: PipelineConfig) -> int:
+    """Processes for dense training: ``train.processes``, else one per visible GPU (1 on CPU)."""
+    if config.train.processes is not None:
+        return config.train.processes
+    import torch
+
+    return torch.cuda.device_count() if config.train.device != "cpu" and torch.cuda.is_available() else 1
+
+
+def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: TrackingRef, run_id: str) -> TrainSummary:
+    """Dense training of ``config`` in ``out`` as a DDP job: ``torchrun`` starts one ``tdc train``
+    process per GPU (or CPU share); rank 0 writes the checkpoint, metrics (JSON lines, logged to
+    ``run_id`` here) and the result. Resumes from ``out``'s checkpoint like the in-process path.
+    """
+    n = train_processes(config)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(RunLayout(out), config)  # every process reads the config from the folder
+    metrics_file, result_file = out / "train-metrics.jsonl", out / "train-result.json"
+    result_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    import torch
+
+    if not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "flows.cli", "train", "--out-dir", str(out), "--no-samples", "--quiet",
+           "--metrics-file", str(metrics_file), "--result-file", str(result_file)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        detail = _last_error(proc.stderr or proc.stdout) if proc.returncode > 0 else []
+        raise TrainingError(f"training in {out} under torchrun ({n} processes) failed ({_exit_reason(proc.returncode)})"
+                            + "".join(f": {line}" for line in detail))
+    ts = int(time.time() * 1000)  # every attempt's points; MLflow keeps one per (metric, step)
+    points = {(k, step): v for step, m in read_jsonl_metrics(metrics_file) for k, v in m.items()}
+    tracking.log_metric_items(run_id, [Metric(k, v, ts, step) for (k, step), v in points.items()])
+    record = json.loads(result_file.read_text())
+    return TrainSummary(**{k: record[k] for k in TrainSummary.model_fields})
 
 
 class _DeviceSlots:
@@ -210,18 +285,20 @@ def finetune_group_task(
             env["CUDA_VISIBLE_DEVICES"] = slot
         else:
             env["OMP_NUM_THREADS"] = str(threads)
-        start_line = sum(1 for _ in read_jsonl_metrics(metrics_file))
         cmd = [sys.executable, "-m", "flows.cli", "finetune-group", "--run-dir", str(layout.root), "--group",
                str(group), "--metrics-file", str(metrics_file), "--quiet"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(f"group {group} fine-tune failed (exit {proc.returncode}): " + " | ".join(tail))
-        new = list(read_jsonl_metrics(metrics_file))[start_line:]
-        reporter = MlflowReporter(tracking, run_id)
-        for step, m in new:
-            reporter.log_metrics(m, step=step)
-        reporter.close()
+            # Killed by a signal: its output ends wherever it was, so it says nothing about why.
+            detail = _last_error(proc.stderr or proc.stdout) if proc.returncode > 0 else []
+            raise GroupFailed(f"group {group} fine-tune failed ({_exit_reason(proc.returncode)})"
+                              + "".join(f": {line}" for line in detail))
+        # The whole file, not only this attempt's lines: an attempt that was killed reported
+        # steps that its resumed successor does not report again. One value per (metric,
+        # step), the latest attempt's; log_metric_items skips what MLflow already holds.
+        ts = int(time.time() * 1000)
+        points = {(k, step): v for step, m in read_jsonl_metrics(metrics_file) for k, v in m.items()}
+        tracking.log_metric_items(run_id, [Metric(k, v, ts, step) for (k, step), v in points.items()])
         result = load_record(layout.group_result(group), GroupResult, what="group result")
         tracking.log_metrics(run_id, {
             "flops": result.flops, "budget_flops": result.budget_flops, "budget_met": float(result.budget_met),
@@ -266,11 +343,14 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     cfg = baseline_config(config, steps=steps)
     out = Path(run_dir) / "baseline"
     say(f"baseline: one model, {steps} steps on all timesteps (≥ TDC's training FLOPs)")
-    reporter = MlflowReporter(tracking, baseline_run_id)
-    try:
-        summary = TrainSummary.of(run_training(cfg, run_dir=out, reporter=reporter))
-    finally:
-        reporter.close()
+    if train_processes(cfg) > 1:
+        summary = _train_under_torchrun(cfg, out, tracking=tracking, run_id=baseline_run_id)
+    else:
+        reporter = MlflowReporter(tracking, baseline_run_id)
+        try:
+            summary = TrainSummary.of(run_training(cfg, run_dir=out, reporter=reporter))
+        finally:
+            reporter.close()
     tracking.log_metrics(baseline_run_id, _train_metrics(summary), step=summary.step)
     tracking.log_artifact(baseline_run_id, out / "checkpoints" / "last.pt", artifact_path="checkpoints")
     say(f"baseline: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
@@ -278,7 +358,12 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
 
 
 def baseline_config(config: PipelineConfig, *, steps: int) -> PipelineConfig:
-    return config.model_copy(update={"train": config.train.model_copy(update={"steps": steps})})
+    """The run's config with ``train.steps = steps``; the probe length is capped at it, so the
+    config stored in the baseline's checkpoint stays valid (a checkpoint must rebuild alone)."""
+    return config.model_copy(update={
+        "train": config.train.model_copy(update={"steps": steps}),
+        "profile": config.profile.model_copy(update={"profile_steps": min(config.profile.profile_steps, steps)}),
+    })
 
 
 @task(name="evaluate", **CACHED)

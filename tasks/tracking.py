@@ -7,30 +7,83 @@ subprocesses), where the active run would be missing or wrong.
 Runs are found by tags before they are created, so re-running a failed pipeline with the same
 config reuses its parent run and every finished stage's child run: the run tree gets neither
 duplicates nor gaps.
+
+Metrics survive a killed process and a tracking store that goes away mid-run. A
+:class:`MlflowReporter` appends every report to a journal in the run folder
+(``<run>/tracking-backlog/<mlflow run id>.jsonl``) before sending it, and empties the journal
+once MLflow has accepted everything. A failed send is retried at later flushes and at the end
+of the stage; values still unsent then stay in the journal (a warning and
+:attr:`MlflowReporter.unsent` say how many), and :func:`open_tracking` replays them the next
+time the pipeline opens that run folder. Metric values are kept once per (metric, step) and
+run: a point already in MLflow (sent before a kill, or reported again by training that
+resumed from an earlier checkpoint) is not sent again.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
+from tasks.console import say
 from tdc_core.config import PipelineConfig, flatten
+from tdc_core.errors import TDCError, first_line
 
-__all__ = ["MlflowReporter", "TrackingRef", "default_tracking_uri", "open_tracking"]
+__all__ = [
+    "MlflowReporter",
+    "TrackingError",
+    "TrackingRef",
+    "check_tracking",
+    "default_tracking_uri",
+    "open_tracking",
+    "replay_backlog",
+]
 
 EXPERIMENT = "tdc"
+BACKLOG_DIR = "tracking-backlog"
 _BATCH = 200  # metrics per log_batch call (MLflow accepts up to 1000)
+# MLflow error codes of a store that is down, overloaded or busy: worth retrying later.
+_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+
+if sys.platform != "win32":
+    import fcntl
+else:  # pragma: no cover - no flock; several runs must not create one SQLite store at once there
+    fcntl = None
+
+
+class TrackingError(TDCError):
+    """The MLflow tracking store cannot be reached or refuses a write."""
 
 
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else a SQLite store ``./mlflow.db`` in the current folder."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store is unreachable or busy (retry later), not that the request
+    itself is wrong. Connection errors of ``requests`` are :class:`OSError` subclasses."""
+    if isinstance(exc, MlflowException):
+        return exc.error_code in _TRANSIENT_CODES
+    return isinstance(exc, OSError)
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS-level reason inside MLflow's long connection error messages, else the first line."""
+    text = str(exc)
+    found = re.search(r"\[Errno -?\d+\][^'\")\]]*", text)
+    return found.group(0).strip() if found else first_line(exc)
 
 
 class TrackingRef(BaseModel):
@@ -41,6 +94,7 @@ class TrackingRef(BaseModel):
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    backlog_dir: str | None = None  # the run folder's journal of unsent metrics (None: none kept)
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.tracking_uri)
@@ -66,14 +120,27 @@ class TrackingRef(BaseModel):
         self.client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
+        """Log ``metrics`` at ``step``, skipping any (metric, step) the run already holds (a
+        re-run of a stage that was interrupted after logging)."""
         ts = int(time.time() * 1000)
         self.log_metric_items(run_id, [Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
-    def log_metric_items(self, run_id: str, items: list[Metric]) -> None:
-        """Send metrics in ``log_batch`` calls of at most ``_BATCH`` values, one client."""
+    def log_metric_items(self, run_id: str, items: list[Metric]) -> int:
+        """Send the metrics the run does not hold yet (by metric and step); returns how many."""
         client = self.client()
+        have = logged_points(client, run_id, keys={m.key for m in items})
+        return self.send(client, run_id, [m for m in items if (m.key, m.step) not in have])
+
+    def send(self, client: MlflowClient, run_id: str, items: list[Metric], *,
+             on_batch: Callable[[list[Metric]], None] | None = None) -> int:
+        """Send ``items`` as they are, in ``log_batch`` calls of at most ``_BATCH`` values;
+        ``on_batch`` sees each batch once MLflow has accepted it."""
         for i in range(0, len(items), _BATCH):
-            client.log_batch(run_id, metrics=items[i:i + _BATCH])
+            batch = items[i:i + _BATCH]
+            client.log_batch(run_id, metrics=batch)
+            if on_batch is not None:
+                on_batch(batch)
+        return len(items)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -93,6 +160,47 @@ class TrackingRef(BaseModel):
         elif path.is_file():
             self.client().log_artifact(run_id, str(path), artifact_path=artifact_path)
 
+    def journal(self, run_id: str) -> Path | None:
+        """Where unsent metrics of ``run_id`` wait (None when this ref keeps no backlog)."""
+        return Path(self.backlog_dir) / f"{run_id}.jsonl" if self.backlog_dir else None
+
+
+def logged_points(client: MlflowClient, run_id: str, *, keys: set[str] | None = None) -> set[tuple[str, int]]:
+    """(metric, step) pairs the run holds, for ``keys`` (default all its metrics): one
+    ``get_run`` plus one history query per metric the run already has."""
+    present = set(client.get_run(run_id).data.metrics)
+    have: set[tuple[str, int]] = set()
+    for key in sorted(present if keys is None else present & keys):
+        have.update((key, m.step) for m in client.get_metric_history(run_id, key))
+    return have
+
+
+def check_tracking(uri: str, *, timeout_s: int = 10) -> None:
+    """Fail fast when an MLflow tracking server is unreachable: one request, no retries.
+
+    MLflow itself retries a failed HTTP request for about four minutes; a pipeline that cannot
+    log should say so at once instead. Local stores (SQLite, files) are not checked here.
+
+    Raises:
+        TrackingError: naming the URI and the reason (e.g. connection refused).
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    # MLflow reads these per request; only this check runs while they are set.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)})
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable: {_reason(exc)} "
+                            f"(start it, or set MLFLOW_TRACKING_URI to a reachable store)") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def open_tracking(
     *, config: PipelineConfig, run_key: str, run_dir: Path, tracking_uri: str | None = None,
@@ -104,15 +212,51 @@ def open_tracking(
     folder MLflow's default would pick.
     """
     uri = tracking_uri or default_tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-    else:
-        experiment_id = exp.experiment_id
+    check_tracking(uri)
+    try:
+        ref = _open(config=config, run_key=run_key, run_dir=run_dir, uri=uri, tags=tags)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise TrackingError(f"MLflow tracking store {uri} failed while opening the run: {_reason(exc)}") from exc
+    replay_backlog(ref)
+    return ref
+
+
+_CREATE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time opens a SQLite store for the first time (an exclusive ``flock`` on
+    ``<db>.lock`` beside it). On an empty file MLflow runs its schema migrations, and several
+    pipeline runs starting together would otherwise see each other's half-migrated schema
+    ("no such column") or both create the experiment."""
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open(*, config: PipelineConfig, run_key: str, run_dir: Path, uri: str,
+          tags: Mapping[str, str] | None) -> TrackingRef:
+    with _CREATE_LOCK, _store_lock(uri):  # the store's first use and the experiment: one at a time
+        client = MlflowClient(tracking_uri=uri)  # opens (and on an empty file, creates) the store
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+        else:
+            experiment_id = exp.experiment_id
     found = client.search_runs([experiment_id], filter_string=f"tags.`tdc.run_key` = '{run_key}'", max_results=1)
     if found:
         parent = found[0].info.run_id
@@ -122,27 +266,116 @@ def open_tracking(
             experiment_id, run_name=f"{config.name}-{config.preset}",
             tags={"tdc.run_key": run_key, "tdc.run_dir": str(run_dir), "tdc.kind": "pipeline", **(tags or {})},
         ).info.run_id
-    ref = TrackingRef(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent)
+    ref = TrackingRef(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
+                      backlog_dir=str(Path(run_dir) / BACKLOG_DIR))
     ref.log_params(parent, flatten(config))
     return ref
 
 
+def _read_journal(path: Path) -> Iterator[Metric]:
+    """Metric points of a journal file; a torn last line (killed mid-write) is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+            step, ts = int(rec["step"]), int(rec["ts"])
+            values = {str(k): float(v) for k, v in rec["metrics"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        for k, v in values.items():
+            yield Metric(k, v, ts, step)
+
+
+def replay_backlog(ref: TrackingRef) -> int:
+    """Send the metrics that earlier attempts on this run folder could not deliver; returns how
+    many values were sent. A journal is removed once MLflow holds all of it.
+
+    Raises:
+        TrackingError: the store is still unreachable; the journals stay for the next run.
+    """
+    if not ref.backlog_dir or not Path(ref.backlog_dir).is_dir():
+        return 0
+    sent = 0
+    for path in sorted(Path(ref.backlog_dir).glob("*.jsonl")):
+        run_id = path.stem
+        items = list(_read_journal(path))
+        try:
+            sent += ref.log_metric_items(run_id, _unique(items))
+        except Exception as exc:
+            if is_transient(exc):
+                raise TrackingError(f"could not replay {len(items)} unsent metric values from {path} to MLflow "
+                                    f"({ref.tracking_uri}): {_reason(exc)}") from exc
+            # Refused for good (e.g. the run was deleted): set aside, never retried forever.
+            rejected = path.with_suffix(".rejected")
+            path.replace(rejected)
+            say(f"warning: MLflow refused {len(items)} unsent metric values of run {run_id} "
+                f"({first_line(exc)}); they are kept in {rejected}")
+            continue
+        path.unlink(missing_ok=True)
+    if sent:
+        say(f"sent {sent} metric values that an earlier attempt could not deliver to MLflow")
+    return sent
+
+
+def _unique(items: list[Metric]) -> list[Metric]:
+    """One point per (metric, step): the first reported, as MLflow would keep it."""
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for m in items:
+        if (m.key, m.step) not in seen:
+            seen.add((m.key, m.step))
+            out.append(m)
+    return out
+
+
 class MlflowReporter:
-    """A :class:`tdc_core.reporting.Reporter` that batches metrics into MLflow.
+    """A :class:`tdc_core.reporting.Reporter` that batches metrics into MLflow without losing any.
 
     Training reports every ``log_every`` steps; this buffers those reports and sends them in
-    one ``log_batch`` call every ``flush_every`` reports (and on :meth:`close`), so logging
-    costs no measurable training time. ``logged`` counts metric values actually sent.
+    ``log_batch`` calls every ``flush_every`` reports (and on :meth:`close`), so logging costs
+    no measurable training time. Every report is first appended to the run's journal (when the
+    :class:`TrackingRef` keeps one), so a killed process loses none; the journal is emptied
+    whenever everything reached MLflow. A failed send (store unreachable) keeps the values for
+    the next flush, tried again after a back-off; on :meth:`close` they stay in the journal
+    for :func:`replay_backlog`. A (metric, step) MLflow already holds is not sent again.
+
+    Attributes:
+        logged: metric values MLflow accepted from this reporter.
+        unsent: values still waiting after :meth:`close` (in the journal), 0 when all arrived.
     """
 
-    def __init__(self, ref: TrackingRef, run_id: str, *, prefix: str = "", flush_every: int = 20) -> None:
+    def __init__(self, ref: TrackingRef, run_id: str, *, prefix: str = "", flush_every: int = 20,
+                 retry_after_s: float = 5.0) -> None:
         self.ref, self.run_id, self.prefix, self.flush_every = ref, run_id, prefix, flush_every
-        self._buffer: list[tuple[int, dict[str, float]]] = []
+        self.retry_after_s = retry_after_s
+        self._client = ref.client()
+        self._pending: list[Metric] = []
+        self._reports = 0                       # reports in _pending
+        self._have: set[tuple[str, int]] | None = None  # (metric, step) MLflow holds; read at first send
+        self._failures = 0
+        self._retry_at = 0.0
         self.logged = 0
+        self.unsent = 0
+        self._journal_path = ref.journal(run_id)
+        self._journal = None
+        if self._journal_path is not None:
+            # An earlier process's leftovers for this run go first (kept if still unsendable).
+            self._pending.extend(_read_journal(self._journal_path))
+            self._journal_path.parent.mkdir(parents=True, exist_ok=True)
+            self._journal = self._journal_path.open("a", encoding="utf-8")
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        self._buffer.append((step, {f"{self.prefix}{k}": float(v) for k, v in metrics.items()}))
-        if len(self._buffer) >= self.flush_every:
+        ts = int(time.time() * 1000)
+        values = {f"{self.prefix}{k}": float(v) for k, v in metrics.items()}
+        if self._journal is not None:
+            self._journal.write(json.dumps({"step": step, "ts": ts, "metrics": values}) + "\n")
+            self._journal.flush()  # in the OS's hands: survives a SIGKILL of this process
+        self._pending.extend(Metric(k, v, ts, step) for k, v in values.items())
+        self._reports += 1
+        if self._reports >= self.flush_every and time.monotonic() >= self._retry_at:
             self.flush()
 
     def progress(self, *, step: int, total: int) -> None:
@@ -151,14 +384,50 @@ class MlflowReporter:
     def message(self, text: str) -> None:
         pass
 
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, step) for step, m in self._buffer for k, v in m.items()]
-        self.ref.log_metric_items(self.run_id, items)
-        self.logged += len(items)
-        self._buffer.clear()
+    def flush(self) -> bool:
+        """Send what is pending; True when nothing is left. A store that is down is not an
+        error here: the values wait (in memory and the journal) for the next attempt."""
+        if not self._pending:
+            return True
+        try:
+            if self._have is None:
+                self._have = logged_points(self._client, self.run_id)
+            todo = [m for m in _unique(self._pending) if (m.key, m.step) not in self._have]
+            self.ref.send(self._client, self.run_id, todo, on_batch=self._accepted)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._failures += 1
+            self._retry_at = time.monotonic() + min(self.retry_after_s * 2 ** (self._failures - 1), 300.0)
+            if self._failures == 1:
+                say(f"warning: MLflow ({self.ref.tracking_uri}) is not accepting metrics ({_reason(exc)}); "
+                    f"keeping them and retrying" + (f" (journal {self._journal_path})" if self._journal_path else ""))
+            return False
+        if self._failures:
+            say(f"MLflow accepts metrics again; sent the {len(todo)} values kept meanwhile")
+        self._pending.clear()
+        self._reports, self._failures, self._retry_at = 0, 0, 0.0
+        if self._journal is not None:
+            self._journal.truncate(0)  # everything in it has arrived ("a" mode: writes go to the end)
+        return True
+
+    def _accepted(self, batch: list[Metric]) -> None:
+        assert self._have is not None
+        self._have.update((m.key, m.step) for m in batch)
+        self.logged += len(batch)
 
     def close(self) -> None:
-        self.flush()
+        """Last attempt to send; what cannot be sent stays in the journal and is counted."""
+        done = self.flush()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if done:
+            if self._journal_path is not None:
+                self._journal_path.unlink(missing_ok=True)
+            return
+        self.unsent = len(_unique(self._pending))
+        where = (f"kept in {self._journal_path}; they are sent when the pipeline is re-run on this folder"
+                 if self._journal_path else "lost (no run folder to keep them in)")
+        say(f"warning: {self.unsent} metric values of MLflow run {self.run_id} could not be sent "
+            f"to {self.ref.tracking_uri}; {where}")

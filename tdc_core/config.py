@@ -167,6 +167,9 @@ class TrainConfig(_Strict):
     # torch.compile of the training forward pass (off by default: compile takes minutes).
     channels_last: bool | None = None
     compile: bool = False
+    # Processes for the pipeline's dense training (shared model, baseline), DDP under torchrun:
+    # None = one per visible GPU (1 without GPUs). The global batch is split between them.
+    processes: int | None = Field(None, ge=1, le=1024)
 
 
 class SampleConfig(_Strict):

@@ -32,3 +32,16 @@ def first_line(exc: BaseException, *, limit: int = 200) -> str:
     """The first line of an exception's message (for one-line user-facing errors)."""
     lines = str(exc).strip().splitlines()
     return lines[0][:limit] if lines else type(exc).__name__
+
+
+class WriteError(TDCError, OSError):
+    """A file could not be written (disk full, permissions, I/O error); the message names the
+    file and the OS reason. Also an :class:`OSError` (with its ``errno``), so callers that
+    handle OS errors keep working."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        OSError.__init__(self, errno, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -16,7 +16,12 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def save_record(path: str | Path, record: BaseModel) -> Path:
-    """Write ``record`` as indented JSON, atomically; returns the path."""
+    """Write ``record`` as indented JSON, atomically; returns the path.
+
+    Raises:
+        WriteError: the file could not be written (names it and the OS reason); a previous
+            version of the file is left as it was.
+    """
     atomic_write_bytes(path, record.model_dump_json(indent=1).encode())
     return Path(path)
 

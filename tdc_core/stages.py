@@ -29,7 +29,7 @@ from tdc_core.config import PipelineConfig
 from tdc_core.costs import SamplingCost, TrainingCost, sampling_cost, training_cost
 from tdc_core.device import resolve_device
 from tdc_core.diffusion import Diffusion
-from tdc_core.errors import CheckpointError
+from tdc_core.errors import CheckpointError, ConfigError
 from tdc_core.flops import count_forward_flops
 from tdc_core.grouping import Grouping, group_timesteps
 from tdc_core.layout import RunLayout
@@ -178,7 +178,7 @@ def finetune_group_stage(
     started_at = time.time()
     plan = load_plan(layout)
     if not 0 <= group < len(plan.budgets):
-        raise ValueError(f"group={group} does not exist; this run has groups 0..{len(plan.budgets) - 1}")
+        raise ConfigError(f"group={group} does not exist; this run has groups 0..{len(plan.budgets) - 1}")
     budget = plan.budgets[group]
     if not layout.shared_checkpoint.is_file():
         raise CheckpointError(f"shared checkpoint {layout.shared_checkpoint} does not exist; run shared training first")

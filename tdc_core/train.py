@@ -150,8 +150,8 @@ class Trainer:
         return state
 
     def _enter_global_rng(self) -> None:
-        if self._global_rng is None:
-            torch.manual_seed(self.cfg.seed + 2)
+        if self._global_rng is None:  # fresh (or re-seeded): per rank, and per start step
+            torch.manual_seed(self.cfg.seed + 2 + 1_000_003 * self.dist.rank + 7919 * self.step)
         else:
             torch.set_rng_state(self._global_rng["torch"])
             if self.device.type == "cuda" and "cuda" in self._global_rng:
@@ -210,18 +210,23 @@ class Trainer:
         self.model.load_state_dict(p["model"])
         self.ema.load_state_dict(p["ema"])
         self.optimizer.load_state_dict(p["optimizer"])
-        saved_world = int(p.get("world_size", 1))
-        if saved_world != self.dist.world_size:
-            raise CheckpointError(
-                f"checkpoint {path} was written by {saved_world} process(es); resume it with the same "
-                f"number (this job has {self.dist.world_size}) so every rank continues its own data stream"
-            )
-        rng = p["rng_ranks"][self.dist.rank] if self.dist.enabled else p["rng"]
         self.step = int(p["step"])
         self.skipped_steps = int(p.get("skipped_steps", 0))
-        self._global_rng = {k: rng[k] for k in ("torch", "cuda") if k in rng}
-        self.gen.set_state(rng["gen"].to(torch.uint8).cpu())
-        self.sampler.load_state_dict(rng["sampler"])
+        saved_world = int(p.get("world_size", 1))
+        if saved_world == self.dist.world_size:  # exact continuation: every rank its own streams
+            rng = p["rng_ranks"][self.dist.rank] if self.dist.enabled else p["rng"]
+            self._global_rng = {k: rng[k] for k in ("torch", "cuda") if k in rng}
+            self.gen.set_state(rng["gen"].to(torch.uint8).cpu())
+            self.sampler.load_state_dict(rng["sampler"])
+        else:
+            # Another process count (e.g. the single-process probe continued by DDP): weights,
+            # optimizer and step carry over; data order and noise are re-seeded from (seed, rank,
+            # step), so no rank replays the batches of step 0.
+            seed = self.cfg.seed + 1_000_003 * self.dist.rank + 7919 * self.step
+            self.sampler = BatchSampler(self.sampler.images, batch_size=self.local_batch, seed=seed,
+                                        random_flip=self.sampler.random_flip)
+            self.gen.manual_seed(seed + 1)
+            self._global_rng = None
 
     # --- evaluation --------------------------------------------------------------------------
 

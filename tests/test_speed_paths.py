@@ -83,3 +83,28 @@ def test_ddp_under_torchrun_resumes_exactly_and_keeps_ranks_in_sync(tmp_path):
         assert torch.equal(a, r1["resumed"][key])
     ckpt = torch.load(tmp_path / "b.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2 and ckpt["step"] == 10
+
+
+@pytest.mark.slow
+def test_pipeline_dense_training_runs_under_torchrun_and_continues_the_probe(tmp_path):
+    """train.processes=2: the pipeline's shared training is a DDP job (gloo on CPU) that resumes
+    the single-process probe's checkpoint, and its metrics and result reach MLflow and the flow."""
+    from mlflow import MlflowClient
+
+    from tasks.stages import _train_under_torchrun, train_processes
+    from tasks.tracking import open_tracking
+    from tdc_core.checkpoint import load_checkpoint
+    from tdc_core.train import run_training
+
+    cfg = load_config(preset="smoke", overrides=["train.steps=10", "profile.profile_steps=4", "train.batch_size=16",
+                                                 "train.log_every=2", "train.processes=2", "train.num_threads=1"])
+    assert train_processes(cfg) == 2
+    run_training(cfg, run_dir=tmp_path, steps=4)  # the probe: one process
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = open_tracking(config=cfg, run_key="ddp", run_dir=tmp_path, tracking_uri=uri)
+    summary = _train_under_torchrun(cfg, tmp_path, tracking=tracking, run_id=tracking.parent_run_id)
+    assert summary.step == 10 and summary.resumed_from == 4
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 10 and ckpt["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2
+    loss = MlflowClient(uri).get_metric_history(tracking.parent_run_id, "loss")
+    assert sorted(m.step for m in loss) == [6, 8, 10]  # rank 0 alone reports, every log_every steps

@@ -23,14 +23,6 @@ from tdc_core.train import Trainer, load_model, prepare_data, spec_for
 
 OVERRIDES = ["train.steps=1", "profile.profile_steps=0"]
 
-# load_checkpoint catches only some exception types; torch's weights-only unpickler raises others
-# (IndexError "pop from empty list" when the first byte is flipped and the file reads as a legacy
-# pickle). It should turn any exception of torch.load into CheckpointError (tdc_core/checkpoint.py).
-NEEDS_CHECKPOINT_FIX = pytest.mark.xfail(
-    strict=True, reason="tdc_core/checkpoint.py: load_checkpoint lets IndexError (and more) of torch.load escape")
-# A flipped byte inside tensor data loads silently (torch does not check zip CRCs): needs a
-# digest written by save_checkpoint and checked by load_checkpoint (tdc_core/checkpoint.py).
-NEEDS_DIGEST = pytest.mark.xfail(strict=True, reason="tdc_core/checkpoint.py stores no digest of the payload")
 
 
 def _trainer(cfg, images) -> Trainer:
@@ -103,7 +95,6 @@ _FLIPS = settings(max_examples=60, deadline=None, database=None, phases=[Phase.e
                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@NEEDS_CHECKPOINT_FIX
 @_FLIPS
 @given(positions=st.lists(st.floats(0.0, 1.0, exclude_max=True), min_size=1, max_size=3),
        xor=st.integers(1, 255))
@@ -118,7 +109,6 @@ def test_flipped_bytes_never_escape_as_other_errors(good, tmp_path: Path, positi
         assert str(path) in str(exc) and "\n" not in str(exc)
 
 
-@NEEDS_CHECKPOINT_FIX
 @pytest.mark.parametrize("loader", ["load_checkpoint", "load_model", "resume"])
 def test_first_byte_flipped_is_a_checkpoint_error(good, tmp_path: Path, loader: str) -> None:
     """No longer a zip: torch reads it as a legacy pickle, whose unpickler fails oddly."""
@@ -127,7 +117,6 @@ def test_first_byte_flipped_is_a_checkpoint_error(good, tmp_path: Path, loader: 
     _assert_checkpoint_error(_loaders(good)[loader], path)
 
 
-@NEEDS_DIGEST
 def test_flipped_bytes_in_weights_are_detected(good, tmp_path: Path) -> None:
     """A bit flipped in the middle of the file (tensor data) must not load as a different model."""
     path = tmp_path / "flipped.pt"
