@@ -32,7 +32,7 @@ from tasks.console import say
 from tasks.reporters import read_jsonl_metrics
 from tasks.tracking import MlflowReporter, TrackingRef
 from tdc_core.config import PipelineConfig, write_run_config
-from tdc_core.device import resolve_device
+from tdc_core.device import peak_memory_gib, reset_peak_memory, resolve_device
 from tdc_core.errors import TDCError, TrainingError
 from tdc_core.evaluate import Comparison, compare_run
 from tdc_core.layout import RunLayout
@@ -128,10 +128,13 @@ def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: T
         f"({config.profile.num_buckets} buckets)")
     with _child_run(tracking, key="stage.profile", name="profile") as run_id:
         reporter = MlflowReporter(tracking, run_id, prefix="probe_")
+        device = resolve_device(config.train.device)
+        reset_peak_memory(device)
         try:
             profile = profile_stage(config, layout, reporter=reporter)
         finally:
             reporter.close()
+        _log_peak_memory(tracking, run_id, device)
         edges, ts = profile.bucket_edges, int(time.time() * 1000)
         # One point per bucket, at the bucket's first timestep: the UI plots the profile.
         tracking.log_metric_items(run_id, [
@@ -187,6 +190,13 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
         tracking.log_artifact(run_id, layout.shared_checkpoint, artifact_path="checkpoints")
     say(f"shared model: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
     return summary
+
+
+def _log_peak_memory(tracking: TrackingRef, run_id: str, device, *, name: str = "peak_gpu_memory_gib") -> None:
+    """Log the stage's peak CUDA memory in GiB (training stages log theirs from the trainer)."""
+    peak = peak_memory_gib(device)
+    if peak is not None:
+        tracking.log_metrics(run_id, {name: peak})
 
 
 def train_processes(config: PipelineConfig) -> int:
@@ -373,8 +383,10 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     seeds, sampler, steps and features), with sampling and training cost side by side."""
     layout = RunLayout(Path(run_dir))
     say(f"evaluating TDC and the baseline: {config.eval.num_samples} samples × seeds {list(config.eval.seeds)}")
-    c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint),
-                    device=resolve_device(config.train.device))
+    device = resolve_device(config.train.device)
+    reset_peak_memory(device)
+    c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint), device=device)
+    _log_peak_memory(tracking, tracking.parent_run_id, device, name="eval_peak_gpu_memory_gib")
     for run_id, row in ((tracking.parent_run_id, c.tdc), (baseline_run_id, c.baseline)):
         # The same metric names on both runs: the MLflow UI compares them side by side.
         tracking.log_metrics(run_id, {

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+
+from tests.helpers.servers import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,27 +27,10 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, *, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"server for {url} exited early"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} not healthy after {timeout} s")
 
 
 def test_full_pipeline_deployment_on_a_real_server_and_worker(tmp_path):
-    pport, mport = _free_port(), _free_port()
+    pport, mport = free_port(), free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect"),
@@ -81,8 +63,8 @@ def test_full_pipeline_deployment_on_a_real_server_and_worker(tmp_path):
         mlflow = start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mport),
                                   "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                                   "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"])
-        _wait_http(f"http://127.0.0.1:{pport}/api/health", timeout=180, proc=server)
-        _wait_http(f"http://127.0.0.1:{mport}/health", timeout=180, proc=mlflow)
+        wait_http(f"http://127.0.0.1:{pport}/api/health", timeout=180, proc=server)
+        wait_http(f"http://127.0.0.1:{mport}/health", timeout=180, proc=mlflow)
         cli("work-pool", "create", "gpu", "--type", "process")
         cli("work-pool", "create", "cpu", "--type", "process")
         cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=180)

@@ -12,29 +12,22 @@ from pathlib import Path
 import torch
 
 from tdc_core.config import load_config
-from tdc_core.diffusion import Diffusion
 from tdc_core.distributed import init_distributed
-from tdc_core.train import Trainer, prepare_data, spec_for
-
-
-def make(cfg) -> Trainer:
-    train, heldout = prepare_data(cfg)
-    return Trainer(spec=spec_for(cfg), diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
-                   train_images=train, heldout_images=heldout, config=cfg, random_flip=cfg.data.random_flip)
+from tests.test_train import make_trainer
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     info = init_distributed(device_type="cpu")
-    cfg = load_config(preset="smoke", overrides=["train.steps=10", "profile.profile_steps=0", "train.batch_size=16", "model.dropout=0.1",
-                                                 "data.random_flip=true", "train.log_every=3"])
-    straight = make(cfg)
+    cfg = load_config(preset="smoke", overrides=["train.steps=10", "profile.profile_steps=0", "train.batch_size=16",
+                                                 "model.dropout=0.1", "data.random_flip=true", "train.log_every=3"])
+    straight = make_trainer(cfg)
     first_batch = straight.sampler.state_dict()["permutation"][:straight.local_batch].clone()
     straight.fit(until_step=10, checkpoint_path=out / "a.pt")
-    first = make(cfg)
+    first = make_trainer(cfg)
     first.fit(until_step=4, checkpoint_path=out / "b.pt")
     del first
-    second = make(cfg)
+    second = make_trainer(cfg)
     second.resume(out / "b.pt")
     second.fit(until_step=10, checkpoint_path=out / "b.pt")
     torch.save({"rank": info.rank, "world": info.world_size, "local_batch": straight.local_batch,
