@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["machine", "median_seconds", "table"]
+__all__ = ["bench_config", "machine", "median_seconds", "table"]
 
 
 def _sync(device: torch.device) -> None:
@@ -51,3 +51,12 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in cells]
     return "\n".join(lines)
+
+
+def bench_config(preset: str, overrides: list[str] | None = None):  # noqa: ANN201 - PipelineConfig
+    """A preset's config for a benchmark that feeds synthetic images: presets whose data lives
+    on disk (cifar10, imagenet64) get a placeholder path, never read."""
+    from tdc_core.config import load_config
+
+    extra = [] if preset in ("smoke", "digits") else ["data.path=/synthetic/not-read"]
+    return load_config(preset=preset, overrides=[*extra, *(overrides or [])])

@@ -20,9 +20,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from benchmarks._common import machine, median_seconds, table
+from benchmarks._common import bench_config, machine, median_seconds, table
 from tdc_core.budgets import budget_fractions
-from tdc_core.config import load_config
 from tdc_core.costs import sampling_cost
 from tdc_core.diffusion import Diffusion
 from tdc_core.flops import count_forward_flops
@@ -54,7 +53,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (CUDA)")
     args = ap.parse_args()
 
-    cfg = load_config(preset=args.preset)
+    cfg = bench_config(args.preset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, k, T = cfg.grouping.num_groups, cfg.budget.k, cfg.diffusion.num_timesteps
     dense = dense_spec(spec_for(cfg))

@@ -22,8 +22,7 @@ import gc
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks._common import machine, median_seconds, table
-from tdc_core.config import load_config
+from benchmarks._common import bench_config, machine, median_seconds, table
 from tdc_core.diffusion import Diffusion
 from tdc_core.flops import count_forward_flops
 from tdc_core.train import Trainer, spec_for
@@ -42,7 +41,7 @@ def training_flops_per_image(trainer: Trainer) -> float:
 
 
 def make_trainer(preset: str, batch: int, overrides: list[str]) -> Trainer:
-    cfg = load_config(preset=preset, overrides=[f"train.batch_size={batch}", "profile.profile_steps=0", *overrides])
+    cfg = bench_config(preset, [f"train.batch_size={batch}", "profile.profile_steps=0", *overrides])
     size, ch = cfg.data.image_size, cfg.data.channels
     # Synthetic uint8 images of the configured shape: the step's cost does not depend on content,
     # and a benchmark must not need the dataset on disk.
@@ -63,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
-    batch = args.batch or load_config(preset=args.preset).train.batch_size
+    batch = args.batch or bench_config(args.preset).train.batch_size
     variants = {"fp32-eager": ["train.precision=fp32", "train.channels_last=false"]}
     if cuda:
         variants |= {"bf16": ["train.precision=bf16", "train.channels_last=false"],
