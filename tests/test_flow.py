@@ -110,7 +110,9 @@ def test_killed_pipeline_resumes_shared_training(tmp_path):
     args = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--run-dir", str(tmp_path / "run"),
             "train.steps=400", "train.checkpoint_every=20", "profile.profile_steps=10", "finetune.steps=2",
             "baseline.enabled=false"]
-    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group: the kill takes Prefect's temporary API server (a child) with it.
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     profile_json = tmp_path / "run" / "profile" / "profile.json"
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     deadline = time.time() + 240
@@ -118,7 +120,7 @@ def test_killed_pipeline_resumes_shared_training(tmp_path):
         while not (profile_json.exists() and ckpt.stat().st_mtime > profile_json.stat().st_mtime + 0.5):
             assert proc.poll() is None and time.time() < deadline, "shared training never started"
             time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     from tdc_core.checkpoint import load_checkpoint
