@@ -246,20 +246,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ckpt = out / "checkpoints" / "last.pt"
     if ckpt.exists() and not args.fresh:
         print(f"resuming from {ckpt}")
-    from tasks.reporters import JsonlReporter
-    from tdc_core.reporting import MultiReporter, NullReporter
-
-    bar = NullReporter() if args.quiet else _ProgressReporter(desc="train")
-    sink = JsonlReporter(args.metrics_file) if args.metrics_file else NullReporter()
-    reporter = MultiReporter(bar, sink)
     try:
-        result = run_training(cfg, run_dir=out, reporter=reporter, resume=not args.fresh, device=device)
+        with _stage_reporter(desc="train", quiet=args.quiet, metrics_file=args.metrics_file) as reporter:
+            result = run_training(cfg, run_dir=out, reporter=reporter, resume=not args.fresh, device=device)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint is kept. Resume with:\n  tdc train --out-dir {out}", file=sys.stderr)
         return 130
-    finally:
-        for rep in (bar, sink):
-            getattr(rep, "close", lambda: None)()
     if args.result_file:
         import dataclasses
         import json
@@ -330,16 +322,8 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
     layout = RunLayout(args.run_dir)
     _check_group(layout, args.group)
     device = _setup(cfg)
-    from tasks.reporters import JsonlReporter
-    from tdc_core.reporting import MultiReporter, NullReporter
-
-    bar = NullReporter() if args.quiet else _ProgressReporter(desc=f"group {args.group}")
-    sink = JsonlReporter(args.metrics_file) if args.metrics_file else NullReporter()
-    try:
-        r = finetune_group_stage(cfg, layout, group=args.group, reporter=MultiReporter(bar, sink), device=device)
-    finally:
-        for rep in (bar, sink):
-            getattr(rep, "close", lambda: None)()
+    with _stage_reporter(desc=f"group {args.group}", quiet=args.quiet, metrics_file=args.metrics_file) as reporter:
+        r = finetune_group_stage(cfg, layout, group=args.group, reporter=reporter, device=device)
     print(f"group {r.group}: timesteps [{r.lo}, {r.hi}), rank {r.rank}, {r.steps} steps in {_fmt_seconds(r.seconds)}")
     pruned = f" → pruned {r.heldout_loss_pruned:.4f}" if r.heldout_loss_pruned is not None else ""
     print(f"  held-out ε-MSE on its timesteps: shared {r.heldout_loss_shared:.4f}{pruned} → fine-tuned {r.heldout_loss:.4f}")
@@ -348,6 +332,22 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
           + (f"; pruning search cost {r.pruning_flops:.3g} FLOPs" if r.pruned else ""))
     print(f"  {r.checkpoint}")
     return 0
+
+
+@contextlib.contextmanager
+def _stage_reporter(*, desc: str, quiet: bool, metrics_file: Path | None):  # noqa: ANN202
+    """A progress bar (unless ``quiet``) plus, for the pipeline, metrics as JSON lines in
+    ``metrics_file``; both closed on exit."""
+    from tasks.reporters import JsonlReporter
+    from tdc_core.reporting import MultiReporter, NullReporter
+
+    bar = NullReporter() if quiet else _ProgressReporter(desc=desc)
+    sink = JsonlReporter(metrics_file) if metrics_file else NullReporter()
+    try:
+        yield MultiReporter(bar, sink)
+    finally:
+        for rep in (bar, sink):
+            getattr(rep, "close", lambda: None)()
 
 
 def _check_group(layout, group: int) -> None:

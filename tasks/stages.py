@@ -192,6 +192,18 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
     return summary
 
 
+def _log_jsonl_metrics(tracking: TrackingRef, run_id: str, path: Path) -> None:
+    """Log a subprocess's metrics file (:class:`tasks.reporters.JsonlReporter`) to ``run_id``.
+
+    The whole file, not only this attempt's lines: an attempt that was killed reported steps
+    that its resumed successor does not report again. One value per (metric, step), the latest
+    attempt's; ``log_metric_items`` skips what MLflow already holds.
+    """
+    ts = int(time.time() * 1000)
+    points = {(k, step): v for step, m in read_jsonl_metrics(path) for k, v in m.items()}
+    tracking.log_metric_items(run_id, [Metric(k, v, ts, step) for (k, step), v in points.items()])
+
+
 def _log_peak_memory(tracking: TrackingRef, run_id: str, device, *, name: str = "peak_gpu_memory_gib") -> None:
     """Log the stage's peak CUDA memory in GiB (training stages log theirs from the trainer)."""
     peak = peak_memory_gib(device)
@@ -231,9 +243,7 @@ def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: Tracki
         detail = _last_error(proc.stderr or proc.stdout) if proc.returncode > 0 else []
         raise TrainingError(f"training in {out} under torchrun ({n} processes) failed ({_exit_reason(proc.returncode)})"
                             + "".join(f": {line}" for line in detail))
-    ts = int(time.time() * 1000)  # every attempt's points; MLflow keeps one per (metric, step)
-    points = {(k, step): v for step, m in read_jsonl_metrics(metrics_file) for k, v in m.items()}
-    tracking.log_metric_items(run_id, [Metric(k, v, ts, step) for (k, step), v in points.items()])
+    _log_jsonl_metrics(tracking, run_id, metrics_file)
     record = json.loads(result_file.read_text())
     return TrainSummary(**{k: record[k] for k in TrainSummary.model_fields})
 
@@ -303,12 +313,7 @@ def finetune_group_task(
             detail = _last_error(proc.stderr or proc.stdout) if proc.returncode > 0 else []
             raise GroupFailed(f"group {group} fine-tune failed ({_exit_reason(proc.returncode)})"
                               + "".join(f": {line}" for line in detail))
-        # The whole file, not only this attempt's lines: an attempt that was killed reported
-        # steps that its resumed successor does not report again. One value per (metric,
-        # step), the latest attempt's; log_metric_items skips what MLflow already holds.
-        ts = int(time.time() * 1000)
-        points = {(k, step): v for step, m in read_jsonl_metrics(metrics_file) for k, v in m.items()}
-        tracking.log_metric_items(run_id, [Metric(k, v, ts, step) for (k, step), v in points.items()])
+        _log_jsonl_metrics(tracking, run_id, metrics_file)
         result = load_record(layout.group_result(group), GroupResult, what="group result")
         tracking.log_metrics(run_id, {
             "flops": result.flops, "budget_flops": result.budget_flops, "budget_met": float(result.budget_met),
