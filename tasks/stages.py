@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -82,6 +83,19 @@ def _last_error(output: str) -> list[str]:
     (the exception, or the CLI's one-line error)."""
     lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
     return lines[-1:]
+
+
+def _run_worker(cmd: list[str], *, env: dict[str, str], what: str, error: type[TDCError]) -> None:
+    """Run a worker process of the project (``tdc finetune-group``, ``torchrun ... tdc train``).
+
+    Raises:
+        error: ``"<what> failed (<exit code or signal>): <its last line of output>"``.
+    """
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        # Killed by a signal: its output ends wherever it was, so it says nothing about why.
+        detail = _last_error(proc.stderr or proc.stdout) if proc.returncode > 0 else []
+        raise error(f"{what} failed ({_exit_reason(proc.returncode)})" + "".join(f": {line}" for line in detail))
 
 
 class TrainSummary(BaseModel):
@@ -215,8 +229,6 @@ def train_processes(config: PipelineConfig) -> int:
     """Processes for dense training: ``train.processes``, else one per visible GPU (1 on CPU)."""
     if config.train.processes is not None:
         return config.train.processes
-    import torch
-
     return torch.cuda.device_count() if config.train.device != "cpu" and torch.cuda.is_available() else 1
 
 
@@ -231,18 +243,12 @@ def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: Tracki
     metrics_file, result_file = out / "train-metrics.jsonl", out / "train-result.json"
     result_file.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    import torch
-
     if not torch.cuda.is_available():
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "flows.cli", "train", "--out-dir", str(out), "--no-samples", "--quiet",
            "--metrics-file", str(metrics_file), "--result-file", str(result_file)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    if proc.returncode != 0:
-        detail = _last_error(proc.stderr or proc.stdout) if proc.returncode > 0 else []
-        raise TrainingError(f"training in {out} under torchrun ({n} processes) failed ({_exit_reason(proc.returncode)})"
-                            + "".join(f": {line}" for line in detail))
+    _run_worker(cmd, env=env, what=f"training in {out} under torchrun ({n} processes)", error=TrainingError)
     _log_jsonl_metrics(tracking, run_id, metrics_file)
     record = json.loads(result_file.read_text())
     return TrainSummary(**{k: record[k] for k in TrainSummary.model_fields})
@@ -282,8 +288,6 @@ DEVICE_SLOTS = _DeviceSlots()
 def worker_slots(max_workers: int | None = None) -> list[str | None]:
     """One slot per visible GPU (its CUDA device id), else ``max_workers`` CPU slots (default:
     2, bounded by the core count)."""
-    import torch
-
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         return [str(i) for i in range(n if max_workers is None else min(n, max_workers))]
@@ -307,12 +311,7 @@ def finetune_group_task(
             env["OMP_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, "-m", "flows.cli", "finetune-group", "--run-dir", str(layout.root), "--group",
                str(group), "--metrics-file", str(metrics_file), "--quiet"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-        if proc.returncode != 0:
-            # Killed by a signal: its output ends wherever it was, so it says nothing about why.
-            detail = _last_error(proc.stderr or proc.stdout) if proc.returncode > 0 else []
-            raise GroupFailed(f"group {group} fine-tune failed ({_exit_reason(proc.returncode)})"
-                              + "".join(f": {line}" for line in detail))
+        _run_worker(cmd, env=env, what=f"group {group} fine-tune", error=GroupFailed)
         _log_jsonl_metrics(tracking, run_id, metrics_file)
         result = load_record(layout.group_result(group), GroupResult, what="group result")
         tracking.log_metrics(run_id, {
