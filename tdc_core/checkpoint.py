@@ -4,6 +4,16 @@ A checkpoint is a dict of tensors and plain values (no pickled objects), written
 ``torch.save`` to a temporary file in the same folder, fsynced, then renamed over the old one:
 a crash mid-write leaves the previous checkpoint intact. Loading always uses
 ``torch.load(weights_only=True)``, so a file carrying a pickled object is refused, never run.
+
+Integrity: torch checks neither the zip's CRCs nor anything else, so a flipped bit can load as
+other weights. Every checkpoint therefore carries a SHA-256 ``digest`` of what loading must give
+back: the payload's structure, the exact type of every value, every float's bits, and every
+tensor's type, dtype, shape, ``requires_grad`` flag and bytes. A format-2 checkpoint without a
+digest is refused (a damaged ``digest`` key must not turn the check off), so any damage that
+changes what loads is refused and any other damage (zip padding, storage bytes outside a saved
+view) provably loads the same payload. Format-1 files (written before format 2) are checked
+against the zip's CRC-32s, which catch any single flipped bit inside a stored member, and
+against their older, weaker digest when they have one.
 """
 
 from __future__ import annotations
@@ -12,7 +22,9 @@ import functools
 import hashlib
 import os
 import pickle
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +34,8 @@ from tdc_core.errors import CheckpointError, WriteError, first_line
 
 __all__ = ["WriteError", "atomic_write_bytes", "load_checkpoint", "payload_digest", "save_checkpoint"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_LEGACY_VERSION = 1  # no mandatory digest; read, never written
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -134,21 +147,41 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch's unpickler raises many types on damaged bytes
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {first_line(exc) or type(exc).__name__}") from None
-    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+    version = payload.get("format_version") if isinstance(payload, dict) else None
+    if type(version) is not int or version not in (FORMAT_VERSION, _LEGACY_VERSION):
         raise CheckpointError(f"checkpoint {path} is not a TDC checkpoint (format {FORMAT_VERSION})")
-    # torch does not check the zip's CRCs: a flipped bit in tensor data loads as other weights.
-    # Checkpoints written before digests existed carry none and load unchecked.
     stored = payload.pop("digest", None)
-    if stored is not None and stored != payload_digest(payload):
+    if version == FORMAT_VERSION:
+        if type(stored) is not str:
+            raise CheckpointError(f"checkpoint {path} is corrupt or was modified: it carries no content digest")
+        if stored != payload_digest(payload):
+            raise CheckpointError(f"checkpoint {path} is corrupt or was modified: its content does not match "
+                                  f"the digest stored when it was written")
+        return payload
+    # Format 1: its digest (when present) did not cover requires_grad or every type, and a flip
+    # in its "digest" key dropped the check; the zip's CRC-32s cover every stored byte.
+    _check_zip_crcs(path)
+    if stored is not None and stored != _digest_v1(payload):
         raise CheckpointError(f"checkpoint {path} is corrupt or was modified: its content does not match "
                               f"the digest stored when it was written")
     return payload
 
 
-def payload_digest(payload: Any) -> str:
-    """SHA-256 over a checkpoint payload's structure and every tensor's bytes (hex).
+def _check_zip_crcs(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` is a zip whose members all match their CRC-32."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many types on damaged headers
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {first_line(exc) or type(exc).__name__}") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt or was modified: member {bad} fails its CRC check")
 
-    Keys are hashed in dict order, which ``torch.save``/``torch.load`` preserve.
+
+def payload_digest(payload: Any) -> str:
+    """SHA-256 (hex) over everything loading a checkpoint payload gives back: its structure
+    (keys in dict order, which ``torch.save``/``torch.load`` preserve), the exact type of every
+    value, every float's bits, and every tensor's type, dtype, shape, ``requires_grad`` and bytes.
     """
     h = hashlib.sha256()
     _feed(h, payload)
@@ -156,19 +189,46 @@ def payload_digest(payload: Any) -> str:
 
 
 def _feed(h: Any, obj: Any) -> None:
+    kind = type(obj).__name__.encode()
     if isinstance(obj, dict):
-        h.update(b"{%d" % len(obj))
+        h.update(b"{%s %d" % (kind, len(obj)))
         for k, v in obj.items():
             _feed(h, k)
             _feed(h, v)
     elif isinstance(obj, (list, tuple)):
-        h.update(b"[%d" % len(obj))
+        h.update(b"[%s %d" % (kind, len(obj)))
         for v in obj:
             _feed(h, v)
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{type(obj).__name__} {t.dtype} {tuple(obj.shape)} {obj.requires_grad};".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    elif type(obj) is float:  # the bits: every NaN has the repr "nan"
+        h.update(b"float:" + struct.pack("<d", obj) + b";")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _digest_v1(payload: Any) -> str:
+    """The format-1 digest (no types of containers or tensors, no requires_grad, float reprs)."""
+    h = hashlib.sha256()
+    _feed_v1(h, payload)
+    return h.hexdigest()
+
+
+def _feed_v1(h: Any, obj: Any) -> None:
+    if isinstance(obj, dict):
+        h.update(b"{%d" % len(obj))
+        for k, v in obj.items():
+            _feed_v1(h, k)
+            _feed_v1(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[%d" % len(obj))
+        for v in obj:
+            _feed_v1(h, v)
     elif isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous().reshape(-1)
         h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
     else:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
-
