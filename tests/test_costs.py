@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -44,6 +43,70 @@ def halved(spec: UNetSpec) -> UNetSpec:
     return dataclasses.replace(spec, res_inner=[w // 2 for w in res], attn_inner=[w // 2 for w in att])
 
 
+# --- FLOPs by hand (one multiply-add = 2 FLOPs; biases, norms and activations not counted) ---
+
+
+def conv_flops(cin: int, cout: int, out_px: int, k: int = 3, groups: int = 1) -> int:
+    """A k x k convolution producing a cout x out_px x out_px map: one MAC per weight per output pixel."""
+    return 2 * cout * (cin // groups) * k * k * out_px * out_px
+
+
+class TinyConvNet(nn.Module):
+    """conv 3→4 (3x3, 8x8) → grouped strided conv 4→8 (3x3, groups 2, 4x4) → linear 128→10;
+    called as model(x, t) like a denoiser, t ignored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(1))
+
+
+def test_flop_count_of_a_tiny_conv_net_is_its_macs_times_two():
+    # conv1: 4 out ch x 64 px x (3 in ch x 9) MACs = 6912; conv2: 8 x 16 px x (2 x 9) = 2304;
+    # fc: 128 x 10 = 1280 MACs. 2 x 10 496 = 20 992 FLOPs per image.
+    by_hand = conv_flops(3, 4, 8) + conv_flops(4, 8, 4, groups=2) + 2 * 128 * 10
+    assert by_hand == 2 * (6912 + 2304 + 1280) == 20_992
+    net = TinyConvNet()
+    assert measure_group_flops(models=[net, net], in_channels=3, image_size=8) == [20_992, 20_992]
+    assert count_forward_flops(net, in_channels=3, image_size=8, batch_size=5) == 20_992  # per image
+
+
+def res_flops(cin: int, inner: int, cout: int, px: int, emb: int) -> int:
+    """An IDDPM residual block: conv cin→inner, the time projection emb→2·inner (scale and
+    shift), conv inner→cout, and a 1x1 skip conv when cin ≠ cout."""
+    skip = conv_flops(cin, cout, px, k=1) if cin != cout else 0
+    return conv_flops(cin, inner, px) + 2 * emb * 2 * inner + conv_flops(inner, cout, px) + skip
+
+
+def attn_flops(c: int, inner: int, px: int) -> int:
+    """Self-attention over L = px² positions: 1x1 qkv c→3·inner, QKᵀ and AV (each L·L·inner
+    MACs summed over heads), 1x1 projection inner→c."""
+    length = px * px
+    return 2 * length * c * 3 * inner + 2 * (2 * length * length * inner) + 2 * length * inner * c
+
+
+def tiny_unet_flops(res: list[int], att: list[int]) -> int:
+    """TINY (base 8, mult (1, 2), one residual block per level, attention at 4 px, 8x8x1 input,
+    time embedding 8→32→32) layer by layer, given the inner widths in module order."""
+    emb = 32
+    return (2 * 8 * emb + 2 * emb * emb                                              # time embedding MLP
+            + conv_flops(1, 8, 8)                                                    # stem
+            + res_flops(8, res[0], 8, 8, emb)                                        # level 0 (8 px)
+            + conv_flops(8, 8, 4)                                                    # stride-2 downsample
+            + res_flops(8, res[1], 16, 4, emb) + attn_flops(16, att[0], 4)           # level 1 (4 px)
+            + res_flops(16, res[2], 16, 4, emb) + attn_flops(16, att[1], 4)          # middle
+            + res_flops(16, res[3], 16, 4, emb)
+            + res_flops(16 + 16, res[4], 16, 4, emb) + attn_flops(16, att[2], 4)     # up, level 1: skips 16, 8
+            + res_flops(16 + 8, res[5], 16, 4, emb) + attn_flops(16, att[3], 4)
+            + conv_flops(16, 16, 8)                                                  # upsample conv at 8 px
+            + res_flops(16 + 8, res[6], 8, 8, emb) + res_flops(8 + 8, res[7], 8, 8, emb)  # up, level 0
+            + conv_flops(8, 1, 8))                                                   # output conv
+
+
 @pytest.fixture(scope="module")
 def experts_and_flops():
     specs = [halved(TINY), halved(TINY), TINY]  # the two easy groups pruned, the hard one dense
@@ -52,11 +115,15 @@ def experts_and_flops():
     return experts, flops
 
 
-def test_measured_flops_are_the_flop_counters_and_pruning_lowers_them(experts_and_flops):
+def test_measured_flops_of_dense_and_pruned_unets_are_their_layers_by_hand(experts_and_flops):
     experts, flops = experts_and_flops
-    assert flops == [count_forward_flops(m, in_channels=1, image_size=8) for m in experts]
+    dense_res, dense_att = [8, 16, 16, 16, 16, 16, 8, 8], [16] * 4
+    assert experts[2].unit_widths() == (dense_res, dense_att)
+    assert experts[0].unit_widths() == ([w // 2 for w in dense_res], [w // 2 for w in dense_att])
+    pruned, dense = tiny_unet_flops([w // 2 for w in dense_res], [8] * 4), tiny_unet_flops(dense_res, dense_att)
+    assert (pruned, dense) == (1_250_304, 2_092_544)
+    assert flops == [pruned, pruned, dense]
     assert all(isinstance(f, int) for f in flops)
-    assert flops[0] == flops[1] < 0.8 * flops[2]
 
 
 @pytest.mark.parametrize("steps", [7, 100])
@@ -66,10 +133,10 @@ def test_sampling_cost_is_the_sum_of_each_visited_steps_serving_model(experts_an
     d = Diffusion.from_config(DiffusionConfig(num_timesteps=100)).respaced(steps)
     visited = sampling_timesteps(d)
     cost = sampling_cost(visited_timesteps=visited, boundaries=boundaries, group_flops=flops, base_flops=flops[2])
-    serving = np.searchsorted(boundaries, visited, side="right") - 1
+    serving = [next(g for g in range(3) if boundaries[g] <= t < boundaries[g + 1]) for t in visited]
     assert cost.total_flops == sum(flops[g] for g in serving)
     assert cost.steps == steps == sum(cost.steps_per_group)
-    assert cost.steps_per_group == np.bincount(serving, minlength=3).tolist()
+    assert cost.steps_per_group == [serving.count(g) for g in range(3)]
     assert cost.single_model_flops == steps * flops[2]
     assert cost.ratio == pytest.approx(cost.total_flops / cost.single_model_flops) and cost.ratio < 1
 
