@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     config_args(ru)
     ru.add_argument("--run-dir", type=Path, help="run folder (default: runs/<name>-<preset>-<config hash>; a re-run resumes)")
     ru.add_argument("--workers", type=int, help="parallel group fine-tunes (default: one per GPU, or 2 on CPU)")
-    ru.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
+    ru.add_argument("--wait", action="store_true",
+                    help="if another process is using the run folder, wait for it instead of exiting")
+    ru.add_argument("--verbose", action="store_true", help="show Prefect's own logs and full tracebacks")
 
     tr = sub.add_parser("train", help="train one model on all timesteps (the baseline; in a TDC run folder, the shared model)")
     config_args(tr)
@@ -114,41 +116,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _ProgressReporter:
-    """Shows training progress as a tqdm bar with the latest loss."""
-
-    def __init__(self, *, desc: str) -> None:
-        from tqdm.auto import tqdm
-
-        self._tqdm = tqdm
-        self.desc = desc
-        self.bar = None
-        self.last: dict[str, float] = {}
-
-    def progress(self, *, step: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = self._tqdm(total=total, initial=step, desc=self.desc, unit="step", dynamic_ncols=True,
-                                  disable=None)
-        self.bar.n = step
-        self.bar.refresh() if step == total else None
-        self.bar.update(0)
-
-    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        self.last.update(metrics)
-        if self.bar is not None:
-            shown = {k: f"{v:.4f}" for k, v in metrics.items() if k in ("loss", "heldout_loss")}
-            if "images_per_sec" in metrics:
-                shown["img/s"] = f"{metrics['images_per_sec']:.0f}"
-            self.bar.set_postfix(shown, refresh=False)
-
-    def message(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class _LineReporter:
     """Prints each message on its own line (evaluation reports per seed, not per step)."""
 
@@ -177,9 +144,10 @@ def _fmt_seconds(s: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_budgets: bool = False):
+def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_budgets: bool = False,
+                    write: bool = True):
     """The run folder's saved config when it has one (plus any overrides), else preset + file +
-    overrides. Saves the result as the folder's config.yaml.
+    overrides. Saves the result as the folder's config.yaml unless ``write`` is false.
 
     ``check_budgets``: also refuse FLOPs budgets that pruning cannot reach (for commands that
     start a TDC run: found now rather than after hours of training)."""
@@ -194,10 +162,28 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_bud
         cfg = load_config(preset=args.preset, path=getattr(args, "config", None), overrides=overrides)
     if check_budgets:
         check_budgets_reachable(cfg)
-    if layout is not None:
+    if layout is not None and write:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(layout, cfg)
     return cfg
+
+
+def _preflight(cfg, run_dir: Path | None, *needs: str, checkpoints: int | None = None) -> None:
+    """The checks of :mod:`tdc_core.preflight` a stage command needs, before it writes anything."""
+    from tdc_core.preflight import preflight
+
+    preflight(cfg, run_dir=run_dir, needs=set(needs), checkpoints=checkpoints)
+
+
+def _warn(text: str) -> None:
+    print(f"tdc: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _hold(run_dir: Path, command: str, *, group: int | None = None, wait: bool = False):  # noqa: ANN202
+    """The run folder's lock for a stage command (one owner per run folder)."""
+    from tdc_core.runlock import hold_run_folder
+
+    return hold_run_folder(run_dir, command=command, group=group, wait=wait, warn=_warn)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -220,10 +206,8 @@ def _setup(cfg):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tdc_core.config import load_config
-    from tdc_core.flops import count_forward_flops
     from tdc_core.layout import safe_child
-    from tdc_core.train import load_model, run_training, spec_for
-    from tdc_core.unet import UNet
+    from tdc_core.train import run_training
 
     # Under torchrun (DDP) every process runs this; rank 0 alone prints, checkpoints and samples.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -232,11 +216,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     preview = load_config(preset=args.preset, path=args.config, overrides=args.overrides) if args.out_dir is None else None
     out = args.out_dir or safe_child(Path("runs"), f"{preview.name}-{preview.preset}-{datetime.now():%Y%m%d-%H%M%S}")
-    cfg = _resolve_config(args, out)
-    device = _setup(cfg)
-    if rank != 0:
-        run_training(cfg, run_dir=out, resume=not args.fresh, device=device)
+    cfg = _resolve_config(args, out, write=False)
+    if rank != 0:  # rank 0 checked the inputs and holds the folder for the job
+        run_training(cfg, run_dir=out, resume=not args.fresh, device=_setup(cfg))
         return 0
+    _preflight(cfg, out, "data", "device", "disk", checkpoints=2)  # the checkpoint and its replacement
+    with _hold(out, "tdc train"):
+        _resolve_config(args, out)  # the folder is ours: write its config
+        return _train_rank0(args, cfg, out)
+
+
+def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
+    from tdc_core.flops import count_forward_flops
+    from tdc_core.train import load_model, run_training, spec_for
+    from tdc_core.unet import UNet
+
+    device = _setup(cfg)
     model = UNet(spec_for(cfg))
     params = sum(p.numel() for p in model.parameters())
     flops = count_forward_flops(model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
@@ -247,7 +242,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if ckpt.exists() and not args.fresh:
         print(f"resuming from {ckpt}")
     try:
-        with _stage_reporter(desc="train", quiet=args.quiet, metrics_file=args.metrics_file) as reporter:
+        with _stage_reporter(desc="training", quiet=args.quiet, metrics_file=args.metrics_file) as reporter:
             result = run_training(cfg, run_dir=out, reporter=reporter, resume=not args.fresh, device=device)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint is kept. Resume with:\n  tdc train --out-dir {out}", file=sys.stderr)
@@ -280,14 +275,16 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from tdc_core.layout import RunLayout
     from tdc_core.stages import profile_stage
 
-    cfg = _resolve_config(args, args.run_dir, check_budgets=True)
-    device = _setup(cfg)
-    layout = RunLayout(args.run_dir)
-    print(f"TDC · step 1: probe training to step {cfg.profile.profile_steps}, then difficulty profile "
-          f"over {cfg.profile.num_buckets} timestep buckets")
-    reporter = _ProgressReporter(desc="probe")
-    profile = profile_stage(cfg, layout, reporter=reporter, device=device)
-    reporter.close()
+    cfg = _resolve_config(args, args.run_dir, write=False)
+    _preflight(cfg, args.run_dir, "budgets", "data", "device", "disk", checkpoints=2)
+    with _hold(args.run_dir, "tdc profile"):
+        _resolve_config(args, args.run_dir)
+        device = _setup(cfg)
+        layout = RunLayout(args.run_dir)
+        print(f"TDC · step 1: probe training to step {cfg.profile.profile_steps}, then difficulty profile "
+              f"over {cfg.profile.num_buckets} timestep buckets")
+        with _stage_reporter(desc="probe", quiet=False, metrics_file=None) as reporter:
+            profile = profile_stage(cfg, layout, reporter=reporter, device=device)
     lm = profile.loss_mean
     print(f"profiled the model at step {profile.model_step} in {_fmt_seconds(profile.seconds)}: "
           f"held-out ε-MSE {lm[0]:.3f} at t≈0 … {lm[-1]:.3f} at t≈T")
@@ -300,9 +297,10 @@ def _cmd_group(args: argparse.Namespace) -> int:
     from tdc_core.layout import RunLayout
     from tdc_core.stages import group_stage
 
-    cfg = _resolve_config(args, args.run_dir)
+    cfg = _resolve_config(args, args.run_dir, write=False)
     layout = RunLayout(args.run_dir)
-    res = group_stage(cfg, layout)
+    with _hold(args.run_dir, "tdc group"):
+        res = group_stage(cfg, layout)
     g = res.grouping
     print(f"TDC · steps 2-3: {g.num_groups} groups by the {g.cost_kind!r} cost, budgets ranked by "
           f"{g.difficulty_measure} (k = {res.plan.k}, F = {res.plan.base_flops / 1e6:.1f} MFLOP)")
@@ -318,12 +316,13 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
     from tdc_core.layout import RunLayout
     from tdc_core.stages import finetune_group_stage
 
-    cfg = _resolve_config(args, args.run_dir)
+    cfg = _resolve_config(args, args.run_dir, write=False)
     layout = RunLayout(args.run_dir)
     _check_group(layout, args.group)
-    device = _setup(cfg)
-    with _stage_reporter(desc=f"group {args.group}", quiet=args.quiet, metrics_file=args.metrics_file) as reporter:
-        r = finetune_group_stage(cfg, layout, group=args.group, reporter=reporter, device=device)
+    _preflight(cfg, args.run_dir, "data", "device", "prune")
+    with _hold(args.run_dir, f"tdc finetune-group --group {args.group}", group=args.group), \
+            _stage_reporter(desc=f"group {args.group}", quiet=args.quiet, metrics_file=args.metrics_file) as reporter:
+        r = finetune_group_stage(cfg, layout, group=args.group, reporter=reporter, device=_setup(cfg))
     print(f"group {r.group}: timesteps [{r.lo}, {r.hi}), rank {r.rank}, {r.steps} steps in {_fmt_seconds(r.seconds)}")
     pruned = f" → pruned {r.heldout_loss_pruned:.4f}" if r.heldout_loss_pruned is not None else ""
     print(f"  held-out ε-MSE on its timesteps: shared {r.heldout_loss_shared:.4f}{pruned} → fine-tuned {r.heldout_loss:.4f}")
@@ -336,12 +335,14 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _stage_reporter(*, desc: str, quiet: bool, metrics_file: Path | None):  # noqa: ANN202
-    """A progress bar (unless ``quiet``) plus, for the pipeline, metrics as JSON lines in
-    ``metrics_file``; both closed on exit."""
+    """Progress (a live bar on a terminal, else periodic lines; none when ``quiet``) plus, for
+    the pipeline, metrics and progress as JSON lines in ``metrics_file``; both closed on exit."""
     from tasks.reporters import JsonlReporter
     from tdc_core.reporting import MultiReporter, NullReporter
 
-    bar = NullReporter() if quiet else _ProgressReporter(desc=desc)
+    from tasks.progress import StageProgress
+
+    bar = NullReporter() if quiet else StageProgress(desc)
     sink = JsonlReporter(metrics_file) if metrics_file else NullReporter()
     try:
         yield MultiReporter(bar, sink)
@@ -449,6 +450,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         run_root = args.checkpoint.parent.parent if args.checkpoint.parent.name == "checkpoints" else args.checkpoint.parent
         out = args.out_dir or run_root / "eval"
     setup = _eval_setup(args, cfg)
+    _preflight(cfg, None, "data", "features")  # the reference images and the feature extractor
     _print_scores_header(what, setup, device, cfg)
     result, real = evaluate_config(cfg, model=model, name=name, out_dir=out, setup=setup, device=device,
                                    reporter=_LineReporter())
@@ -469,6 +471,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     cfg = read_run_config(layout, overrides=args.overrides)  # not written back: eval overrides stay local
     device = _setup(cfg)
     setup = _eval_setup(args, cfg)
+    _preflight(cfg, None, "data", "features")
     _print_scores_header(f"TDC ({args.run_dir}) and its baseline", setup, device, cfg)
     c = compare_run(cfg, layout, baseline_checkpoint=args.baseline, out_dir=args.out_dir, setup=setup, device=device,
                     reporter=_LineReporter())
@@ -479,34 +482,46 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import os
-
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary in-process API needs more than the default 20 s on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not args.verbose:  # before anything imports prefect: it reads its logging settings once
         import logging
 
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # The console shows the CLI's own lines; Prefect's console handler only warnings (a
+        # user error's traceback is removed there, tasks.console.QuietConsole). The flow run's
+        # log on the API keeps everything at INFO, stage lines included.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    api_ready = _start_prefect_api_early()
-    cfg = _resolve_config(args, args.run_dir, check_budgets=True)
-    from flows.pipeline import run_pipeline
-    from tasks.report import render_report
+    from flows.checks import check_before_run
+    from tdc_core.layout import default_run_dir
 
-    print(f"TDC · full pipeline on the {cfg.preset} preset: profile → group → shared training → "
-          f"{cfg.grouping.num_groups} group fine-tunes → costs" + (" → baseline" if cfg.baseline.enabled else ""))
-    t0 = time.perf_counter()
-    api_ready()
-    summary = run_pipeline(cfg, run_dir=str(args.run_dir) if args.run_dir else None, workers=args.workers)
+    # Everything the run needs, checked before Prefect's temporary server starts, before any
+    # run folder or MLflow run exists: a refused run leaves nothing behind.
+    cfg = _resolve_config(args, args.run_dir, write=False)
+    root = Path(args.run_dir or default_run_dir(cfg)).resolve()
+    check_before_run(cfg, run_dir=root)
+    with _hold(root, "tdc run", wait=args.wait):
+        api_ready = _start_prefect_api_early()
+        from flows.pipeline import run_pipeline
+        from tasks.report import render_report
+
+        print(f"TDC · full pipeline on the {cfg.preset} preset: profile → group → shared training → "
+              f"{cfg.grouping.num_groups} group fine-tunes → costs" + (" → baseline" if cfg.baseline.enabled else ""))
+        print(f"run folder: {root}")
+        t0 = time.perf_counter()
+        api_ready()
+        summary = run_pipeline(cfg, run_dir=str(root), workers=args.workers)
     markdown, _ = render_report(summary.model_dump(mode="json"))
     print()
     print(markdown)
     print(f"finished in {_fmt_seconds(time.perf_counter() - t0)}")
     uri = summary.tracking_uri
-    print(f"MLflow UI:  uv run mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+    # MLflow 3's UI opens in its GenAI view unless asked for the model-training one.
+    print(f"MLflow UI:  uv run mlflow ui --backend-store-uri {uri}   then open "
+          f"http://127.0.0.1:5000/#/experiments/{summary.experiment_id}?workflowType=machine_learning")
     if not args.verbose:
         _silence_teardown()
     return 0
@@ -561,7 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except TDCError as exc:
-        print(f"tdc {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"tdc {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        if args.command == "run" and not getattr(args, "verbose", False):
+            _silence_teardown()  # Prefect's temporary server may print while it shuts down
         return 2
 
 

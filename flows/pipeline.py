@@ -11,7 +11,6 @@ training from its checkpoint.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -22,7 +21,8 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
-from tasks.console import say
+from flows.checks import check_before_run
+from tasks.console import install_quiet_console, say
 from tasks.registry import Registration, register_task
 from tasks.report import report_task
 from tasks.stages import (
@@ -38,10 +38,11 @@ from tasks.stages import (
     shared_train_task,
     worker_slots,
 )
-from tasks.tracking import TrackingRef, check_tracking, default_tracking_uri, open_tracking
-from tdc_core.config import PipelineConfig, check_budgets_reachable, load_config, write_run_config
+from tasks.tracking import TrackingRef, open_tracking
+from tdc_core.config import PipelineConfig, config_key, load_config, write_run_config
 from tdc_core.evaluate import Comparison
-from tdc_core.layout import RunLayout
+from tdc_core.layout import RunLayout, default_run_dir
+from tdc_core.runlock import hold_run_folder
 from tdc_core.stages import CostReport, GroupResult
 
 __all__ = ["PipelineSummary", "run_pipeline", "tdc"]
@@ -54,6 +55,7 @@ class PipelineSummary(BaseModel):
     mlflow_run_id: str
     baseline_run_id: str | None
     tracking_uri: str
+    experiment_id: str = ""
     boundaries: list[int]
     groups: list[GroupResult]
     shared: TrainSummary
@@ -64,31 +66,22 @@ class PipelineSummary(BaseModel):
     registration: Registration
 
 
-def config_key(config: PipelineConfig) -> str:
-    """Short hash of the resolved config: names the run folder and keys the MLflow runs."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:10]
-
-
-def prepare_run_folder(config: PipelineConfig, run_dir: str | None) -> tuple[Path, str]:
-    """The run folder (default ``runs/<name>-<preset>-<config hash>``) and its unique id.
+def prepare_run_folder(config: PipelineConfig, root: Path) -> str:
+    """Create the run folder ``root`` and write its config; return its unique id.
 
     The id is written once; a deleted and recreated folder gets a new one, which invalidates
     cached stage results that pointed into the old folder.
     """
-    root = Path(run_dir) if run_dir else Path("runs") / f"{config.name}-{config.preset}-{config_key(config)}"
-    root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     uid_file = root / ".run_uid"
     if not uid_file.is_file():
         uid_file.write_text(uuid.uuid4().hex)
     write_run_config(RunLayout(root), config)
-    return root, uid_file.read_text().strip()
+    return uid_file.read_text().strip()
 
 
 def _resolve(preset: str, overrides: list[str] | None, config: PipelineConfig | None) -> PipelineConfig:
-    cfg = config if config is not None else load_config(preset=preset, overrides=overrides or [])
-    check_budgets_reachable(cfg)  # refuse unreachable budgets before any training, deployments too
-    return cfg
+    return config if config is not None else load_config(preset=preset, overrides=overrides or [])
 
 
 @flow(name="tdc", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -110,11 +103,22 @@ def tdc(
         tracking_uri: MLflow store; default ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``.
         workers: parallel group fine-tunes: default one per GPU, or 2 on a CPU machine.
     """
+    install_quiet_console()  # a user error is one line on the console; its traceback stays in the run's log
     cfg = _resolve(preset, overrides, config)
+    root = Path(run_dir or default_run_dir(cfg)).resolve()
+    # Every input a stage needs, before any training and before anything reaches MLflow.
+    for line in check_before_run(cfg, run_dir=root, tracking_uri=tracking_uri):
+        get_run_logger().info("checked %s", line)
+    with hold_run_folder(root, command=f"flow tdc ({flow_run.name or 'local'})", warn=say):
+        return _run(cfg, root=root, tracking_uri=tracking_uri, workers=workers)
+
+
+def _run(cfg: PipelineConfig, *, root: Path, tracking_uri: str | None, workers: int | None) -> PipelineSummary:
+    """The flow's body once the run folder is ours: tracking around the stages."""
     slots = worker_slots(workers)
     DEVICE_SLOTS.configure(slots)
     threads = max(1, (os.cpu_count() or 1) // len(slots))
-    root, run_uid = prepare_run_folder(cfg, run_dir)
+    run_uid = prepare_run_folder(cfg, root)
     run_key = f"{config_key(cfg)}-{run_uid}"
     tracking = open_tracking(config=cfg, run_key=run_key, run_dir=root, tracking_uri=tracking_uri,
                              tags={"prefect.flow_run_id": str(flow_run.id or ""),
@@ -160,7 +164,7 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
                                  score_name=score_name, score=score)
     summary = PipelineSummary(
         run_dir=str(root), mlflow_run_id=tracking.parent_run_id, baseline_run_id=baseline_run_id,
-        tracking_uri=tracking.tracking_uri, boundaries=grouped.grouping.boundaries, groups=groups,
+        tracking_uri=tracking.tracking_uri, experiment_id=tracking.experiment_id, boundaries=grouped.grouping.boundaries, groups=groups,
         shared=shared, baseline=baseline, costs=costs, ensemble_heldout_loss=heldout, comparison=comparison,
         registration=registration,
     )
@@ -223,11 +227,7 @@ def run_pipeline(
     config: PipelineConfig, *, run_dir: str | None = None, workers: int | None = None,
     tracking_uri: str | None = None,
 ) -> PipelineSummary:
-    """Run the flow in this process (no Prefect server needed).
-
-    Raises:
-        TrackingError: the MLflow tracking server is unreachable (checked before the flow
-            starts, in one request, so this fails within seconds).
-    """
-    check_tracking(tracking_uri or default_tracking_uri())
+    """Run the flow in this process (no Prefect server needed). The caller has run
+    :func:`flows.checks.check_before_run` (``tdc run`` does, before starting Prefect's
+    temporary server); the flow runs it again, which costs little the second time."""
     return tdc(config=config, run_dir=run_dir, tracking_uri=tracking_uri, workers=workers)

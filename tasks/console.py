@@ -1,15 +1,82 @@
-"""One-line stage messages for people watching a run (stdout; a worker's log on a server)."""
+"""One-line stage messages for people watching a run, and what Prefect's console shows.
+
+:func:`say` prints a line on stdout (the user's terminal, or a worker's log on a server) and,
+inside a Prefect flow or task run, sends it to that run's log too, so the Prefect UI shows
+the same lines. Those records are marked so that Prefect's console handler does not print
+them a second time.
+
+:class:`QuietConsole` is the filter on Prefect's console handler that keeps it to what the
+user needs: the marked records are dropped; a user error (:class:`TDCError`) is shown as its
+one line, without the traceback (the run's API log keeps everything).
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 import time
 
-__all__ = ["say"]
+from tdc_core.errors import TDCError
+
+__all__ = ["QuietConsole", "install_quiet_console", "say"]
 
 _T0 = time.perf_counter()
+_PRINT_LOCK = threading.Lock()
+_MARK = "tdc_console_echo"  # record attribute: already printed by say()
 
 
 def say(text: str) -> None:
     elapsed = time.perf_counter() - _T0
-    print(f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {text}", flush=True, file=sys.stdout)
+    line = f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {text}"
+    with _PRINT_LOCK:
+        print(line, flush=True, file=sys.stdout)
+    _to_run_log(text)
+
+
+def _to_run_log(text: str) -> None:
+    """Also log ``text`` to the current Prefect run, if any (never fails the caller)."""
+    if "prefect" not in sys.modules:
+        return  # not inside Prefect (a CLI stage command): nothing to send to
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+        from prefect.logging import get_run_logger
+
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        install_quiet_console()
+        get_run_logger(**{_MARK: True}).info(text)
+    except Exception:  # noqa: BLE001, S110 - the line is printed; the run log is a copy
+        pass
+
+
+class QuietConsole(logging.Filter):
+    """Filter for Prefect's console handler (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, _MARK, False):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TDCError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_INSTALLED = threading.Lock()
+
+
+def install_quiet_console() -> None:
+    """Put :class:`QuietConsole` on Prefect's console handlers (once; idempotent)."""
+    with _INSTALLED:
+        try:
+            from prefect.logging.handlers import PrefectConsoleHandler
+        except ImportError:  # pragma: no cover - prefect is a dependency
+            return
+        seen = set()
+        loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+        for logger in loggers:
+            for handler in getattr(logger, "handlers", []):
+                if isinstance(handler, PrefectConsoleHandler) and id(handler) not in seen:
+                    seen.add(id(handler))
+                    if not any(isinstance(f, QuietConsole) for f in handler.filters):
+                        handler.addFilter(QuietConsole())

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +31,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, ConfigDict
 
 from tasks.console import say
-from tasks.reporters import read_jsonl_metrics
+from tasks.progress import StageProgress
+from tasks.reporters import JsonlTail, read_jsonl_metrics
 from tasks.tracking import MlflowReporter, TrackingRef
 from tdc_core.config import PipelineConfig, write_run_config
 from tdc_core.device import peak_memory_gib, reset_peak_memory, resolve_device
@@ -39,6 +41,7 @@ from tdc_core.evaluate import Comparison, compare_run
 from tdc_core.layout import RunLayout
 from tdc_core.profiling import DifficultyProfile
 from tdc_core.records import load_record
+from tdc_core.reporting import MultiReporter
 from tdc_core.stages import (
     CostReport,
     GroupingResult,
@@ -63,6 +66,7 @@ __all__ = [
 ]
 
 CACHED = {"cache_policy": INPUTS + TASK_SOURCE, "persist_result": True}
+_RELAY_EVERY_S = 1.0  # how often a worker's progress is replayed to the user
 
 
 class GroupFailed(TDCError):
@@ -85,17 +89,36 @@ def _last_error(output: str) -> list[str]:
     return lines[-1:]
 
 
-def _run_worker(cmd: list[str], *, env: dict[str, str], what: str, error: type[TDCError]) -> None:
-    """Run a worker process of the project (``tdc finetune-group``, ``torchrun ... tdc train``).
+def _run_worker(cmd: list[str], *, env: dict[str, str], what: str, error: type[TDCError],
+                relay: JsonlTail | None = None) -> None:
+    """Run a worker process of the project (``tdc finetune-group``, ``torchrun ... tdc train``),
+    replaying its progress (``relay``) while it runs.
 
     Raises:
         error: ``"<what> failed (<exit code or signal>): <its last line of output>"``.
     """
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    if proc.returncode != 0:
-        # Killed by a signal: its output ends wherever it was, so it says nothing about why.
-        detail = _last_error(proc.stderr or proc.stdout) if proc.returncode > 0 else []
-        raise error(f"{what} failed ({_exit_reason(proc.returncode)})" + "".join(f": {line}" for line in detail))
+    with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: a chatty worker never blocks
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                cwd=Path(__file__).resolve().parents[1])
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=_RELAY_EVERY_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if relay is not None:
+                        relay.poll()
+        except BaseException:
+            proc.kill()  # this thread is being torn down: the worker must not outlive it
+            proc.wait()
+            raise
+        if relay is not None:
+            relay.poll()
+        if proc.returncode != 0:
+            out.seek(0)
+            # Killed by a signal: its output ends wherever it was, so it says nothing about why.
+            detail = _last_error(out.read()) if proc.returncode > 0 else []
+            raise error(f"{what} failed ({_exit_reason(proc.returncode)})" + "".join(f": {line}" for line in detail))
 
 
 class TrainSummary(BaseModel):
@@ -141,12 +164,13 @@ def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: T
     say(f"probe: shared training to step {config.profile.profile_steps}, then difficulty profile "
         f"({config.profile.num_buckets} buckets)")
     with _child_run(tracking, key="stage.profile", name="profile") as run_id:
-        reporter = MlflowReporter(tracking, run_id, prefix="probe_")
+        reporter, progress = MlflowReporter(tracking, run_id, prefix="probe_"), StageProgress("probe")
         device = resolve_device(config.train.device)
         reset_peak_memory(device)
         try:
-            profile = profile_stage(config, layout, reporter=reporter)
+            profile = profile_stage(config, layout, reporter=MultiReporter(reporter, progress))
         finally:
+            progress.close()
             reporter.close()
         _log_peak_memory(tracking, run_id, device)
         edges, ts = profile.bucket_edges, int(time.time() * 1000)
@@ -192,14 +216,19 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
     layout = RunLayout(Path(run_dir))
     say(f"shared training to step {config.train.steps}")
     with _child_run(tracking, key="stage.shared", name="shared-train") as run_id:
-        if train_processes(config) > 1:
-            summary = _train_under_torchrun(config, layout.root, tracking=tracking, run_id=run_id)
-        else:
-            reporter = MlflowReporter(tracking, run_id)
-            try:
-                summary = TrainSummary.of(shared_stage(config, layout, reporter=reporter))
-            finally:
-                reporter.close()
+        progress = StageProgress("shared training")
+        try:
+            if train_processes(config) > 1:
+                summary = _train_under_torchrun(config, layout.root, tracking=tracking, run_id=run_id,
+                                                progress=progress)
+            else:
+                reporter = MlflowReporter(tracking, run_id)
+                try:
+                    summary = TrainSummary.of(shared_stage(config, layout, reporter=MultiReporter(reporter, progress)))
+                finally:
+                    reporter.close()
+        finally:
+            progress.close()
         tracking.log_metrics(run_id, _train_metrics(summary), step=summary.step)
         tracking.log_artifact(run_id, layout.shared_checkpoint, artifact_path="checkpoints")
     say(f"shared model: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
@@ -232,7 +261,8 @@ def train_processes(config: PipelineConfig) -> int:
     return torch.cuda.device_count() if config.train.device != "cpu" and torch.cuda.is_available() else 1
 
 
-def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: TrackingRef, run_id: str) -> TrainSummary:
+def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: TrackingRef, run_id: str,
+                          progress: StageProgress) -> TrainSummary:
     """Dense training of ``config`` in ``out`` as a DDP job: ``torchrun`` starts one ``tdc train``
     process per GPU (or CPU share); rank 0 writes the checkpoint, metrics (JSON lines, logged to
     ``run_id`` here) and the result. Resumes from ``out``'s checkpoint like the in-process path.
@@ -248,7 +278,8 @@ def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: Tracki
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "flows.cli", "train", "--out-dir", str(out), "--no-samples", "--quiet",
            "--metrics-file", str(metrics_file), "--result-file", str(result_file)]
-    _run_worker(cmd, env=env, what=f"training in {out} under torchrun ({n} processes)", error=TrainingError)
+    _run_worker(cmd, env=env, what=f"training in {out} under torchrun ({n} processes)", error=TrainingError,
+                relay=JsonlTail(metrics_file, progress))
     _log_jsonl_metrics(tracking, run_id, metrics_file)
     record = json.loads(result_file.read_text())
     return TrainSummary(**{k: record[k] for k in TrainSummary.model_fields})
@@ -311,7 +342,12 @@ def finetune_group_task(
             env["OMP_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, "-m", "flows.cli", "finetune-group", "--run-dir", str(layout.root), "--group",
                str(group), "--metrics-file", str(metrics_file), "--quiet"]
-        _run_worker(cmd, env=env, what=f"group {group} fine-tune", error=GroupFailed)
+        progress = StageProgress(f"group {group}")
+        try:
+            _run_worker(cmd, env=env, what=f"group {group} fine-tune", error=GroupFailed,
+                        relay=JsonlTail(metrics_file, progress))
+        finally:
+            progress.close()
         _log_jsonl_metrics(tracking, run_id, metrics_file)
         result = load_record(layout.group_result(group), GroupResult, what="group result")
         tracking.log_metrics(run_id, {
@@ -357,14 +393,18 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     cfg = baseline_config(config, steps=steps)
     out = Path(run_dir) / "baseline"
     say(f"baseline: one model, {steps} steps on all timesteps (≥ TDC's training FLOPs)")
-    if train_processes(cfg) > 1:
-        summary = _train_under_torchrun(cfg, out, tracking=tracking, run_id=baseline_run_id)
-    else:
-        reporter = MlflowReporter(tracking, baseline_run_id)
-        try:
-            summary = TrainSummary.of(run_training(cfg, run_dir=out, reporter=reporter))
-        finally:
-            reporter.close()
+    progress = StageProgress("baseline")
+    try:
+        if train_processes(cfg) > 1:
+            summary = _train_under_torchrun(cfg, out, tracking=tracking, run_id=baseline_run_id, progress=progress)
+        else:
+            reporter = MlflowReporter(tracking, baseline_run_id)
+            try:
+                summary = TrainSummary.of(run_training(cfg, run_dir=out, reporter=MultiReporter(reporter, progress)))
+            finally:
+                reporter.close()
+    finally:
+        progress.close()
     tracking.log_metrics(baseline_run_id, _train_metrics(summary), step=summary.step)
     tracking.log_artifact(baseline_run_id, out / "checkpoints" / "last.pt", artifact_path="checkpoints")
     say(f"baseline: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
@@ -389,7 +429,12 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     say(f"evaluating TDC and the baseline: {config.eval.num_samples} samples × seeds {list(config.eval.seeds)}")
     device = resolve_device(config.train.device)
     reset_peak_memory(device)
-    c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint), device=device)
+    progress = StageProgress("evaluation")
+    try:
+        c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint), device=device,
+                        reporter=progress)
+    finally:
+        progress.close()
     _log_peak_memory(tracking, tracking.parent_run_id, device, name="eval_peak_gpu_memory_gib")
     for run_id, row in ((tracking.parent_run_id, c.tdc), (baseline_run_id, c.baseline)):
         # The same metric names on both runs: the MLflow UI compares them side by side.

@@ -22,8 +22,6 @@ resumed from an earlier checkpoint) is not sent again.
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
 import threading
 import time
@@ -37,8 +35,10 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
 from tasks.console import say
+from tasks.tracking_check import TrackingError, check_tracking, default_tracking_uri
+from tasks.tracking_check import reason as _reason
 from tdc_core.config import PipelineConfig, flatten
-from tdc_core.errors import TDCError, first_line
+from tdc_core.errors import first_line
 
 __all__ = [
     "MlflowReporter",
@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 EXPERIMENT = "tdc"
+# MLflow's UI (3.x) opens an experiment without this tag in its GenAI view (traces, prompts);
+# with it, on the runs table, where TDC and the baseline are compared.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 BACKLOG_DIR = "tracking-backlog"
 _BATCH = 200  # metrics per log_batch call (MLflow accepts up to 1000)
 # MLflow error codes of a store that is down, overloaded or busy: worth retrying later.
@@ -62,28 +65,12 @@ else:  # pragma: no cover - no flock; several runs must not create one SQLite st
     fcntl = None
 
 
-class TrackingError(TDCError):
-    """The MLflow tracking store cannot be reached or refuses a write."""
-
-
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else a SQLite store ``./mlflow.db`` in the current folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` says the store is unreachable or busy (retry later), not that the request
     itself is wrong. Connection errors of ``requests`` are :class:`OSError` subclasses."""
     if isinstance(exc, MlflowException):
         return exc.error_code in _TRANSIENT_CODES
     return isinstance(exc, OSError)
-
-
-def _reason(exc: BaseException) -> str:
-    """The OS-level reason inside MLflow's long connection error messages, else the first line."""
-    text = str(exc)
-    found = re.search(r"\[Errno -?\d+\][^'\")\]]*", text)
-    return found.group(0).strip() if found else first_line(exc)
 
 
 class TrackingRef(BaseModel):
@@ -175,33 +162,6 @@ def logged_points(client: MlflowClient, run_id: str, *, keys: set[str] | None = 
     return have
 
 
-def check_tracking(uri: str, *, timeout_s: int = 10) -> None:
-    """Fail fast when an MLflow tracking server is unreachable: one request, no retries.
-
-    MLflow itself retries a failed HTTP request for about four minutes; a pipeline that cannot
-    log should say so at once instead. Local stores (SQLite, files) are not checked here.
-
-    Raises:
-        TrackingError: naming the URI and the reason (e.g. connection refused).
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    # MLflow reads these per request; only this check runs while they are set.
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)})
-    try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable: {_reason(exc)} "
-                            f"(start it, or set MLFLOW_TRACKING_URI to a reachable store)") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def open_tracking(
     *, config: PipelineConfig, run_key: str, run_dir: Path, tracking_uri: str | None = None,
     tags: Mapping[str, str] | None = None,
@@ -254,9 +214,12 @@ def _open(*, config: PipelineConfig, run_key: str, run_dir: Path, uri: str,
             location = None
             if uri.startswith("sqlite:///"):
                 location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
+            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_TAGS)
         else:
             experiment_id = exp.experiment_id
+            for key, value in EXPERIMENT_TAGS.items():
+                if exp.tags.get(key) != value:
+                    client.set_experiment_tag(experiment_id, key, value)
     found = client.search_runs([experiment_id], filter_string=f"tags.`tdc.run_key` = '{run_key}'", max_results=1)
     if found:
         parent = found[0].info.run_id

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import math
 import re
@@ -634,6 +635,11 @@ def _prune_floor_fraction(model_json: str, image_size: int, channels: int, learn
     lower = [int(w) if prune_attention or u.kind != "attn" else u.dense_width
              for u, w in zip(space.units, space.min_widths)]
     return space.flops(lower) / space.dense_flops
+
+
+def config_key(config: PipelineConfig) -> str:
+    """Short hash of the resolved config: names the default run folder and keys the MLflow runs."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:10]
 
 
 def flatten(config: BaseModel, *, prefix: str = "") -> dict[str, str]:

@@ -282,6 +282,7 @@ def evaluate_model(
     device = torch.device(device)
     respaced = diffusion.respaced(setup.steps)
     per_seed, grid = [], None
+    reporter.progress(step=0, total=len(setup.seeds))
     for seed in setup.seeds:
         _sync(device)
         t0 = time.perf_counter()
@@ -294,6 +295,7 @@ def evaluate_model(
         fid, kid = score_features(extractor.features(images, batch_size=setup.batch_size), reference, kid_seed=seed)
         per_seed.append(SeedScore(seed=seed, fid=fid, kid=kid, sampling_seconds=seconds))
         reporter.message(f"{name} seed {seed}: FID {fid:.3f}, KID {kid:.5f} ({seconds:.1f} s sampling)")
+        reporter.progress(step=len(per_seed), total=len(setup.seeds))
     fids, kids = [s.fid for s in per_seed], [s.kid for s in per_seed]
     result = EvalResult(
         name=name, fid_mean=float(np.mean(fids)), fid_std=_std(fids), kid_mean=float(np.mean(kids)),

@@ -18,10 +18,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tdc_core.errors import ConfigError
 
-__all__ = ["RunLayout", "safe_child"]
+if TYPE_CHECKING:
+    from tdc_core.config import PipelineConfig
+
+__all__ = ["RunLayout", "default_run_dir", "safe_child"]
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -39,6 +43,14 @@ def safe_child(parent: str | Path, name: str, *, what: str = "name") -> Path:
             f"or '-', starting with a letter or digit"
         )
     return Path(parent) / name
+
+
+def default_run_dir(config: PipelineConfig) -> Path:
+    """``runs/<name>-<preset>-<config hash>`` (relative to the working folder): the same config
+    always maps to the same folder, so a re-run resumes it."""
+    from tdc_core.config import config_key
+
+    return Path("runs") / f"{config.name}-{config.preset}-{config_key(config)}"
 
 
 @dataclass(frozen=True)

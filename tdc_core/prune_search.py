@@ -119,6 +119,7 @@ def search_rounds(
     dense = space.dense_flops
     targets = round_targets(dense_flops=dense, budget_flops=budget_flops, rounds=prune.rounds)
     current = list(current_widths)
+    reporter.progress(step=0, total=prune.rounds)
     for r, target in enumerate(targets, start=1):
         state = ProxyState(
             round=r, rounds=prune.rounds, space=space, current_widths=current,
@@ -157,6 +158,7 @@ def search_rounds(
         if outcome.recovered_score is not None:
             metrics["prune_recovered_score"] = outcome.recovered_score
         reporter.log_metrics(metrics, step=r)
+        reporter.progress(step=r, total=prune.rounds)
     return current
 
 

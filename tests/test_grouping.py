@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -285,14 +284,12 @@ def test_cost_table_errors() -> None:
 # --- speed ---------------------------------------------------------------------------------
 
 
-def test_combined_table_and_dp_for_200_buckets_8_groups_take_well_under_a_second() -> None:
+def test_combined_table_and_dp_for_200_buckets_8_groups_give_a_valid_partition() -> None:
+    # Speed is not asserted here (no wall-clock asserts in tests): the DP is O(B^2 N).
     p = profile(200, seed=1)
-    start = time.perf_counter()
     table = interval_cost_table("combined", snr_db=p["snr_db"], loss_mean=p["loss_mean"], affinity=p["affinity"])
     bounds = optimal_partition(table, num_groups=8, min_size=2)
-    elapsed = time.perf_counter() - start
     assert_valid_partition(bounds, num_buckets=200, num_groups=8, min_size=2)
-    assert elapsed < 1.0, f"took {elapsed:.3f} s"
 
 
 # --- the Grouping record -------------------------------------------------------------------
