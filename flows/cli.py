@@ -4,7 +4,7 @@
     tdc sample (--checkpoint PATH | --run-dir DIR) [--out grid.png] [--num 64] [--steps 50]
     tdc config [--preset digits] [--config FILE] [key=value ...]   # print the resolved config
 
-The TDC stages, by hand, over one run folder (METHOD.md steps 1-4, 6, 7):
+The TDC stages, by hand, over one run folder (docs/METHOD.md steps 1-4, 6, 7):
 
     tdc profile --run-dir R [--preset digits] [key=value ...]   # probe training + difficulty profile
     tdc group   --run-dir R                                      # timestep groups + FLOPs budgets
@@ -506,7 +506,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _hold(root, "tdc run", wait=args.wait):
         api_ready = _start_prefect_api_early()
         from flows.pipeline import run_pipeline
+        from tasks.console import cli_reports_failures
         from tasks.report import render_report
+
+        if not args.verbose:
+            cli_reports_failures()
 
         print(f"TDC · full pipeline on the {cfg.preset} preset: profile → group → shared training → "
               f"{cfg.grouping.num_groups} group fine-tunes → costs" + (" → baseline" if cfg.baseline.enabled else ""))

@@ -7,7 +7,9 @@ them a second time.
 
 :class:`QuietConsole` is the filter on Prefect's console handler that keeps it to what the
 user needs: the marked records are dropped; a user error (:class:`TDCError`) is shown as its
-one line, without the traceback (the run's API log keeps everything).
+one line, without the traceback (the run's API log keeps everything). Under ``tdc run``
+(:func:`cli_reports_failures`), where the command itself prints the failure as its one line,
+Prefect's error records about failed task and flow runs are not shown at all.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 
 from tdc_core.errors import TDCError
 
-__all__ = ["QuietConsole", "install_quiet_console", "say"]
+__all__ = ["QuietConsole", "cli_reports_failures", "install_quiet_console", "say"]
 
 _T0 = time.perf_counter()
 _PRINT_LOCK = threading.Lock()
@@ -50,11 +52,23 @@ def _to_run_log(text: str) -> None:
         pass
 
 
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+_cli = {"reports_failures": False}
+
+
+def cli_reports_failures() -> None:
+    """The command line prints a failed run's error itself (``tdc run``): Prefect's console
+    need not repeat it."""
+    _cli["reports_failures"] = True
+
+
 class QuietConsole(logging.Filter):
     """Filter for Prefect's console handler (see the module docstring)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, _MARK, False):
+            return False
+        if _cli["reports_failures"] and record.levelno >= logging.ERROR and record.name.startswith(_RUN_LOGGERS):
             return False
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, TDCError):

@@ -159,7 +159,7 @@ def _train_metrics(s: TrainSummary) -> dict[str, float]:
 
 @task(name="profile", **CACHED)
 def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef) -> DifficultyProfile:
-    """Probe training (start of shared training) + difficulty profile (METHOD.md step 1)."""
+    """Probe training (start of shared training) + difficulty profile (docs/METHOD.md step 1)."""
     layout = RunLayout(Path(run_dir))
     say(f"probe: shared training to step {config.profile.profile_steps}, then difficulty profile "
         f"({config.profile.num_buckets} buckets)")
@@ -190,7 +190,7 @@ def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: T
 
 @task(name="group", **CACHED)
 def group_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef) -> GroupingResult:
-    """Timestep groups and FLOPs budgets (METHOD.md steps 2-3)."""
+    """Timestep groups and FLOPs budgets (docs/METHOD.md steps 2-3)."""
     layout = RunLayout(Path(run_dir))
     with _child_run(tracking, key="stage.group", name="group") as run_id:
         res = group_stage(config, layout)

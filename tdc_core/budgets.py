@@ -1,4 +1,4 @@
-"""Progressive FLOPs budgets per timestep group (METHOD.md step 3, the paper's scaling rule).
+"""Progressive FLOPs budgets per timestep group (docs/METHOD.md step 3, the paper's scaling rule).
 
 Group with rank i of N (1 = easiest) gets ``FLOPs_g(i) = (i/N + (N-i)/N · k) · F``, F the FLOPs
 of one forward pass of the base model, k in (0, 1]. With N = 5, k = 0.5 the fractions are

@@ -184,7 +184,7 @@ class SampleConfig(_Strict):
 
 
 class ProfileConfig(_Strict):
-    """Difficulty profiling (METHOD.md step 1); the probe is the start of shared training."""
+    """Difficulty profiling (docs/METHOD.md step 1); the probe is the start of shared training."""
 
     profile_steps: int = Field(500, ge=0)    # shared-training steps before profiling
     num_buckets: int = Field(50, ge=1)       # B fine buckets over [0, T)
@@ -215,7 +215,7 @@ class FinetuneConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    """Proxy-guided progressive pruning of each group below F (METHOD.md step 5)."""
+    """Proxy-guided progressive pruning of each group below F (docs/METHOD.md step 5)."""
 
     enabled: bool = True                     # False: experts keep full width (budgets unmet)
     rounds: int = Field(4, ge=1)             # R; round r targets F - (F - FLOPs_g)·r/R
@@ -247,7 +247,7 @@ class EvalConfig(_Strict):
 
 
 class BaselineConfig(_Strict):
-    """The single-model baseline trained beside TDC (METHOD.md, "The baseline")."""
+    """The single-model baseline trained beside TDC (docs/METHOD.md, "The baseline")."""
 
     enabled: bool = True
     steps: int | None = Field(None, ge=1)    # None: the fewest steps costing ≥ TDC's total

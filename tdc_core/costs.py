@@ -1,4 +1,4 @@
-"""The costs every run reports (METHOD.md, "Costs that must be reported"): pure arithmetic.
+"""The costs every run reports (docs/METHOD.md, "Costs that must be reported"): pure arithmetic.
 
 Units: all costs are FLOPs (one multiply-add = 2 FLOPs, as counted by
 ``torch.utils.flop_counter.FlopCounterMode`` in :func:`tdc_core.flops.count_forward_flops`).
@@ -131,7 +131,7 @@ def training_cost(
     baseline_batch_size: int,
     backward_factor: float = 3.0,
 ) -> TrainingCost:
-    """Training FLOPs of TDC vs the single-model baseline (METHOD.md's cost formula).
+    """Training FLOPs of TDC vs the single-model baseline (docs/METHOD.md's cost formula).
 
     ``TDC = shared_steps·F·batch·c + Σ_g finetune_steps_g·FLOPs_g·finetune_batch·c + pruning``,
     ``baseline = baseline_steps·F·baseline_batch·c``, with c = ``backward_factor``.

@@ -592,13 +592,13 @@ def compare_run(
     base_flops = float(count_forward_flops(base.model, in_channels=config.data.channels,
                                            image_size=config.data.image_size))
     factor = report.training.backward_factor
-    # METHOD.md's baseline cost: steps × F × batch × (forward + backward factor).
+    # docs/METHOD.md's baseline cost: steps × F × batch × (forward + backward factor).
     base_training = base.step * base_flops * base.config.train.batch_size * factor
     tr = report.training
     notes = []
     if base_training < tr.tdc_flops:
         notes.append(f"The baseline was trained with {base_training / tr.tdc_flops:.0%} of TDC's training FLOPs; "
-                     f"METHOD.md asks for at least 100 % ({tr.baseline_steps} steps at batch "
+                     f"docs/METHOD.md asks for at least 100 % ({tr.baseline_steps} steps at batch "
                      f"{tr.baseline_batch_size}).")
     if not report.budgets_met:
         notes.append("Some experts exceed their FLOPs budgets, so TDC's sampling cost is above plan.")

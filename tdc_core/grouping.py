@@ -1,4 +1,4 @@
-"""Clustering timesteps into contiguous groups (METHOD.md steps 2 and 3).
+"""Clustering timesteps into contiguous groups (docs/METHOD.md steps 2 and 3).
 
 Input is the difficulty profile of step 1 as plain arrays over B fine buckets:
 
@@ -13,7 +13,7 @@ finds the exact minimum-cost partition into N intervals by dynamic programming, 
 :func:`group_timesteps` ties them together, scores and ranks each group's difficulty and returns
 a JSON-friendly :class:`Grouping`.
 
-Decisions (METHOD.md marks them as this project's own):
+Decisions (docs/METHOD.md marks them as this project's own):
 
 * **Tie-break.** Among partitions of equal (floating-point) total cost,
   :func:`optimal_partition` returns the one whose boundary list is lexicographically smallest
@@ -238,7 +238,7 @@ def interval_cost_table(
     loss_weight: float = 0.5,
     num_groups: int | None = None,
 ) -> np.ndarray:
-    """Cost of every bucket interval ``[i, j)`` for one of METHOD.md step 2's cost kinds.
+    """Cost of every bucket interval ``[i, j)`` for one of docs/METHOD.md step 2's cost kinds.
 
     Args:
         kind: ``snr`` — ``sum_b |snr_db[b] - snr_db[c]|``, c the group's (lower) median bucket;
@@ -386,7 +386,7 @@ def group_difficulty(
     loss_mean: np.ndarray,
     measure: DifficultyMeasure,
 ) -> list[float]:
-    """Difficulty score per group, higher = harder (METHOD.md step 3).
+    """Difficulty score per group, higher = harder (docs/METHOD.md step 3).
 
     ``loss``: mean normalised eps-loss of the group's buckets; ``snr``: minus the mean SNR_dB
     (low SNR = hard). Means are weighted by bucket width in timesteps. Which end of [0, T) is

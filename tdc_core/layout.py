@@ -2,7 +2,7 @@
 
     <root>/config.yaml                     the resolved pipeline config
     <root>/checkpoints/last.pt             shared model (its first profile_steps are the probe)
-    <root>/profile/profile.json, .png      difficulty profile (METHOD.md step 1)
+    <root>/profile/profile.json, .png      difficulty profile (docs/METHOD.md step 1)
     <root>/grouping/grouping.json, .png    timestep groups (step 2)
     <root>/grouping/budgets.json           FLOPs budget per group (step 3)
     <root>/groups/group-<g>/checkpoints/last.pt   fine-tuned expert of group g (step 6)

@@ -1,4 +1,4 @@
-"""Difficulty profiling (METHOD.md step 1): how hard, and how alike, denoising is across [0, T).
+"""Difficulty profiling (docs/METHOD.md step 1): how hard, and how alike, denoising is across [0, T).
 
 :func:`profile_difficulty` probes a model (the start of shared training) on held-out images.
 It splits ``[0, T)`` into B equal buckets and records per bucket:
@@ -114,7 +114,7 @@ class ProfileArrays(NamedTuple):
 
 
 class DifficultyProfile(BaseModel):
-    """Per-bucket difficulty of a probe model over ``[0, T)`` (METHOD.md step 1; JSON-friendly).
+    """Per-bucket difficulty of a probe model over ``[0, T)`` (docs/METHOD.md step 1; JSON-friendly).
 
     Bucket b covers timesteps ``[bucket_edges[b], bucket_edges[b+1])``. Losses are the per-sample
     ε-MSE (mean over pixels and channels of ``(ε − ε̂)²``, dimensionless, data in [-1, 1]).

@@ -1,4 +1,4 @@
-"""Pruning proxies and the memory bank (METHOD.md step 5).
+"""Pruning proxies and the memory bank (docs/METHOD.md step 5).
 
 In every round of the progressive search a *proxy* proposes candidate keep ratios, one per
 unit (see :mod:`tdc_core.pruning`), for the round's FLOPs target; the search scores them and

@@ -1,4 +1,4 @@
-"""Progressive, proxy-guided pruning of one group's model to its FLOPs budget (METHOD.md step 5).
+"""Progressive, proxy-guided pruning of one group's model to its FLOPs budget (docs/METHOD.md step 5).
 
 :func:`prune_to_budget` runs R rounds; round r targets ``F − (F − budget)·r/R`` (F: the dense
 model's FLOPs). In each round:
@@ -257,7 +257,7 @@ def prune_to_budget(
         work_dir: folder for the recovery trainers' scratch checkpoints (default the system temp
             folder); they are deleted when the search ends.
         candidate_recovery_steps: if > 0, every candidate is fine-tuned this many steps before it
-            is scored (METHOD.md's "score after a short recovery fine-tune"; all candidates of a
+            is scored (docs/METHOD.md's "score after a short recovery fine-tune"; all candidates of a
             round see the same batches); 0 scores candidates right after pruning.
 
     Raises:

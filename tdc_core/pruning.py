@@ -1,4 +1,4 @@
-"""Structural pruning of the IDDPM UNet: channels are removed physically (METHOD.md step 5).
+"""Structural pruning of the IDDPM UNet: channels are removed physically (docs/METHOD.md step 5).
 
 **Units.** A *unit* is the inner width of one block, in :meth:`UNet.unit_widths` order:
 every residual block's inner channels (``in_conv`` outputs = ``out_norm`` channels =

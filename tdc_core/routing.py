@@ -1,4 +1,4 @@
-"""The expert-routing denoiser (METHOD.md step 7): each timestep goes to its group's model.
+"""The expert-routing denoiser (docs/METHOD.md step 7): each timestep goes to its group's model.
 
 ``ExpertRouter(x, t)`` has the same interface as one UNet — ``x`` float ``[N x C x H x W]``,
 ``t`` int64 ``[N]`` original timestep indices → ``[N x C' x H x W]`` — so the samplers and

@@ -1,4 +1,4 @@
-"""The TDC stages (METHOD.md steps 1–4, 6, 7), each a plain function over a run folder.
+"""The TDC stages (docs/METHOD.md steps 1–4, 6, 7), each a plain function over a run folder.
 
 Each stage reads what earlier stages wrote (paths from :class:`RunLayout`), computes, writes its
 own outputs atomically and returns a small JSON-friendly record, so an orchestrator can wrap
@@ -169,7 +169,7 @@ def finetune_group_stage(
     device: torch.device | None = None,
 ) -> GroupResult:
     """Fine-tune group ``group``'s copy of the shared EMA model on its timesteps only; a group whose
-    budget is below F is first pruned to it (METHOD.md step 5, :func:`prune_to_budget`).
+    budget is below F is first pruned to it (docs/METHOD.md step 5, :func:`prune_to_budget`).
 
     Independent of the other groups (own folder, own seed), so groups can run in separate
     processes or on separate GPUs; resumes from the group's own checkpoint, which records the
@@ -263,7 +263,7 @@ def cost_stage(config: PipelineConfig, layout: RunLayout) -> CostReport:
     """Sampling and training cost of the run vs a single model of equal training cost.
 
     The baseline is charged ``ceil(TDC cost / (F · batch · 3))`` steps, the smallest budget that
-    is at least TDC's total (METHOD.md, "The baseline").
+    is at least TDC's total (docs/METHOD.md, "The baseline").
     """
     plan = load_plan(layout)
     results = [load_group_result(layout, g) for g in range(len(plan.budgets))]

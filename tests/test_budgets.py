@@ -1,4 +1,4 @@
-"""Specification of the progressive FLOPs budgets (METHOD.md step 3)."""
+"""Specification of the progressive FLOPs budgets (docs/METHOD.md step 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Specification of timestep grouping (METHOD.md step 2) and difficulty ranking (step 3)."""
+"""Specification of timestep grouping (docs/METHOD.md step 2) and difficulty ranking (step 3)."""
 
 from __future__ import annotations
 

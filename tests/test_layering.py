@@ -1,4 +1,4 @@
-"""tdc_core is a plain library: it never imports prefect or mlflow (ARCHITECTURE.md)."""
+"""tdc_core is a plain library: it never imports prefect or mlflow (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

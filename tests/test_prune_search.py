@@ -1,4 +1,4 @@
-"""Progressive proxy-guided pruning of a group's model to its FLOPs budget (METHOD.md step 5)."""
+"""Progressive proxy-guided pruning of a group's model to its FLOPs budget (docs/METHOD.md step 5)."""
 
 from __future__ import annotations
 

@@ -56,6 +56,8 @@ def test_a_crashed_group_fails_the_run_by_name_and_only_it_is_redone(pipeline) -
     assert proc.returncode == 2, out[-3000:]
     assert ("tdc run: error: 1 of 3 group fine-tunes failed: group 1 fine-tune failed (killed by SIGKILL). "
             "Finished groups [0, 2] are kept; re-run the same command to redo only the failed groups") in out
+    # A user-level failure (TDCError) is that one line on the terminal: no Prefect traceback.
+    assert "Traceback" not in out and out.count("group 1 fine-tune failed") == 1, out[-3000:]
     assert result(0).is_file() and result(2).is_file() and not result(1).exists()  # the others finished
     client = MlflowClient(p.tracking_uri)
     exp = client.get_experiment_by_name("tdc").experiment_id

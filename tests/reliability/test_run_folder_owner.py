@@ -13,9 +13,11 @@ import os
 import re
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from tdc_core.checkpoint import load_checkpoint
 from tdc_core.errors import CheckpointError
@@ -93,3 +95,26 @@ def test_second_run_is_refused_and_a_killed_owners_lock_is_taken_over(pipeline) 
     assert re.search(r"shared training: step \d+/\d+ \(\d+%\) · [\d.]+ steps/s · loss [\d.]+ · ETA \S+",
                      third.stdout), third.stdout
     assert os.path.exists(run / "report.md")
+
+    # The same stage lines reach the Prefect flow run's log (what the Prefect UI shows).
+    client = MlflowClient(p.tracking_uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("tdc").experiment_id],
+                                   filter_string="tags.`tdc.kind` = 'pipeline'")
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    messages = [log["message"] for log in _prefect_logs(p.api_url, flow_run_id)]
+    assert any(re.match(rf"shared training: step \d+/{TRAIN} ", m) for m in messages), messages[:50]
+    assert any(m.startswith("checked data: digits") for m in messages), messages[:50]
+
+
+def _prefect_logs(api_url: str, flow_run_id: str) -> list[dict]:
+    """Every log line of a flow run (its tasks' included), from the Prefect API."""
+    out, offset = [], 0
+    while True:
+        body = json.dumps({"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": offset}).encode()
+        req = urllib.request.Request(f"{api_url}/logs/filter", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            page = json.loads(resp.read())
+        out += page
+        if len(page) < 200:
+            return out
+        offset += 200
