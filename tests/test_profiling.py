@@ -19,12 +19,12 @@ import torch
 from PIL import Image
 
 from tdc_core.budgets import assign_budgets
-from tdc_core.config import GroupingConfig, ProfileConfig, load_config
+from tdc_core.config import DiffusionConfig, GroupingConfig, ProfileConfig, load_config
 from tdc_core.diffusion import Diffusion
 from tdc_core.errors import ConfigError, DataError
 from tdc_core.grouping import group_timesteps
 from tdc_core.plots import plot_grouping, plot_profile
-from tdc_core.profiling import DifficultyProfile, profile_difficulty, subset_parameters
+from tdc_core.profiling import DEFAULT_MAX_GRADIENT_BYTES, DifficultyProfile, profile_difficulty, subset_parameters
 from tdc_core.reporting import RecordingReporter
 from tdc_core.train import Trainer, prepare_data, spec_for
 from tdc_core.unet import UNet
@@ -121,6 +121,92 @@ def test_loading_a_broken_profile_is_a_data_error_naming_the_file(profile, tmp_p
         path.write_text(profile.model_copy(update={"affinity": profile.affinity[:-1]}).model_dump_json())
     with pytest.raises(DataError, match="profile.json"):
         DifficultyProfile.load(path)
+
+
+# --- the numbers, by hand ---------------------------------------------------------------------
+
+
+class TinyDenoiser(torch.nn.Module):
+    """conv 1→4, + a learned per-timestep bias, tanh, conv 4→1; plus a parameter the loss never
+    reaches (its gradient is zero)."""
+
+    def __init__(self, num_timesteps: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.emb = torch.nn.Embedding(num_timesteps, 4)
+        self.conv2 = torch.nn.Conv2d(4, 1, 3, padding=1)
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.tanh(self.conv1(x) + self.emb(t)[:, :, None, None]))
+
+
+def _tiny_setup():
+    torch.manual_seed(0)
+    model = TinyDenoiser(6).eval().requires_grad_(False)
+    heldout = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    diffusion = Diffusion.from_config(DiffusionConfig(num_timesteps=6))
+    config = ProfileConfig(num_buckets=3, loss_samples_per_bucket=4, affinity_batches=2, affinity_batch_size=3, seed=7)
+    return model, heldout, diffusion, config
+
+
+def _eps_mse(model, betas: np.ndarray, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean (ε − model(x_t, t))² with x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, ᾱ from β."""
+    ab = torch.from_numpy(np.cumprod(1.0 - betas)).to(x0.dtype)[t][:, None, None, None]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    return (noise - model(x_t, t)).pow(2).mean(dim=(1, 2, 3))
+
+
+def _affinity_by_hand(model, heldout, betas, config) -> np.ndarray:
+    """The documented protocol with plain autograd, in float64: per batch k, images k·n, k·n+1,
+    ... (cycling), one ε ~ Generator(seed + 1) for all buckets, then each bucket's t uniform in
+    it; each bucket's gradient of its batch-mean ε-MSE over all parameters; cosines of every
+    pair; the mean over batches."""
+    model = copy.deepcopy(model).double().requires_grad_(True)
+    params = list(model.parameters())
+    edges = [0, 2, 4, 6]  # T = 6 in 3 equal buckets
+    n, gen = config.affinity_batch_size, torch.Generator().manual_seed(config.seed + 1)
+    total = np.zeros((3, 3))
+    for k in range(config.affinity_batches):
+        x0 = heldout[[(k * n + i) % len(heldout) for i in range(n)]].double() / 127.5 - 1
+        noise = torch.randn(x0.shape, generator=gen).double()
+        ts = [torch.randint(edges[b], edges[b + 1], (n,), generator=gen) for b in range(3)]
+        grads = []
+        for t in ts:
+            g = torch.autograd.grad(_eps_mse(model, betas, x0, t, noise).mean(), params, allow_unused=True)
+            grads.append(np.concatenate([
+                (gi if gi is not None else torch.zeros_like(p)).reshape(-1).numpy() for gi, p in zip(g, params)
+            ]))
+        for i in range(3):
+            for j in range(3):
+                total[i, j] += grads[i] @ grads[j] / (np.linalg.norm(grads[i]) * np.linalg.norm(grads[j]))
+    return total / config.affinity_batches
+
+
+@pytest.mark.parametrize("max_gradient_bytes", [DEFAULT_MAX_GRADIENT_BYTES, 1], ids=["all-at-once", "blockwise"])
+def test_affinity_is_the_mean_gradient_cosine_computed_by_hand(max_gradient_bytes):
+    model, heldout, diffusion, config = _tiny_setup()
+    profile = profile_difficulty(model=model, diffusion=diffusion, heldout_images=heldout, config=config,
+                                 device=CPU, max_gradient_bytes=max_gradient_bytes)
+    expected = _affinity_by_hand(model, heldout, diffusion.betas_np, config)
+    assert not np.allclose(expected, 1.0, atol=0.05)  # the buckets' gradients do differ
+    np.testing.assert_allclose(profile.arrays().affinity, expected, atol=1e-5)
+    assert profile.num_params == 4 * 9 + 4 + 6 * 4 + 4 * 9 + 1 + 3
+
+
+def test_bucket_losses_are_the_eps_mse_computed_by_hand():
+    """Loss side, same protocol: Generator(seed) draws every bucket's t (bucket-major), then ε
+    for sample i on held-out image i mod N; mean and spread over each bucket's samples."""
+    model, heldout, diffusion, config = _tiny_setup()
+    profile = profile_difficulty(model=model, diffusion=diffusion, heldout_images=heldout, config=config, device=CPU)
+    n, gen = config.loss_samples_per_bucket, torch.Generator().manual_seed(config.seed)
+    t = torch.cat([torch.randint(lo, lo + 2, (n,), generator=gen) for lo in (0, 2, 4)])
+    x0 = heldout[[i % len(heldout) for i in range(3 * n)]].double() / 127.5 - 1
+    noise = torch.randn(x0.shape, generator=gen).double()
+    with torch.no_grad():
+        loss = _eps_mse(copy.deepcopy(model).double(), diffusion.betas_np, x0, t, noise).reshape(3, n).numpy()
+    np.testing.assert_allclose(profile.loss_mean, loss.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(profile.loss_std, loss.std(axis=1), rtol=1e-4, atol=1e-7)
 
 
 # --- the signal ----------------------------------------------------------------------------
