@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from tdc_core.errors import ConfigError
 
-__all__ = ["DistInfo", "all_gather_objects", "init_distributed", "mean_across_ranks"]
+__all__ = ["DistInfo", "all_gather_objects", "check_gpus_for_processes", "init_distributed", "mean_across_ranks"]
 
 
 @dataclass(frozen=True)
@@ -49,20 +49,38 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} must be an integer (set by torchrun)") from None
 
 
+def check_gpus_for_processes(processes_per_node: int, *, visible: int | None = None) -> None:
+    """Refuse, with the reason and the fix, a CUDA DDP job with more processes on a node than
+    visible GPUs: each process needs a GPU of its own (NCCL cannot run two ranks on one GPU),
+    and process ``LOCAL_RANK`` uses GPU ``LOCAL_RANK``, which would not exist.
+
+    ``visible`` defaults to ``torch.cuda.device_count()`` (which honours ``CUDA_VISIBLE_DEVICES``).
+    Call it before starting ``torchrun``; :func:`init_distributed` calls it in every process.
+    """
+    gpus = torch.cuda.device_count() if visible is None else visible
+    if processes_per_node > gpus:
+        raise ConfigError(
+            f"a CUDA DDP job with {processes_per_node} processes per node needs {processes_per_node} GPUs, but "
+            f"{gpus} {'is' if gpus == 1 else 'are'} visible; start at most {gpus} process(es) per node "
+            f"(train.processes / torchrun --nproc_per_node), or run the job on CPU (train.device=cpu, gloo)")
+
+
 def init_distributed(*, device_type: str) -> DistInfo:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1).
 
-    Backend NCCL on CUDA, gloo on CPU. Each CUDA process uses GPU ``LOCAL_RANK``. Calling it
-    again once joined returns the same answer.
+    Backend NCCL on CUDA, gloo on CPU. Each CUDA process uses GPU ``LOCAL_RANK``; a job with
+    more processes per node (``LOCAL_WORLD_SIZE``) than visible GPUs is refused in every
+    process, before any of them touches a GPU or waits for the others (see
+    :func:`check_gpus_for_processes`). Calling it again once joined returns the same answer.
     """
     info = DistInfo(rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1),
                     local_rank=_env_int("LOCAL_RANK", 0))
     if not info.enabled:
         return info
     if device_type == "cuda":
-        if info.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={info.local_rank} but only {torch.cuda.device_count()} CUDA "
-                              f"device(s) are visible; start at most that many processes per node")
+        # torchrun sets LOCAL_WORLD_SIZE; other launchers may not: then this rank's own index
+        # is the one GPU it must find.
+        check_gpus_for_processes(max(_env_int("LOCAL_WORLD_SIZE", 0), info.local_rank + 1))
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
