@@ -9,11 +9,10 @@ import torch
 
 from tdc_core import stages
 from tdc_core.config import load_config
-from tdc_core.costs import sampling_cost
 from tdc_core.diffusion import Diffusion
 from tdc_core.errors import CheckpointError, DataError
 from tdc_core.layout import RunLayout
-from tdc_core.samplers import sample, sampling_timesteps
+from tdc_core.samplers import sample
 from tdc_core.train import Trainer, load_model
 
 
@@ -95,18 +94,37 @@ def test_router_serves_each_group_with_its_expert(run):
     assert xs.shape == (4, 1, 8, 8) and torch.isfinite(xs).all()
 
 
-def test_costs_of_the_run(run):
+def test_costs_of_the_run_by_hand(run):
+    """The cost report against the arithmetic written out here from the run's own numbers:
+    which expert serves each of the 10 DDIM steps, and METHOD.md's training-cost formula."""
     cfg, layout, _, grouped, _, results = run
     report = stages.cost_stage(cfg, layout)
     assert report.sampling.ratio < 1.0 and report.budgets_met
+    base, flops = grouped.plan.base_flops, [r.flops for r in results]
+
+    # Sampling: 10 of T = 100 steps, evenly spaced with 0 and 99 kept: stride 99 / 9 = 11.
+    assert (cfg.diffusion.num_timesteps, cfg.sample.steps) == (100, 10)
+    visited = list(range(99, -1, -11))
+    serving = [next(r.group for r in results if r.lo <= t < r.hi) for t in visited]
+    s = report.sampling
+    assert s.steps == 10 and s.steps_per_group == [serving.count(g) for g in range(len(results))]
+    assert s.total_flops == sum(flops[g] for g in serving)
+    assert s.single_model_flops == 10 * base
+    assert s.ratio == pytest.approx(sum(flops[g] for g in serving) / (10 * base), rel=1e-12)
+
+    # Training: forward + backward = 3 x forward, per image, times batch and steps.
     t = report.training
-    assert t.pruning_flops == pytest.approx(sum(r.pruning_flops for r in results)) and t.pruning_flops > 0
-    assert t.baseline_flops >= t.tdc_flops  # the baseline gets at least TDC's budget
-    assert t.baseline_flops - t.tdc_flops < cfg.train.batch_size * grouped.plan.base_flops * t.backward_factor
-    visited = sampling_timesteps(Diffusion.from_config(cfg.diffusion).respaced(cfg.sample.steps))
-    again = sampling_cost(visited_timesteps=visited, boundaries=grouped.grouping.boundaries,
-                          group_flops=[r.flops for r in results], base_flops=grouped.plan.base_flops)
-    assert report.sampling == again
+    batch, ft_batch = cfg.train.batch_size, cfg.finetune.batch_size or cfg.train.batch_size
+    assert [r.steps for r in results] == [cfg.finetune.steps] * len(results)
+    pruning = sum(r.pruning_flops for r in results)
+    assert pruning > 0 and t.pruning_flops == pytest.approx(pruning, rel=1e-12)
+    tdc = cfg.train.steps * base * batch * 3 + sum(cfg.finetune.steps * f * ft_batch * 3 for f in flops) + pruning
+    assert t.tdc_flops == pytest.approx(tdc, rel=1e-12)
+    # The baseline gets the fewest whole steps whose cost reaches TDC's.
+    baseline_steps = -(-tdc // (base * batch * 3))
+    assert t.baseline_steps == baseline_steps and (baseline_steps - 1) * base * batch * 3 < tdc
+    assert t.baseline_flops == pytest.approx(baseline_steps * base * batch * 3, rel=1e-12)
+    assert t.baseline_flops >= t.tdc_flops
     assert layout.costs_json.is_file()
 
 
