@@ -151,7 +151,8 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_bud
 
     ``check_budgets``: also refuse FLOPs budgets that pruning cannot reach (for commands that
     start a TDC run: found now rather than after hours of training)."""
-    from tdc_core.config import check_budgets_reachable, load_config, read_run_config, write_run_config
+    from tdc_core.budgets import check_budgets_reachable
+    from tdc_core.config import load_config, read_run_config, write_run_config
     from tdc_core.layout import RunLayout
 
     overrides = getattr(args, "overrides", [])

@@ -7,15 +7,20 @@ of one forward pass of the base model, k in (0, 1]. With N = 5, k = 0.5 the frac
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from tdc_core.config import ModelConfig, PipelineConfig
 from tdc_core.errors import ConfigError
 from tdc_core.grouping import Grouping
+from tdc_core.pruning import prune_space
+from tdc_core.unet import UNetSpec
 
-__all__ = ["BudgetPlan", "GroupBudget", "assign_budgets", "budget_fractions", "mean_sampling_fraction"]
+__all__ = ["BudgetPlan", "GroupBudget", "assign_budgets", "budget_fractions", "check_budgets_reachable",
+           "mean_sampling_fraction"]
 
 
 def budget_fractions(*, num_groups: int, k: float) -> list[float]:
@@ -109,3 +114,46 @@ class BudgetPlan(BaseModel):
     k: float                        # budget.k
     difficulty_measure: str         # budget.difficulty
     budgets: list[GroupBudget]      # one per group, in timestep order
+
+
+def check_budgets_reachable(config: PipelineConfig) -> None:
+    """Refuse FLOPs budgets that no pruning allowed by ``prune`` can reach, before any training.
+
+    The easiest group's budget is ``(1 + (N-1)·k)/N · F``; pruning narrows each unit to no less
+    than ``prune.min_keep`` of its width (in whole GroupNorm groups / heads), which puts a floor
+    under the FLOPs. Counting that floor builds the UNet on the meta device (about half a
+    second), so this runs where a run starts (``tdc config``/``run``/``profile``) rather than on
+    every validation; pruning itself refuses the same budgets, but only hours later.
+
+    Raises:
+        ConfigError: the smallest budget lies below the floor; the message names budget.k and
+            the smallest k that works.
+    """
+    prune, n, k = config.prune, config.grouping.num_groups, config.budget.k
+    smallest = (1 + (n - 1) * k) / n
+    if not prune.enabled or n == 1 or smallest >= 1.0:
+        return  # nothing is pruned
+    floor = _prune_floor_fraction(config.model.model_dump_json(), config.data.image_size, config.data.channels,
+                                  config.learn_sigma, prune.min_keep, prune.prune_attention)
+    reachable = floor / (1 + prune.tolerance)  # as tdc_core.prune_search accepts it
+    if smallest < reachable:
+        need = math.ceil(1000 * (n * reachable - 1) / (n - 1)) / 1000
+        raise ConfigError(
+            f"budget.k={k} gives the easiest of {n} groups {smallest:.3f} F, below the {floor:.3f} F of the "
+            f"narrowest model pruning may make (prune.min_keep={prune.min_keep}, prune.prune_attention="
+            f"{str(prune.prune_attention).lower()}); allowed: budget.k >= {need}, a smaller prune.min_keep, "
+            f"or prune.enabled=false"
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def _prune_floor_fraction(model_json: str, image_size: int, channels: int, learn_sigma: bool, min_keep: float,
+                          prune_attention: bool) -> float:
+    """FLOPs of the narrowest prunable model / FLOPs of the dense one (the rule of
+    :func:`tdc_core.prune_search.prune_to_budget`: attention keeps its width unless pruned)."""
+    spec = UNetSpec(model=ModelConfig.model_validate_json(model_json), image_size=image_size,
+                    in_channels=channels, learn_sigma=learn_sigma)
+    space = prune_space(spec, min_keep=min_keep)
+    lower = [int(w) if prune_attention or u.kind != "attn" else u.dense_width
+             for u, w in zip(space.units, space.min_widths)]
+    return space.flops(lower) / space.dense_flops

@@ -6,17 +6,16 @@ logged as MLflow params (:func:`flatten`), and it is stored inside every checkpo
 checkpoint can be rebuilt alone.
 
 Every invalid value raises :class:`~tdc_core.errors.ConfigError` whose message, one line, names
-the dotted field, the bad value and what is allowed. :func:`check_budgets_reachable` adds the one
-check that needs the model's FLOPs (budgets that pruning cannot reach).
+the dotted field, the bad value and what is allowed. The one check that needs the model's FLOPs
+(budgets that pruning cannot reach) is :func:`tdc_core.budgets.check_budgets_reachable`: this
+module is a leaf that imports no model code.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +42,7 @@ __all__ = [
     "SampleConfig",
     "TrainConfig",
     "apply_overrides",
-    "check_budgets_reachable",
+    "config_key",
     "flatten",
     "load_config",
     "read_run_config",
@@ -589,52 +588,6 @@ def apply_overrides(config: PipelineConfig, overrides: Sequence[str], *, source:
     for override in overrides:
         _apply_override(tree, override)
     return validate_config(tree, source=f"{source} + overrides")
-
-
-def check_budgets_reachable(config: PipelineConfig) -> None:
-    """Refuse FLOPs budgets that no pruning allowed by ``prune`` can reach, before any training.
-
-    The easiest group's budget is ``(1 + (N-1)·k)/N · F``; pruning narrows each unit to no less
-    than ``prune.min_keep`` of its width (in whole GroupNorm groups / heads), which puts a floor
-    under the FLOPs. Counting that floor builds the UNet on the meta device (about half a
-    second), so this runs where a run starts (``tdc config``/``run``/``profile``) rather than on
-    every validation; pruning itself refuses the same budgets, but only hours later.
-
-    Raises:
-        ConfigError: the smallest budget lies below the floor; the message names budget.k and
-            the smallest k that works.
-    """
-    prune, n, k = config.prune, config.grouping.num_groups, config.budget.k
-    smallest = (1 + (n - 1) * k) / n
-    if not prune.enabled or n == 1 or smallest >= 1.0:
-        return  # nothing is pruned
-    floor = _prune_floor_fraction(config.model.model_dump_json(), config.data.image_size, config.data.channels,
-                                  config.learn_sigma, prune.min_keep, prune.prune_attention)
-    reachable = floor / (1 + prune.tolerance)  # as tdc_core.prune_search accepts it
-    if smallest < reachable:
-        need = math.ceil(1000 * (n * reachable - 1) / (n - 1)) / 1000
-        raise ConfigError(
-            f"budget.k={k} gives the easiest of {n} groups {smallest:.3f} F, below the {floor:.3f} F of the "
-            f"narrowest model pruning may make (prune.min_keep={prune.min_keep}, prune.prune_attention="
-            f"{str(prune.prune_attention).lower()}); allowed: budget.k >= {need}, a smaller prune.min_keep, "
-            f"or prune.enabled=false"
-        )
-
-
-@functools.lru_cache(maxsize=32)
-def _prune_floor_fraction(model_json: str, image_size: int, channels: int, learn_sigma: bool, min_keep: float,
-                          prune_attention: bool) -> float:
-    """FLOPs of the narrowest prunable model / FLOPs of the dense one (the rule of
-    :func:`tdc_core.prune_search.prune_to_budget`: attention keeps its width unless pruned)."""
-    from tdc_core.pruning import prune_space  # imports torch and the UNet, which imports this module
-    from tdc_core.unet import UNetSpec
-
-    spec = UNetSpec(model=ModelConfig.model_validate_json(model_json), image_size=image_size,
-                    in_channels=channels, learn_sigma=learn_sigma)
-    space = prune_space(spec, min_keep=min_keep)
-    lower = [int(w) if prune_attention or u.kind != "attn" else u.dense_width
-             for u, w in zip(space.units, space.min_widths)]
-    return space.flops(lower) / space.dense_flops
 
 
 def config_key(config: PipelineConfig) -> str:

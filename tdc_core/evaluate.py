@@ -33,7 +33,7 @@ from torch import nn
 
 from tdc_core.checkpoint import atomic_write_bytes
 from tdc_core.config import PipelineConfig
-from tdc_core.costs import sampling_cost
+from tdc_core.costs import measure_group_flops, sampling_cost
 from tdc_core.data import dataset_fingerprint, to_uint8
 from tdc_core.diffusion import Diffusion
 from tdc_core.errors import CheckpointError, ConfigError
@@ -54,6 +54,8 @@ from tdc_core.layout import RunLayout
 from tdc_core.records import save_record
 from tdc_core.reporting import NullReporter, Reporter
 from tdc_core.samplers import Denoiser, sample, sampling_timesteps
+from tdc_core.stages import assemble_router, cost_stage
+from tdc_core.train import load_model, prepare_data
 
 __all__ = [
     "Comparison",
@@ -497,10 +499,6 @@ def reference_for_config(
 ) -> tuple[ReferenceStats, torch.Tensor]:
     """Reference statistics of ``config``'s training split (cached under ``eval.cache_dir``)
     and the held-out split's uint8 images ``[M x C x H x W]``."""
-    from tdc_core.train import (
-        prepare_data,  # pulls in the trainer; only this entry point needs it
-    )
-
     train_images, heldout = prepare_data(config)
     reference = reference_statistics(
         images=train_images, fingerprint=dataset_fingerprint(config.data, train_images), extractor=extractor,
@@ -558,10 +556,6 @@ def compare_run(
         ConfigError: the baseline was trained on other data, another image size or another
             diffusion than the run.
     """
-    from tdc_core.costs import measure_group_flops
-    from tdc_core.stages import assemble_router, cost_stage
-    from tdc_core.train import load_model
-
     baseline_checkpoint = Path(baseline_checkpoint or default_baseline_checkpoint(layout))
     if not baseline_checkpoint.is_file():
         raise CheckpointError(

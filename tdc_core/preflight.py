@@ -31,9 +31,13 @@ from typing import Literal
 
 import torch
 
-from tdc_core.config import PipelineConfig, check_budgets_reachable
+from tdc_core.budgets import check_budgets_reachable
+from tdc_core.config import PipelineConfig
 from tdc_core.data import peek_images
 from tdc_core.errors import ConfigError, DataError, WriteError
+from tdc_core.feature_extractors import locate_inception_weights, resolve_cache_dir
+from tdc_core.train import spec_for
+from tdc_core.unet import UNet
 
 __all__ = ["ALL_NEEDS", "Need", "checkpoint_bytes", "pipeline_checkpoints", "preflight", "run_needs"]
 
@@ -153,9 +157,6 @@ def _check_data(config: PipelineConfig, *, evaluates: bool) -> str:
 def checkpoint_bytes(config: PipelineConfig) -> int:
     """Bytes of one dense training checkpoint of ``config``'s model (weights, EMA and AdamW's
     two moments in fp32; pruned experts are smaller). Counted on the meta device: no memory."""
-    from tdc_core.train import spec_for  # the UNet module imports torch.nn; keep the import local
-    from tdc_core.unet import UNet
-
     with torch.device("meta"):
         params = sum(p.numel() for p in UNet(spec_for(config)).parameters())
     return params * _BYTES_PER_FLOAT * _CHECKPOINT_COPIES
@@ -192,8 +193,6 @@ def _check_disk(config: PipelineConfig, run_dir: Path, *, checkpoints: int) -> s
 
 
 def _check_features(config: PipelineConfig, *, environ: Mapping[str, str], allow_download: bool) -> str:
-    from tdc_core.feature_extractors import locate_inception_weights, resolve_cache_dir
-
     kind = config.eval.feature_extractor
     if kind == "auto":
         kind = "digits" if config.data.source == "digits" else "inception"

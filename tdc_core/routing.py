@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tdc_core.errors import CheckpointError
+from tdc_core.train import load_model
 
 __all__ = ["ExpertRouter", "check_boundaries", "load_router"]
 
@@ -162,8 +163,6 @@ def load_router(
             output channels, image size or diffusion config; or ``boundaries[-1]`` is not the
             checkpoints' number of diffusion timesteps T.
     """
-    from tdc_core.train import load_model  # train pulls in data loading; only loading needs it
-
     bounds = check_boundaries(boundaries)
     paths = [Path(p) for p in checkpoints]
     if len(paths) != len(bounds) - 1:

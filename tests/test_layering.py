@@ -38,3 +38,66 @@ def test_importing_every_core_module_loads_neither_prefect_nor_mlflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _core_import_graph() -> dict[str, set[str]]:
+    """Module -> the tdc_core modules it imports, anywhere in the file (a function-level import
+    counts: a lazy import must not hide a cycle)."""
+    graph: dict[str, set[str]] = {}
+    for path in CORE.rglob("*.py"):
+        name = ".".join(path.relative_to(CORE.parent).with_suffix("").parts).removesuffix(".__init__")
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tdc_core":
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)  # `from tdc_core import x`
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.split(".")[0] == "tdc_core")
+        graph[name] = deps
+    known = set(graph)
+    return {m: {d for d in deps if d in known and d != m} for m, deps in graph.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_inside_tdc_core():
+    graph = _core_import_graph()
+    assert len(graph) >= 20 and "tdc_core.config" in graph
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function():
+    # The test above must be able to fail: a cycle closed only by a lazy import is found.
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+

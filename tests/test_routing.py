@@ -234,7 +234,7 @@ def test_load_router_refuses_experts_that_disagree_on_shapes(group_checkpoints, 
     first = load_model(group_checkpoints[0])
     odd_spec = UNetSpec(**{**vars(first.spec), **change})
     odd = LoadedModel(model=first.model, config=first.config, spec=odd_spec, step=2, t_range=(40, 100))
-    monkeypatch.setattr("tdc_core.train.load_model", lambda p, **kw: first if p == group_checkpoints[0] else odd)
+    monkeypatch.setattr("tdc_core.routing.load_model", lambda p, **kw: first if p == group_checkpoints[0] else odd)
     with pytest.raises(CheckpointError, match=match):
         load_router(checkpoints=group_checkpoints, boundaries=[0, 40, 100])
 
@@ -243,6 +243,6 @@ def test_load_router_refuses_experts_of_different_diffusions(group_checkpoints, 
     first = load_model(group_checkpoints[0])
     other_cfg = first.config.model_copy(update={"diffusion": first.config.diffusion.model_copy(update={"schedule": "linear"})})
     odd = LoadedModel(model=first.model, config=other_cfg, spec=first.spec, step=2, t_range=(40, 100))
-    monkeypatch.setattr("tdc_core.train.load_model", lambda p, **kw: first if p == group_checkpoints[0] else odd)
+    monkeypatch.setattr("tdc_core.routing.load_model", lambda p, **kw: first if p == group_checkpoints[0] else odd)
     with pytest.raises(CheckpointError, match="diffusion"):
         load_router(checkpoints=group_checkpoints, boundaries=[0, 40, 100])

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from flows.cli import main as cli_main
+from tdc_core.budgets import check_budgets_reachable
 from tdc_core.config import (
     PRESETS,
     PipelineConfig,
-    check_budgets_reachable,
     load_config,
     validate_config,
 )
