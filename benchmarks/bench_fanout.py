@@ -22,6 +22,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import torch
+
 from benchmarks._common import alternating_medians, machine, table, write_json
 from benchmarks.direct import finetune_groups
 from tdc_core.config import load_config, write_run_config
@@ -49,10 +51,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     run = Path(tempfile.mkdtemp(prefix="tdc-fanout-"))
     layout = RunLayout(run)
     write_run_config(layout, cfg)
-    print(f"machine: {machine()}\npreparing {run} (profile, groups, shared model: not timed)", flush=True)
+    print(f"machine: {machine()}\npreparing {run} (profile, groups, shared model: not timed; 1 thread)", flush=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # untimed; on 2 busy cores a second thread slows these 8x8 stages several-fold
     profile_stage(cfg, layout)
     group_stage(cfg, layout)
     shared_stage(cfg, layout)
+    torch.set_num_threads(threads)
 
     def arm(w: int, threads: int):  # noqa: ANN202
         def call() -> float:
