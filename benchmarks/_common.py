@@ -14,19 +14,26 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
-
-import torch
+from typing import Any
 
 __all__ = ["Timing", "alternating_medians", "bench_config", "machine", "machine_info", "median_seconds",
            "table", "write_json"]
 
 
-def _sync(device: torch.device | None) -> None:
+# torch is imported where it is used: the GPU suite's driver and the DDP launcher need none of
+# it (each torch import costs seconds of CPU, and the CPU dry run is a CI test).
+
+
+def _sync(device: Any) -> None:
     if device is not None and device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -55,7 +62,7 @@ class Timing:
                 "repeats": [t * scale for t in self.times], "spread_pct": self.spread_pct()}
 
 
-def alternating_medians(arms: Mapping[str, Callable[[], object]], *, device: torch.device | None = None,
+def alternating_medians(arms: Mapping[str, Callable[[], object]], *, device: Any = None,
                         warmup: int = 1, repeats: int = 3,
                         on_time: Callable[[str, int, float], None] | None = None) -> dict[str, Timing]:
     """Time every arm ``repeats`` times in alternating order after ``warmup`` calls of each.
@@ -84,7 +91,7 @@ def alternating_medians(arms: Mapping[str, Callable[[], object]], *, device: tor
     return out
 
 
-def median_seconds(fn: Callable[[], object], *, device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+def median_seconds(fn: Callable[[], object], *, device: Any, warmup: int = 2, repeats: int = 5) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` synchronised calls (one arm)."""
     return alternating_medians({"fn": fn}, device=device, warmup=warmup, repeats=repeats)["fn"].median
 
@@ -96,18 +103,33 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def machine_info() -> dict[str, object]:
-    """The machine, as a record: CPU, cores, GPUs, torch and Python versions, load average."""
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+def machine_info(*, query_gpus: bool | None = None) -> dict[str, object]:
+    """The machine, as a record: CPU, cores, GPUs, torch and Python versions, load average.
+
+    GPUs are queried through torch when ``query_gpus`` (default: when torch is already imported);
+    otherwise ``gpus`` is None (not queried) and the torch version comes from its metadata."""
+    if query_gpus is None:
+        query_gpus = "torch" in sys.modules
+    gpus = None
+    if query_gpus:
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        version = torch.__version__
+    else:
+        try:
+            version = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            version = "not installed"
     return {"cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(), "gpus": gpus,
-            "torch": torch.__version__, "python": platform.python_version(), "load_average_1_5_15": _load_average()}
+            "torch": version, "python": platform.python_version(), "load_average_1_5_15": _load_average()}
 
 
-def machine() -> str:
+def machine(*, query_gpus: bool | None = None) -> str:
     """One line: CPU cores, GPU model and count, torch version, load average at the time."""
-    info = machine_info()
+    info = machine_info(query_gpus=query_gpus)
     gpus = info["gpus"]
-    gpu = f"{len(gpus)}× {gpus[0]}" if gpus else "no GPU"
+    gpu = "GPUs not queried" if gpus is None else (f"{len(gpus)}× {gpus[0]}" if gpus else "no GPU")
     return (f"{info['cpu']}, {info['cpu_cores']} CPU cores, {gpu}, torch {info['torch']}, "
             f"python {info['python']}, load average {info['load_average_1_5_15']}")
 

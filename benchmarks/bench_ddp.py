@@ -11,16 +11,17 @@ same ``Trainer`` (the pipeline's, the global batch split between ranks) on synth
      ``--steps`` — the kill-and-resume path;
   3. times ``--timed-steps`` more steps of the straight trainer after ``--warmup-steps``
      (synchronised; rank 0's clock; global images/s).
-The launcher compares the ranks' final weights (DDP keeps them identical) and the resumed run's
-with the straight run's, reports the largest absolute difference of each (0 = bit for bit: on
-CUDA, cuDNN's non-deterministic kernels may make a resume differ in the last bits), and the
-throughput. A CUDA job with more processes than visible GPUs is refused before it starts
+Rank 0 then compares every rank's final weights (DDP keeps them identical) and each resumed
+run's with its straight run's, and reports the largest absolute difference of each (0 = bit for
+bit: on CUDA, cuDNN's non-deterministic kernels may make a resume differ in the last bits), and
+the throughput. The launcher itself imports no torch on CPU (a dry run's cost is mostly imports). A CUDA job with more processes than visible GPUs is refused before it starts
 (``tdc_core.distributed.check_gpus_for_processes``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -28,14 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks._common import bench_config, machine, table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _trainer(args: argparse.Namespace):  # noqa: ANN202 - Trainer
+    import torch
+
     from tdc_core.diffusion import Diffusion
     from tdc_core.train import Trainer, spec_for
 
@@ -51,7 +52,10 @@ def _trainer(args: argparse.Namespace):  # noqa: ANN202 - Trainer
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank of the torchrun job."""
+    """One rank of the torchrun job; rank 0 writes the comparison to ``<out>/summary.json``."""
+    import json
+
+    import torch
     import torch.distributed as dist
 
     out = Path(args.out)
@@ -82,17 +86,27 @@ def worker(args: argparse.Namespace) -> None:
                 "straight": straight_weights,
                 "resumed": {k: v.detach().cpu() for k, v in resumed.model.state_dict().items()},
                 "step_s": step_s}, out / f"result-{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        results = [torch.load(out / f"result-{r}.pt", weights_only=True) for r in range(world)]
+        summary = {"world": world, "device": str(straight.device), "local_batch": straight.local_batch,
+                   "ranks_max_abs_diff": max(max_abs_diff(results[0]["straight"], r["straight"]) for r in results),
+                   "resume_max_abs_diff": max(max_abs_diff(r["straight"], r["resumed"]) for r in results),
+                   "step_s": step_s}
+        (out / "summary.json").write_text(json.dumps(summary))
+    dist.barrier()
     dist.destroy_process_group()
 
 
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def max_abs_diff(a: dict, b: dict) -> float:
+    """The largest |a − b| over every tensor of two state dicts."""
     return max(float((x.double() - b[k].double()).abs().max()) if x.numel() else 0.0 for k, x in a.items())
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--processes", type=int, default=None, help="default: every visible GPU")
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--preset", default="smoke")
     ap.add_argument("--batch", type=int, default=16, help="global batch (split between the processes)")
     ap.add_argument("--steps", type=int, default=10)
@@ -107,11 +121,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.worker:
         worker(args)
         return {}
-    from tdc_core.distributed import check_gpus_for_processes
-
-    n = args.processes or (torch.cuda.device_count() if args.device == "cuda" else 2)
     if args.device == "cuda":
+        import torch
+
+        from tdc_core.distributed import check_gpus_for_processes
+
+        n = args.processes or torch.cuda.device_count()
         check_gpus_for_processes(n)
+    else:
+        n = args.processes or 2
     out = Path(tempfile.mkdtemp(prefix="tdc-ddp-"))
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
@@ -125,11 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode:
         raise SystemExit(f"torchrun failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
-    results = [torch.load(out / f"result-{r}.pt", weights_only=True) for r in range(n)]
-    ranks_diff = max(max_abs_diff(results[0]["straight"], r["straight"]) for r in results[1:])
-    resume_diff = max(max_abs_diff(r["straight"], r["resumed"]) for r in results)
-    step_s = results[0]["step_s"]
-    rows = [["processes", n], ["device (rank 0)", results[0]["device"]], ["local batch", results[0]["local_batch"]],
+    summary = json.loads((out / "summary.json").read_text())
+    ranks_diff, resume_diff, step_s = summary["ranks_max_abs_diff"], summary["resume_max_abs_diff"], summary["step_s"]
+    rows = [["processes", n], ["device (rank 0)", summary["device"]], ["local batch", summary["local_batch"]],
             ["ranks' weights, largest difference", f"{ranks_diff:.3g}"],
             ["resumed vs straight, largest difference", f"{resume_diff:.3g}"],
             ["step (rank 0)", f"{1e3 * step_s:.1f} ms"], ["global images/s", f"{args.batch / step_s:,.0f}"]]

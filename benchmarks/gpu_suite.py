@@ -343,11 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks._common import machine, machine_info
 
     smi = "not queried (CPU dry run)" if dry else nvidia_smi()
-    print(f"GPU suite ({'CPU dry run' if dry else 'GPU'}), {started}\nmachine: {machine()}\nnvidia-smi: {smi}\n"
+    print(f"GPU suite ({'CPU dry run' if dry else 'GPU'}), {started}\nmachine: {machine(query_gpus=not dry)}\n"
+          f"nvidia-smi: {smi}\n"
           f"devices: {devices} {'(dry run)' if dry else 'visible GPU(s)'}; budget {budget:.0f} s; results in {out}",
           flush=True)
     record: dict[str, object] = {"suite": "gpu", "mode": "cpu-dry-run" if dry else "gpu", "started": started,
-                                 "budget_s": budget, "machine": machine_info(), "machine_line": machine(),
+                                 "budget_s": budget, "machine": machine_info(query_gpus=not dry),
+                                 "machine_line": machine(query_gpus=not dry),
                                  "nvidia_smi": smi, "devices": devices, "assumed_tflops": ASSUMED_TFLOPS,
                                  "plan": [], "steps": {}}
     if not dry and devices == 0:
