@@ -229,6 +229,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
     from tdc_core.flops import count_forward_flops
+    from tdc_core.layout import RunLayout
     from tdc_core.train import load_model, run_training, spec_for
     from tdc_core.unet import UNet
 
@@ -239,7 +240,7 @@ def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
     print(f"TDC · training the {cfg.preset} model on {cfg.data.source} "
           f"({params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOP per image) on {device}")
     print(f"run folder: {out}")
-    ckpt = out / "checkpoints" / "last.pt"
+    ckpt = RunLayout(out).shared_checkpoint
     if ckpt.exists() and not args.fresh:
         print(f"resuming from {ckpt}")
     try:
@@ -265,7 +266,7 @@ def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
     if not args.no_samples:
         t0 = time.perf_counter()
         loaded = load_model(result.checkpoint, device=device)
-        grid = _write_samples(loaded.model, loaded.config, out=out / "samples.png", num=None, sampler=None,
+        grid = _write_samples(loaded.model, loaded.config, out=RunLayout(out).samples_png, num=None, sampler=None,
                               steps=None, seed=None, device=device)
         print(f"  samples                {grid}  ({_fmt_seconds(time.perf_counter() - t0)})")
     print(f"\nmore samples: tdc sample --checkpoint {result.checkpoint} --out grid.png")
@@ -442,14 +443,14 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         cfg = read_run_config(layout, overrides=args.overrides)  # not written back: eval overrides stay local
         device = _setup(cfg)
         model, name, what = assemble_router(layout, device=device), "tdc", f"the routed ensemble of {args.run_dir}"
-        out = args.out_dir or layout.root / "eval"
+        out = args.out_dir or layout.eval_dir
     else:
         loaded = load_model(args.checkpoint, device="cpu")
         cfg = apply_overrides(loaded.config, args.overrides, source=f"checkpoint {args.checkpoint}")
         device = _setup(cfg)
         model, name, what = loaded.model.to(device), "model", str(args.checkpoint)
         run_root = args.checkpoint.parent.parent if args.checkpoint.parent.name == "checkpoints" else args.checkpoint.parent
-        out = args.out_dir or run_root / "eval"
+        out = args.out_dir or RunLayout(run_root).eval_dir
     setup = _eval_setup(args, cfg)
     _preflight(cfg, None, "data", "features")  # the reference images and the feature extractor
     _print_scores_header(what, setup, device, cfg)

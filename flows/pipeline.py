@@ -73,7 +73,7 @@ def prepare_run_folder(config: PipelineConfig, root: Path) -> str:
     cached stage results that pointed into the old folder.
     """
     root.mkdir(parents=True, exist_ok=True)
-    uid_file = root / ".run_uid"
+    uid_file = RunLayout(root).run_uid
     if not uid_file.is_file():
         uid_file.write_text(uuid.uuid4().hex)
     write_run_config(RunLayout(root), config)

@@ -108,6 +108,12 @@ class StageProgress:
     def close(self) -> None:
         self._close_bar()
 
+    def __enter__(self) -> StageProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- internals ---------------------------------------------------------------------------------
 
     def _new_phase(self, *, step: int, total: int, now: float) -> None:

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.tracking import TrackingRef
 from tdc_core.checkpoint import atomic_write_bytes
+from tdc_core.layout import RunLayout
 
 __all__ = ["render_report", "report_task"]
 
@@ -96,7 +97,7 @@ def report_task(*, summary_json: str, tracking: TrackingRef) -> str:
     """Write ``report.md`` into the run folder, log it to MLflow, publish Prefect artifacts."""
     summary = json.loads(summary_json)
     markdown, rows = render_report(summary)
-    path = Path(summary["run_dir"]) / "report.md"
+    path = RunLayout(Path(summary["run_dir"])).report_md
     atomic_write_bytes(path, markdown.encode())
     tracking.log_artifact(tracking.parent_run_id, path)
     create_markdown_artifact(markdown=markdown, key="tdc-report", description="TDC pipeline run report")

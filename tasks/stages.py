@@ -46,12 +46,14 @@ from tdc_core.stages import (
     CostReport,
     GroupingResult,
     GroupResult,
+    baseline_config,
+    baseline_stage,
     cost_stage,
     group_stage,
     profile_stage,
     shared_stage,
 )
-from tdc_core.train import TrainResult, run_training
+from tdc_core.train import TrainResult
 
 __all__ = [
     "GroupFailed",
@@ -164,14 +166,10 @@ def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: T
     say(f"probe: shared training to step {config.profile.profile_steps}, then difficulty profile "
         f"({config.profile.num_buckets} buckets)")
     with _child_run(tracking, key="stage.profile", name="profile") as run_id:
-        reporter, progress = MlflowReporter(tracking, run_id, prefix="probe_"), StageProgress("probe")
         device = resolve_device(config.train.device)
         reset_peak_memory(device)
-        try:
+        with MlflowReporter(tracking, run_id, prefix="probe_") as reporter, StageProgress("probe") as progress:
             profile = profile_stage(config, layout, reporter=MultiReporter(reporter, progress))
-        finally:
-            progress.close()
-            reporter.close()
         _log_peak_memory(tracking, run_id, device)
         edges, ts = profile.bucket_edges, int(time.time() * 1000)
         # One point per bucket, at the bucket's first timestep: the UI plots the profile.
@@ -216,19 +214,13 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
     layout = RunLayout(Path(run_dir))
     say(f"shared training to step {config.train.steps}")
     with _child_run(tracking, key="stage.shared", name="shared-train") as run_id:
-        progress = StageProgress("shared training")
-        try:
+        with StageProgress("shared training") as progress:
             if train_processes(config) > 1:
                 summary = _train_under_torchrun(config, layout.root, tracking=tracking, run_id=run_id,
                                                 progress=progress)
             else:
-                reporter = MlflowReporter(tracking, run_id)
-                try:
+                with MlflowReporter(tracking, run_id) as reporter:
                     summary = TrainSummary.of(shared_stage(config, layout, reporter=MultiReporter(reporter, progress)))
-                finally:
-                    reporter.close()
-        finally:
-            progress.close()
         tracking.log_metrics(run_id, _train_metrics(summary), step=summary.step)
         tracking.log_artifact(run_id, layout.shared_checkpoint, artifact_path="checkpoints")
     say(f"shared model: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
@@ -270,7 +262,7 @@ def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: Tracki
     n = train_processes(config)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(RunLayout(out), config)  # every process reads the config from the folder
-    metrics_file, result_file = out / "train-metrics.jsonl", out / "train-result.json"
+    metrics_file, result_file = RunLayout(out).train_metrics, RunLayout(out).train_result
     result_file.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not torch.cuda.is_available():
@@ -333,7 +325,7 @@ def finetune_group_task(
     """Stage 2 for one group, in its own process (crash isolation; memory freed at exit) on one
     GPU (``CUDA_VISIBLE_DEVICES``) or a share of the CPU cores."""
     layout = RunLayout(Path(run_dir))
-    metrics_file = layout.group_dir(group) / "metrics.jsonl"
+    metrics_file = layout.group_metrics(group)
     with _child_run(tracking, key=f"group.{group}", name=f"group-{group}") as run_id, DEVICE_SLOTS.acquire() as slot:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if slot is not None:
@@ -342,12 +334,9 @@ def finetune_group_task(
             env["OMP_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, "-m", "flows.cli", "finetune-group", "--run-dir", str(layout.root), "--group",
                str(group), "--metrics-file", str(metrics_file), "--quiet"]
-        progress = StageProgress(f"group {group}")
-        try:
+        with StageProgress(f"group {group}") as progress:
             _run_worker(cmd, env=env, what=f"group {group} fine-tune", error=GroupFailed,
                         relay=JsonlTail(metrics_file, progress))
-        finally:
-            progress.close()
         _log_jsonl_metrics(tracking, run_id, metrics_file)
         result = load_record(layout.group_result(group), GroupResult, what="group result")
         tracking.log_metrics(run_id, {
@@ -357,7 +346,7 @@ def finetune_group_task(
             "pruning_flops": result.pruning_flops,
             **({"heldout_loss_pruned": result.heldout_loss_pruned} if result.heldout_loss_pruned is not None else {}),
         }, step=result.steps)
-        prune_dir = layout.group_dir(group) / "prune"
+        prune_dir = layout.prune_dir(group)
         for name in ("memory.json", "prune.png"):  # the pruning rounds' decision log and plot
             tracking.log_artifact(run_id, prune_dir / name, artifact_path="pruning")
         tracking.set_tags(run_id, {"interval": f"[{result.lo}, {result.hi})", "device": slot or "cpu"})
@@ -391,33 +380,19 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     """The single-model baseline: same data, model, optimiser; ``steps`` steps on all timesteps,
     in ``<run_dir>/baseline``, tracked as its own top-level MLflow run beside TDC's."""
     cfg = baseline_config(config, steps=steps)
-    out = Path(run_dir) / "baseline"
+    out = RunLayout(Path(run_dir)).baseline_dir
     say(f"baseline: one model, {steps} steps on all timesteps (≥ TDC's training FLOPs)")
-    progress = StageProgress("baseline")
-    try:
+    with StageProgress("baseline") as progress:
         if train_processes(cfg) > 1:
             summary = _train_under_torchrun(cfg, out, tracking=tracking, run_id=baseline_run_id, progress=progress)
         else:
-            reporter = MlflowReporter(tracking, baseline_run_id)
-            try:
-                summary = TrainSummary.of(run_training(cfg, run_dir=out, reporter=MultiReporter(reporter, progress)))
-            finally:
-                reporter.close()
-    finally:
-        progress.close()
+            with MlflowReporter(tracking, baseline_run_id) as reporter:
+                summary = TrainSummary.of(baseline_stage(config, RunLayout(Path(run_dir)), steps=steps,
+                                                         reporter=MultiReporter(reporter, progress)))
     tracking.log_metrics(baseline_run_id, _train_metrics(summary), step=summary.step)
-    tracking.log_artifact(baseline_run_id, out / "checkpoints" / "last.pt", artifact_path="checkpoints")
+    tracking.log_artifact(baseline_run_id, RunLayout(out).shared_checkpoint, artifact_path="checkpoints")
     say(f"baseline: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
     return summary
-
-
-def baseline_config(config: PipelineConfig, *, steps: int) -> PipelineConfig:
-    """The run's config with ``train.steps = steps``; the probe length is capped at it, so the
-    config stored in the baseline's checkpoint stays valid (a checkpoint must rebuild alone)."""
-    return config.model_copy(update={
-        "train": config.train.model_copy(update={"steps": steps}),
-        "profile": config.profile.model_copy(update={"profile_steps": min(config.profile.profile_steps, steps)}),
-    })
 
 
 @task(name="evaluate", **CACHED)
@@ -429,12 +404,9 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     say(f"evaluating TDC and the baseline: {config.eval.num_samples} samples × seeds {list(config.eval.seeds)}")
     device = resolve_device(config.train.device)
     reset_peak_memory(device)
-    progress = StageProgress("evaluation")
-    try:
+    with StageProgress("evaluation") as progress:
         c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint), device=device,
                         reporter=progress)
-    finally:
-        progress.close()
     _log_peak_memory(tracking, tracking.parent_run_id, device, name="eval_peak_gpu_memory_gib")
     for run_id, row in ((tracking.parent_run_id, c.tdc), (baseline_run_id, c.baseline)):
         # The same metric names on both runs: the MLflow UI compares them side by side.

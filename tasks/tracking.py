@@ -379,6 +379,12 @@ class MlflowReporter:
         self._have.update((m.key, m.step) for m in batch)
         self.logged += len(batch)
 
+    def __enter__(self) -> MlflowReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Last attempt to send; what cannot be sent stays in the journal and is counted."""
         done = self.flush()

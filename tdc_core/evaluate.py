@@ -534,7 +534,7 @@ def evaluate_config(
 
 def default_baseline_checkpoint(layout: RunLayout) -> Path:
     """``<run>/baseline/checkpoints/last.pt``: where the pipeline's baseline task trains it."""
-    return layout.root / "baseline" / "checkpoints" / "last.pt"
+    return layout.baseline_checkpoint
 
 
 def compare_run(
@@ -608,5 +608,5 @@ def compare_run(
     ))
     reference, heldout = reference_for_config(config, extractor, batch_size=setup.batch_size)
     return compare(tdc=tdc, baseline=baseline, diffusion=diffusion, setup=setup, image_shape=_image_shape(config),
-                   extractor=extractor, reference=reference, out_dir=out_dir or layout.root / "eval", device=device,
+                   extractor=extractor, reference=reference, out_dir=out_dir or layout.eval_dir, device=device,
                    heldout_images=heldout, notes=notes, reporter=reporter)

@@ -7,7 +7,11 @@
     <root>/grouping/budgets.json           FLOPs budget per group (step 3)
     <root>/groups/group-<g>/checkpoints/last.pt   fine-tuned expert of group g (step 6)
     <root>/groups/group-<g>/result.json    its summary (FLOPs, budget, held-out losses)
+    <root>/groups/group-<g>/prune/         its pruning rounds (memory.json, prune.png)
     <root>/costs.json                      sampling and training cost of the run
+    <root>/baseline/                       the single-model baseline (its own training folder)
+    <root>/eval/                           the comparison (comparison.md/.json/.png, sample grids)
+    <root>/report.md                       the run report
 
 Group folders are named from non-negative integers only, and :func:`safe_child` joins any
 other name that comes from a config or a user, so no name can escape the run folder.
@@ -100,6 +104,49 @@ class RunLayout:
     def group_result(self, group: int) -> Path:
         return self.group_dir(group) / "result.json"
 
+    def group_metrics(self, group: int) -> Path:
+        """The group worker's metrics and progress, JSON lines (replayed and logged by its task)."""
+        return self.group_dir(group) / "metrics.jsonl"
+
+    def prune_dir(self, group: int) -> Path:
+        """Pruning rounds of one group: memory.json (decision log), prune.png, pruned.pt, work/."""
+        return self.group_dir(group) / "prune"
+
     @property
     def costs_json(self) -> Path:
         return self.root / "costs.json"
+
+    @property
+    def baseline_dir(self) -> Path:
+        """The single-model baseline's own training folder (a run folder of ``tdc train``)."""
+        return self.root / "baseline"
+
+    @property
+    def baseline_checkpoint(self) -> Path:
+        return self.baseline_dir / "checkpoints" / "last.pt"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def run_uid(self) -> Path:
+        """The folder's random id, written once: a recreated folder gets a new one."""
+        return self.root / ".run_uid"
+
+    @property
+    def train_metrics(self) -> Path:
+        """Metrics and progress of a ``torchrun`` training job in this folder (rank 0 writes)."""
+        return self.root / "train-metrics.jsonl"
+
+    @property
+    def train_result(self) -> Path:
+        return self.root / "train-result.json"
+
+    @property
+    def samples_png(self) -> Path:
+        return self.root / "samples.png"

@@ -54,6 +54,8 @@ from tdc_core.unet import UNetSpec
 
 __all__ = [
     "CostReport",
+    "baseline_config",
+    "baseline_stage",
     "GroupResult",
     "GroupingResult",
     "assemble_router",
@@ -188,7 +190,7 @@ def finetune_group_stage(
     diffusion = Diffusion.from_config(config.diffusion)
     device = device or resolve_device(config.train.device)
     ckpt = layout.group_checkpoint(group)
-    prune_dir = layout.group_dir(group) / "prune"
+    prune_dir = layout.prune_dir(group)
     prune = config.prune.enabled and budget.fraction < 1.0
     shared = load_model(layout.shared_checkpoint, device=device).model  # loaded once: start and reference
     if ckpt.exists():
@@ -285,3 +287,22 @@ def cost_stage(config: PipelineConfig, layout: RunLayout) -> CostReport:
     save_record(layout.costs_json, report)
     return report
 
+
+def baseline_config(config: PipelineConfig, *, steps: int) -> PipelineConfig:
+    """The run's config with ``train.steps = steps``; the probe length is capped at it, so the
+    config stored in the baseline's checkpoint stays valid (a checkpoint must rebuild alone)."""
+    return config.model_copy(update={
+        "train": config.train.model_copy(update={"steps": steps}),
+        "profile": config.profile.model_copy(update={"profile_steps": min(config.profile.profile_steps, steps)}),
+    })
+
+
+def baseline_stage(
+    config: PipelineConfig, layout: RunLayout, *, steps: int, reporter: Reporter | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """The single-model baseline (docs/METHOD.md, "The baseline"): the same data, model and
+    optimiser, ``steps`` steps on all timesteps (the cost report's ``baseline_steps`` unless
+    ``baseline.steps`` is set), in ``layout.baseline_dir``; resumes from its checkpoint."""
+    return run_training(baseline_config(config, steps=steps), run_dir=layout.baseline_dir, reporter=reporter,
+                        device=device)
