@@ -151,7 +151,6 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_bud
 
     ``check_budgets``: also refuse FLOPs budgets that pruning cannot reach (for commands that
     start a TDC run: found now rather than after hours of training)."""
-    from tdc_core.budgets import check_budgets_reachable
     from tdc_core.config import load_config, read_run_config, write_run_config
     from tdc_core.layout import RunLayout
 
@@ -162,6 +161,8 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_bud
     else:
         cfg = load_config(preset=args.preset, path=getattr(args, "config", None), overrides=overrides)
     if check_budgets:
+        from tdc_core.budgets import check_budgets_reachable  # imports torch: only when asked
+
         check_budgets_reachable(cfg)
     if layout is not None and write:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -497,13 +498,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    from flows.checks import check_before_run
     from tdc_core.layout import default_run_dir
 
     # Everything the run needs, checked before Prefect's temporary server starts, before any
-    # run folder or MLflow run exists: a refused run leaves nothing behind.
+    # run folder or MLflow run exists: a refused run leaves nothing behind. The config first: it
+    # needs no torch (a mistyped key is answered in a second).
     cfg = _resolve_config(args, args.run_dir, write=False)
     root = Path(args.run_dir or default_run_dir(cfg)).resolve()
+    from flows.checks import check_before_run
+
     check_before_run(cfg, run_dir=root)
     with _hold(root, "tdc run", wait=args.wait):
         api_ready = _start_prefect_api_early()
