@@ -114,7 +114,8 @@ def machine_info(*, query_gpus: bool | None = None) -> dict[str, object]:
     if query_gpus:
         import torch
 
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        cuda = torch.cuda.is_available()
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
         version = torch.__version__
     else:
         try:

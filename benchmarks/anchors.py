@@ -14,7 +14,7 @@ benchmark's MFU column is judged against. Runs on a CPU in seconds.
 from __future__ import annotations
 
 import argparse
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,7 +24,7 @@ from tdc_core.train import spec_for
 from tdc_core.unet import UNet
 
 
-@lru_cache(maxsize=None)
+@cache
 def count(preset: str, *, batch: int = 2) -> dict[str, float]:
     """Parameters, forward and forward + backward FLOPs per image of ``preset``'s dense UNet."""
     cfg = bench_config(preset)
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     rows, out = [], []
     for preset in args.presets.split(","):
         a = dict(count(preset))
-        bound = step_time_bound(a["train_flops_per_image"], batch=args.batch, mfu=args.mfu, peak_tflops=args.peak_tflops)
+        bound = step_time_bound(a["train_flops_per_image"], batch=args.batch, mfu=args.mfu,
+                                peak_tflops=args.peak_tflops)
         a["step_time_bound_s"] = bound
         out.append(a)
         rows.append([preset, f"{a['params'] / 1e6:.2f} M", _giga(a["forward_flops_per_image"]),

@@ -14,7 +14,8 @@ same ``Trainer`` (the pipeline's, the global batch split between ranks) on synth
 Rank 0 then compares every rank's final weights (DDP keeps them identical) and each resumed
 run's with its straight run's, and reports the largest absolute difference of each (0 = bit for
 bit: on CUDA, cuDNN's non-deterministic kernels may make a resume differ in the last bits), and
-the throughput. The launcher itself imports no torch on CPU (a dry run's cost is mostly imports). A CUDA job with more processes than visible GPUs is refused before it starts
+the throughput. The launcher itself imports no torch on CPU (a dry run's cost is mostly imports).
+A CUDA job with more processes than visible GPUs is refused before it starts
 (``tdc_core.distributed.check_gpus_for_processes``).
 """
 
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
            "--resume-at", str(args.resume_at), "--warmup-steps", str(args.warmup_steps),
            "--timed-steps", str(args.timed_steps)]
     print(f"machine: {machine()}\nDDP: {n} processes on {args.device} ({'NCCL' if args.device == 'cuda' else 'gloo'}), "
-          f"preset {args.preset}, global batch {args.batch}, {args.steps} steps; resume at {args.resume_at}", flush=True)
+          f"preset {args.preset}, global batch {args.batch}, {args.steps} steps; resume at {args.resume_at}",
+          flush=True)
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode:
         raise SystemExit(f"torchrun failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")

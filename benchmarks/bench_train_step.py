@@ -111,7 +111,8 @@ def rows_for(arms: dict[str, Arm], times: dict[str, Timing], *, batch: int, step
         ips = batch / step
         mfu = flops * ips / (peak_tflops * 1e12)
         peak = arms[name].peak / 2**30 if arms[name].peak is not None else None
-        rows.append([name, f"{step * 1e3:.1f} ms", f"{1e3 * t.spread[0] / steps:.1f}–{1e3 * t.spread[1] / steps:.1f} ms",
+        lo, hi = (1e3 * x / steps for x in t.spread)
+        rows.append([name, f"{step * 1e3:.1f} ms", f"{lo:.1f}–{hi:.1f} ms",
                      f"{ips:,.0f}", f"{100 * mfu:.1f} %" if cuda else "n/a (CPU)", f"{base / t.median:.2f}×",
                      f"{peak:.1f} GiB" if peak is not None else "n/a (CPU)"])
         record[name] = {"step_s": t.summary(1 / steps), "images_per_s": ips, "mfu": mfu if cuda else None,
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(f"  round {r + 1}: {name}: {1e3 * secs / args.steps:.1f} ms/step", flush=True)
 
     times = alternating_medians(arms, device=first.device, warmup=args.warmup, repeats=args.repeats, on_time=progress)
-    rows, rec = rows_for(arms, times, batch=batch, steps=args.steps, flops=flops, peak_tflops=args.peak_tflops, cuda=cuda)
+    rows, rec = rows_for(arms, times, batch=batch, steps=args.steps, flops=flops, peak_tflops=args.peak_tflops,
+                         cuda=cuda)
     print("\nphase 1: eager variants")
     print(table(HEADERS, rows), flush=True)
     record["phases"]["eager"] = rec
@@ -198,7 +200,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     record["best"] = {"phase": best[0], "variant": best[1], **best[2]}
     if cuda:
         mfu, speed = best[2]["mfu"], best[2]["speedup_vs_fp32_eager"]
-        peak = best[2]["peak_memory_gib"]
         default = record["phases"]["eager"].get("bf16+nhwc", {})  # what the pipeline trains with on CUDA
         mem = default.get("peak_memory_gib")
         record["targets"] = {"mfu_met": mfu >= MFU_TARGET, "speedup_met": speed >= SPEEDUP_TARGET,

@@ -20,7 +20,7 @@ plus fixed costs (process start with CUDA initialisation, ``torch.compile``); th
 step's measured time are both written, so the first GPU session corrects the guesses.
 
 Writes two files to ``--out`` (default ``$OUT/gpu-suite`` when ``$OUT`` is set, else
-``benchmarks/out/gpu-suite-<UTC time>``), rewritten after every step: ``results.json`` (machine,
+``runs/gpu-suite-<UTC time>``), rewritten after every step: ``results.json`` (machine,
 plan, every step's status, time, command, result or error with the end of its log, and each
 target's status) and ``results.md`` (the Markdown rows for benchmarks/RESULTS.md). The steps' own
 logs and JSON files go to a scratch folder (``--keep-step-files`` keeps them under ``<out>/steps``).
@@ -138,7 +138,8 @@ def run_step(step: Step, *, out: Path, timeout_s: float) -> dict[str, object]:
 
 
 def run_all(steps: list[Step], *, budget_s: float, scratch: Path, t_start: float | None = None,
-            on_step: Callable[[str, dict[str, object]], object] = lambda name, rec: None) -> dict[str, dict[str, object]]:
+            on_step: Callable[[str, dict[str, object]], object] = lambda name, rec: None,
+            ) -> dict[str, dict[str, object]]:
     """Run every step in order, whatever the earlier ones did; each step's record by name.
 
     A step's timeout: up to twice its estimate (at least estimate + 60 s), but leaving the later
@@ -201,7 +202,8 @@ def plan(*, dry_run: bool, devices: int, out: Path) -> list[Step]:
             Step("train_step", [*py, "benchmarks.bench_train_step", "--preset", "smoke", "--batch", "8", "--steps",
                                 "1", "--warmup", "1", "--repeats", "2", "--compile-backend", "eager",
                                 "--json", str(j["train_step"])],
-                 DRY_RUN_STEP_S, j["train_step"], "training step variants, smoke model on CPU (compile: dynamo with the eager backend)",
+                 DRY_RUN_STEP_S, j["train_step"],
+                 "training step variants, smoke model on CPU (compile: dynamo with the eager backend)",
                  env=one),
         ]
     a = count("imagenet64")
@@ -313,7 +315,7 @@ def default_out() -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"]) / "gpu-suite"
-    return ROOT / "benchmarks" / "out" / f"gpu-suite-{stamp}"
+    return ROOT / "runs" / f"gpu-suite-{stamp}"  # runs/ is git-ignored
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock budget of the whole suite (default 330 on GPU, 240 in a dry run)")
     ap.add_argument("--only", default=None, help="comma-separated step names to run (default: all)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default: $OUT/gpu-suite or benchmarks/out/)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default: $OUT/gpu-suite, else runs/gpu-suite-<time>)")
     ap.add_argument("--keep-step-files", action="store_true", help="keep each step's log and JSON under <out>/steps")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()

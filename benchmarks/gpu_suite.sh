@@ -11,7 +11,7 @@
 #   run(command="bash benchmarks/gpu_suite.sh", carry=["benchmarks/.whl"], timeout_s=480)
 # where benchmarks/.whl holds the wheels of pydantic and its needs for CPython 3.12 (fetch them
 # here once: see benchmarks/RESULTS.md, "Running the GPU suite"). Results land in $OUT/gpu-suite
-# (results.json, results.md, suite.log) when $OUT is set, else in benchmarks/out/.
+# (results.json, results.md, suite.log) when $OUT is set, else in runs/ (git-ignored).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ -n "${PYTHON:-}" ]]; then
@@ -38,7 +38,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   [[ "${args[i]}" == "--out" ]] && out="${args[i+1]:-}"
 done
 if [[ -z "$out" ]]; then
-  if [[ -n "${OUT:-}" ]]; then out="$OUT/gpu-suite"; else out="benchmarks/out/gpu-suite-$(date -u +%Y%m%d-%H%M%S)"; fi
+  if [[ -n "${OUT:-}" ]]; then out="$OUT/gpu-suite"; else out="runs/gpu-suite-$(date -u +%Y%m%d-%H%M%S)"; fi
   args+=(--out "$out")
 fi
 mkdir -p "$out"
