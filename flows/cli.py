@@ -45,21 +45,26 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def config_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--preset", default="digits", help="named preset: smoke, digits, cifar10, imagenet64 (default: digits)")
+        sp.add_argument("--preset", default="digits",
+                        help="named preset: smoke, digits, cifar10, imagenet64 (default: digits)")
         sp.add_argument("--config", type=Path, help="YAML/JSON file applied on top of the preset")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=2e-4")
 
-    ru = sub.add_parser("run", help="run the whole TDC pipeline (Prefect flow 'tdc') in this process, with the baseline")
+    ru = sub.add_parser("run",
+                        help="run the whole TDC pipeline (Prefect flow 'tdc') in this process, with the baseline")
     config_args(ru)
-    ru.add_argument("--run-dir", type=Path, help="run folder (default: runs/<name>-<preset>-<config hash>; a re-run resumes)")
+    ru.add_argument("--run-dir", type=Path,
+                    help="run folder (default: runs/<name>-<preset>-<config hash>; a re-run resumes)")
     ru.add_argument("--workers", type=int, help="parallel group fine-tunes (default: one per GPU, or 2 on CPU)")
     ru.add_argument("--wait", action="store_true",
                     help="if another process is using the run folder, wait for it instead of exiting")
     ru.add_argument("--verbose", action="store_true", help="show Prefect's own logs and full tracebacks")
 
-    tr = sub.add_parser("train", help="train one model on all timesteps (the baseline; in a TDC run folder, the shared model)")
+    tr = sub.add_parser("train",
+                        help="train one model on all timesteps (the baseline; in a TDC run folder, the shared model)")
     config_args(tr)
-    tr.add_argument("--out-dir", type=Path, help="run folder (default: runs/<name>-<time>); resumes if it holds a checkpoint")
+    tr.add_argument("--out-dir", type=Path,
+                    help="run folder (default: runs/<name>-<time>); resumes if it holds a checkpoint")
     tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out-dir and start over")
     tr.add_argument("--no-samples", action="store_true", help="do not write samples.png at the end")
     tr.add_argument("--metrics-file", type=Path, help="also append metrics as JSON lines here (used by the pipeline)")
@@ -98,16 +103,19 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides of the saved config, e.g. eval.inception_weights=/path/inception-2015-12-05.pt")
 
-    fi = sub.add_parser("fid", help="FID/KID (clean-fid) of a checkpoint or a TDC run's ensemble over several sample seeds")
+    fi = sub.add_parser("fid",
+                        help="FID/KID (clean-fid) of a checkpoint or a TDC run's ensemble over several sample seeds")
     src = fi.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="a single model's checkpoint")
     src.add_argument("--run-dir", type=Path, help="a TDC run folder: evaluate its routed ensemble")
     fi.add_argument("--out-dir", type=Path, help="sample grid and scores (default: <run>/eval)")
     eval_args(fi)
 
-    cm = sub.add_parser("compare", help="TDC ensemble vs the single-model baseline: FID/KID over seeds, sampling and training cost")
+    cm = sub.add_parser("compare", help="TDC ensemble vs the single-model baseline: FID/KID over seeds, sampling "
+                                        "and training cost")
     cm.add_argument("--run-dir", type=Path, required=True)
-    cm.add_argument("--baseline", type=Path, help="baseline checkpoint (default: <run-dir>/baseline/checkpoints/last.pt)")
+    cm.add_argument("--baseline", type=Path,
+                    help="baseline checkpoint (default: <run-dir>/baseline/checkpoints/last.pt)")
     cm.add_argument("--out-dir", type=Path, help="table, JSON, plot and sample grids (default: <run-dir>/eval)")
     eval_args(cm)
 
@@ -216,7 +224,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if world > 1 and args.out_dir is None:
         print("error: under torchrun pass --out-dir: all processes must share one run folder", file=sys.stderr)
         return 2
-    preview = load_config(preset=args.preset, path=args.config, overrides=args.overrides) if args.out_dir is None else None
+    preview = (load_config(preset=args.preset, path=args.config, overrides=args.overrides)
+               if args.out_dir is None else None)
     out = args.out_dir or safe_child(Path("runs"), f"{preview.name}-{preview.preset}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg = _resolve_config(args, out, write=False)
     if rank != 0:  # rank 0 checked the inputs and holds the folder for the job
@@ -328,7 +337,8 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
         r = finetune_group_stage(cfg, layout, group=args.group, reporter=reporter, device=_setup(cfg))
     print(f"group {r.group}: timesteps [{r.lo}, {r.hi}), rank {r.rank}, {r.steps} steps in {_fmt_seconds(r.seconds)}")
     pruned = f" → pruned {r.heldout_loss_pruned:.4f}" if r.heldout_loss_pruned is not None else ""
-    print(f"  held-out ε-MSE on its timesteps: shared {r.heldout_loss_shared:.4f}{pruned} → fine-tuned {r.heldout_loss:.4f}")
+    print(f"  held-out ε-MSE on its timesteps: shared {r.heldout_loss_shared:.4f}{pruned} → "
+          f"fine-tuned {r.heldout_loss:.4f}")
     print(f"  FLOPs {r.flops / 1e6:.1f} M vs budget {r.budget_flops / 1e6:.1f} M: "
           + ("met" if r.budget_met else "NOT met (prune.enabled=false: the expert keeps full width)")
           + (f"; pruning search cost {r.pruning_flops:.3g} FLOPs" if r.pruned else ""))
@@ -340,10 +350,9 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
 def _stage_reporter(*, desc: str, quiet: bool, metrics_file: Path | None):  # noqa: ANN202
     """Progress (a live bar on a terminal, else periodic lines; none when ``quiet``) plus, for
     the pipeline, metrics and progress as JSON lines in ``metrics_file``; both closed on exit."""
+    from tasks.progress import StageProgress
     from tasks.reporters import JsonlReporter
     from tdc_core.reporting import MultiReporter, NullReporter
-
-    from tasks.progress import StageProgress
 
     bar = NullReporter() if quiet else StageProgress(desc)
     sink = JsonlReporter(metrics_file) if metrics_file else NullReporter()
@@ -450,7 +459,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         cfg = apply_overrides(loaded.config, args.overrides, source=f"checkpoint {args.checkpoint}")
         device = _setup(cfg)
         model, name, what = loaded.model.to(device), "model", str(args.checkpoint)
-        run_root = args.checkpoint.parent.parent if args.checkpoint.parent.name == "checkpoints" else args.checkpoint.parent
+        ckpt_dir = args.checkpoint.parent
+        run_root = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
         out = args.out_dir or RunLayout(run_root).eval_dir
     setup = _eval_setup(args, cfg)
     _preflight(cfg, None, "data", "features")  # the reference images and the feature extractor

@@ -164,7 +164,8 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
                                  score_name=score_name, score=score)
     summary = PipelineSummary(
         run_dir=str(root), mlflow_run_id=tracking.parent_run_id, baseline_run_id=baseline_run_id,
-        tracking_uri=tracking.tracking_uri, experiment_id=tracking.experiment_id, boundaries=grouped.grouping.boundaries, groups=groups,
+        tracking_uri=tracking.tracking_uri, experiment_id=tracking.experiment_id,
+        boundaries=grouped.grouping.boundaries, groups=groups,
         shared=shared, baseline=baseline, costs=costs, ensemble_heldout_loss=heldout, comparison=comparison,
         registration=registration,
     )

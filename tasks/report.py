@@ -36,7 +36,8 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         f"- MLflow run: `{summary['mlflow_run_id']}` ({summary['tracking_uri']})",
         f"- group boundaries (timesteps): {summary['boundaries']}",
         "",
-        "| model | timesteps | rank | MFLOP/forward | budget MFLOP | budget met | held-out ε-MSE shared → pruned → expert |",
+        "| model | timesteps | rank | MFLOP/forward | budget MFLOP | budget met "
+        "| held-out ε-MSE shared → pruned → expert |",
         "|---|---|---|---|---|---|---|",
         *[f"| {r['model']} | {r['timesteps']} | {r['rank']} | {r['MFLOP/forward']} | {r['budget MFLOP']} | "
           f"{'yes' if r['budget met'] else 'no'} | {r['held-out ε-MSE shared → pruned → expert']} |" for r in rows],
@@ -73,7 +74,8 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
 def _comparison_table(c: dict) -> str:
     """The comparison as Markdown (the evaluation module writes the same data in full)."""
     setup = c["setup"]
-    rows = ["| | FID (mean ± std) | KID (mean ± std) | FID per seed | sampling MFLOP/image | ms/image | training FLOPs |",
+    rows = ["| | FID (mean ± std) | KID (mean ± std) | FID per seed | sampling MFLOP/image | ms/image "
+            "| training FLOPs |",
             "|---|---|---|---|---|---|---|"]
     for name in ("tdc", "baseline"):
         e, cost = c[name]["eval"], c[name]["cost"]

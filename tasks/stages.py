@@ -355,7 +355,8 @@ def finetune_group_task(
     pruned = (f"pruned to {result.flops / 1e6:.1f} MFLOP (budget {result.budget_flops / 1e6:.1f}; ε-MSE "
               f"{result.heldout_loss_pruned:.4f}) → " if result.pruned else "")
     say(f"group {group} [{result.lo}, {result.hi}): ε-MSE {result.heldout_loss_shared:.4f} → {pruned}"
-        f"{result.heldout_loss:.4f} after {result.steps} steps ({result.seconds:.0f} s, {slot and 'GPU ' + slot or 'CPU'})")
+        f"{result.heldout_loss:.4f} after {result.steps} steps "
+        f"({result.seconds:.0f} s, {slot and 'GPU ' + slot or 'CPU'})")
     return result
 
 

@@ -710,7 +710,7 @@ class LLMProxy:
             if isinstance(exc.reason, (TimeoutError, socket.timeout)):
                 raise _LLMFailure(f"no answer within {self.timeout_s:g} s (timeout)") from None
             raise _LLMFailure(f"cannot reach the endpoint: {exc.reason}") from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _LLMFailure(f"no answer within {self.timeout_s:g} s (timeout)") from None
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise _LLMFailure(f"request failed: {type(exc).__name__}: {exc}") from None

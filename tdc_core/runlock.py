@@ -34,7 +34,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tdc_core.errors import TDCError
@@ -150,7 +150,7 @@ class RunLock:
             self.took_over = previous
         self._token = uuid.uuid4().hex
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                  "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": self._token}
+                  "since": datetime.now(UTC).isoformat(timespec="seconds"), "token": self._token}
         f.seek(0)
         f.truncate()
         f.write(json.dumps(record))

@@ -27,8 +27,8 @@ from tdc_core.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.config import PipelineConfig, TrainConfig, validate_config
 from tdc_core.data import BatchSampler, load_images, split_heldout, to_model_range
 from tdc_core.device import autocast_dtype, peak_memory_gib, reset_peak_memory, resolve_device
-from tdc_core.distributed import DistInfo, all_gather_objects, init_distributed, mean_across_ranks
 from tdc_core.diffusion import Diffusion
+from tdc_core.distributed import DistInfo, all_gather_objects, init_distributed, mean_across_ranks
 from tdc_core.errors import CheckpointError, TDCError, TrainingError, first_line
 from tdc_core.reporting import NullReporter, Reporter
 from tdc_core.unet import UNet, UNetSpec

@@ -47,7 +47,8 @@ def test_a_new_total_starts_a_new_phase(capsys) -> None:
     p.progress(step=0, total=10)  # then the fine-tune
     p.progress(step=10, total=10)
     out = capsys.readouterr().out
-    assert [m.group(0) for m in re.finditer(r"step \d+/\d+", out)] == ["step 0/3", "step 3/3", "step 0/10", "step 10/10"]
+    steps = [m.group(0) for m in re.finditer(r"step \d+/\d+", out)]
+    assert steps == ["step 0/3", "step 3/3", "step 0/10", "step 10/10"]
 
 
 def test_terminal_bar_shows_step_total_rate_and_loss() -> None:

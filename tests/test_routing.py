@@ -241,7 +241,8 @@ def test_load_router_refuses_experts_that_disagree_on_shapes(group_checkpoints, 
 
 def test_load_router_refuses_experts_of_different_diffusions(group_checkpoints, monkeypatch):
     first = load_model(group_checkpoints[0])
-    other_cfg = first.config.model_copy(update={"diffusion": first.config.diffusion.model_copy(update={"schedule": "linear"})})
+    linear = first.config.diffusion.model_copy(update={"schedule": "linear"})
+    other_cfg = first.config.model_copy(update={"diffusion": linear})
     odd = LoadedModel(model=first.model, config=other_cfg, spec=first.spec, step=2, t_range=(40, 100))
     monkeypatch.setattr("tdc_core.routing.load_model", lambda p, **kw: first if p == group_checkpoints[0] else odd)
     with pytest.raises(CheckpointError, match="diffusion"):

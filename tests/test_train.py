@@ -39,7 +39,8 @@ def test_training_on_digits_lowers_heldout_loss(tmp_path):
 
 
 def _weights(t: Trainer) -> dict[str, torch.Tensor]:
-    return {**{f"m.{k}": v for k, v in t.model.state_dict().items()}, **{f"e.{k}": v for k, v in t.ema.state_dict().items()}}
+    return {**{f"m.{k}": v for k, v in t.model.state_dict().items()},
+            **{f"e.{k}": v for k, v in t.ema.state_dict().items()}}
 
 
 def test_resume_equals_straight_training(tmp_path):
@@ -76,10 +77,12 @@ def test_checkpoint_rebuilds_the_model_alone(tmp_path):
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
     cfg = load_config(preset="smoke", overrides=["train.steps=2", "profile.profile_steps=0"])
     make_trainer(cfg).fit(until_step=2, checkpoint_path=tmp_path / "c.pt")
-    other = make_trainer(load_config(preset="smoke", overrides=["train.steps=2", "profile.profile_steps=0", "train.lr=0.5"]))
+    other = make_trainer(load_config(preset="smoke",
+                                     overrides=["train.steps=2", "profile.profile_steps=0", "train.lr=0.5"]))
     with pytest.raises(CheckpointError, match="different config"):
         other.resume(tmp_path / "c.pt")
-    wider = make_trainer(load_config(preset="smoke", overrides=["train.steps=2", "profile.profile_steps=0", "model.base_channels=8"]))
+    wider = make_trainer(load_config(preset="smoke",
+                                     overrides=["train.steps=2", "profile.profile_steps=0", "model.base_channels=8"]))
     with pytest.raises(CheckpointError, match="different model"):
         wider.resume(tmp_path / "c.pt")
 
@@ -140,7 +143,8 @@ def test_nonfinite_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
 
     t._train_step = poisoned
     ckpt = tmp_path / "c.pt"
-    with pytest.raises(TrainingError, match=r"non-finite training loss between steps 6 and 10; last good checkpoint: .*c\.pt"):
+    with pytest.raises(TrainingError,
+                       match=r"non-finite training loss between steps 6 and 10; last good checkpoint: .*c\.pt"):
         t.fit(until_step=20, checkpoint_path=ckpt)
     good = load_checkpoint(ckpt)
     assert good["step"] == 5

@@ -123,7 +123,7 @@ def _npz_claiming(shape: str) -> bytes:
     """An .npz whose .npy header states ``shape`` over the 768 bytes of ``_IMAGES``."""
     import zipfile
 
-    header = ("{'descr': '|u1', 'fortran_order': False, 'shape': %s, }" % shape).encode()
+    header = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}".encode()
     header += b" " * ((64 - (10 + len(header) + 1) % 64) % 64) + b"\n"  # numpy's 64-byte alignment
     member = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + _IMAGES.tobytes()
     out = io.BytesIO()

@@ -54,7 +54,8 @@ def test_four_runs_at_once_share_one_store_without_cross_talk(pipeline) -> None:
             for key in r.data.metrics:
                 steps = Counter(m.step for m in client.get_metric_history(r.info.run_id, key))
                 assert max(steps.values()) == 1, (p.name, r.info.run_name, key, steps)
-        hist = lambda name, key: sorted(m.step for m in client.get_metric_history(by_name[name].info.run_id, key))  # noqa: E731
+        def hist(name: str, key: str, by_name=by_name) -> list[int]:
+            return sorted(m.step for m in client.get_metric_history(by_name[name].info.run_id, key))
         assert hist("profile", "probe_loss") == [5, 10]
         assert hist("shared-train", "loss") == [15, 20]
         assert hist("group-0", "loss") == hist("group-1", "loss") == [5, 10]

@@ -67,7 +67,8 @@ def _fail_os_call(monkeypatch: pytest.MonkeyPatch, name: str, err: int) -> None:
 
 FAULTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
     "disk full mid-write": (lambda mp: _fail_write(mp), ENOSPC),
-    "fsync I/O error": (lambda mp: _fail_os_call(mp, "fsync", errno.EIO), f"[Errno {errno.EIO}] {os.strerror(errno.EIO)}"),
+    "fsync I/O error": (lambda mp: _fail_os_call(mp, "fsync", errno.EIO),
+                        f"[Errno {errno.EIO}] {os.strerror(errno.EIO)}"),
     "rename refused": (lambda mp: _fail_os_call(mp, "replace", errno.ENOSPC), ENOSPC),
 }
 
