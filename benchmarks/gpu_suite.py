@@ -329,7 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default: $OUT/gpu-suite, else runs/gpu-suite-<time>)")
     ap.add_argument("--keep-step-files", action="store_true", help="keep each step's log and JSON under <out>/steps")
+    ap.add_argument("--plan-only", type=int, default=None, metavar="GPUS",
+                    help="print the GPU plan for this many GPUs (steps, commands, planned seconds) and exit")
     args = ap.parse_args(argv)
+    if args.plan_only is not None:
+        steps = plan(dry_run=False, devices=args.plan_only, out=Path("<scratch>"))
+        budget = args.budget_s or 330.0
+        for st in steps:
+            print(f"{st.name:<11} {'skipped' if st.skip_reason else f'{st.estimate_s:6.0f} s'}  "
+                  f"{st.skip_reason or ' '.join(st.command[2:])}")
+        total = sum(st.estimate_s for st in steps if st.skip_reason is None)
+        print(f"planned {total:.0f} s of a {budget:.0f} s budget (assumed {ASSUMED_TFLOPS} TFLOP/s achieved, "
+              f"{PROCESS_START_S:.0f} s per process start, {COMPILE_S:.0f} s to compile: guesses, not measurements)")
+        return 0 if total <= budget else 1
     t_start = time.perf_counter()
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     out = args.out or default_out()
