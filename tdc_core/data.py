@@ -407,6 +407,9 @@ def _peek_npz_like(cfg: DataConfig, *, num: int) -> tuple[int, bool, np.ndarray]
         shape, dtype, head = _npz_header(file, keys=("images", "arr_0"), rows=num)
         if dtype != np.uint8:
             raise DataError(f"{file} holds {dtype} images {shape}; only uint8 is allowed")
+        # The shape checks on a zero-stride view of the whole array (no memory), so the
+        # message gives the file's real shape; then the rows read.
+        _to_nchw(np.broadcast_to(np.zeros((), np.uint8), shape), file=file, size=cfg.image_size)
         return shape[0], True, _to_nchw(head, file=file, size=cfg.image_size)
     path = _existing(cfg.path, want="either")
     files = [path] if path.is_file() else (
@@ -453,15 +456,8 @@ def _npz_header(file: Path, *, keys: tuple[str, ...], rows: int,
             with file.open("rb") as f:
                 return _npy_stream_header(f, rows=rows)
         with zipfile.ZipFile(file) as zf:
-            names = [n.removesuffix(".npy") for n in zf.namelist()]
-            key = next((k for k in keys if k in names), None)
-            if key is None and len(names) == 1 and not only_preferred:
-                key = names[0]
-            if key is None:
-                raise DataError(
-                    f"{file} has arrays {names}; expected {' or '.join(map(repr, keys))}"
-                    + ("" if only_preferred else " or a single array")
-                )
+            key = _array_key(file, [n.removesuffix(".npy") for n in zf.namelist()], keys=keys,
+                             only_preferred=only_preferred)
             with zf.open(key + ".npy") as f:
                 return _npy_stream_header(f, rows=rows)
     except _NPZ_ERRORS as exc:
@@ -576,18 +572,22 @@ def _read_npz_array(file: Path, *, keys: tuple[str, ...], only_preferred: bool =
         if isinstance(loaded, np.ndarray):
             return loaded
         with loaded as npz:
-            names = list(npz.files)
-            key = next((k for k in keys if k in names), None)
-            if key is None and len(names) == 1 and not only_preferred:
-                key = names[0]
-            if key is None:
-                raise DataError(
-                    f"{file} has arrays {names}; expected {' or '.join(map(repr, keys))}"
-                    + ("" if only_preferred else " or a single array")
-                )
-            return npz[key]
+            return npz[_array_key(file, list(npz.files), keys=keys, only_preferred=only_preferred)]
     except _NPZ_ERRORS as exc:
         raise DataError(f"cannot read {file} as a numpy .npz archive: {_one_line(_npz_failure(exc))}") from None
+
+
+def _array_key(file: Path, names: list[str], *, keys: tuple[str, ...], only_preferred: bool) -> str:
+    """The first of ``keys`` among an archive's array ``names``, else its only array."""
+    key = next((k for k in keys if k in names), None)
+    if key is None and len(names) == 1 and not only_preferred:
+        key = names[0]
+    if key is None:
+        raise DataError(
+            f"{file} has arrays {names}; expected {' or '.join(map(repr, keys))}"
+            + ("" if only_preferred else " or a single array")
+        )
+    return key
 
 
 def _npz_failure(exc: Exception) -> str:
