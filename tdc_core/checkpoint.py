@@ -146,7 +146,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             f"values ({first_line(exc)})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch's unpickler raises many types on damaged bytes
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {first_line(exc) or type(exc).__name__}") from None
+        reason = first_line(exc) or type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {reason}") from None
     version = payload.get("format_version") if isinstance(payload, dict) else None
     if type(version) is not int or version not in (FORMAT_VERSION, _LEGACY_VERSION):
         raise CheckpointError(f"checkpoint {path} is not a TDC checkpoint (format {FORMAT_VERSION})")
@@ -173,7 +174,8 @@ def _check_zip_crcs(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except Exception as exc:  # noqa: BLE001 - zipfile raises many types on damaged headers
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {first_line(exc) or type(exc).__name__}") from None
+        reason = first_line(exc) or type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {reason}") from None
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt or was modified: member {bad} fails its CRC check")
 

@@ -170,7 +170,8 @@ def test_five_equal_groups_with_progressive_budgets_cost_80_percent(steps):
 
 
 def test_sampling_cost_by_hand():
-    cost = sampling_cost(visited_timesteps=[19, 15, 9, 0], boundaries=[0, 10, 20], group_flops=[1.0, 2.0], base_flops=2.0)
+    cost = sampling_cost(visited_timesteps=[19, 15, 9, 0], boundaries=[0, 10, 20], group_flops=[1.0, 2.0],
+                         base_flops=2.0)
     assert (cost.total_flops, cost.single_model_flops, cost.ratio, cost.steps_per_group) == (6.0, 8.0, 0.75, [2, 2])
     assert SamplingCost.model_validate_json(cost.model_dump_json()) == cost
 

@@ -11,10 +11,14 @@ from tdc_core.flops import count_forward_flops
 from tdc_core.unet import AttentionBlock, UNet, UNetSpec
 
 CASES = [
-    (ModelConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), norm_groups=8), 8, 1, False),
-    (ModelConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(8, 4), num_heads=2), 16, 3, True),
-    (ModelConfig(base_channels=8, channel_mult=(1, 1, 2), num_res_blocks=1, attention_resolutions=(), resblock_updown=True, use_scale_shift_norm=False), 16, 3, False),
-    (ModelConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), num_head_channels=8, dropout=0.1), 8, 1, True),
+    (ModelConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                 norm_groups=8), 8, 1, False),
+    (ModelConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(8, 4),
+                 num_heads=2), 16, 3, True),
+    (ModelConfig(base_channels=8, channel_mult=(1, 1, 2), num_res_blocks=1, attention_resolutions=(),
+                 resblock_updown=True, use_scale_shift_norm=False), 16, 3, False),
+    (ModelConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                 num_head_channels=8, dropout=0.1), 8, 1, True),
 ]
 
 
