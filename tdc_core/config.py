@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tdc_core.atomic import atomic_write_bytes
 from tdc_core.errors import ConfigError
 
 __all__ = [
@@ -613,8 +614,6 @@ def _flatten_into(out: dict[str, str], key: str, value: Any) -> None:
 
 def write_run_config(layout, config: PipelineConfig) -> None:
     """Save the resolved config as the run folder's ``config.yaml`` (atomically)."""
-    from tdc_core.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(layout.config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
 
 

@@ -101,3 +101,10 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
+
+
+def test_config_is_a_leaf():
+    """The config imports no model code: it is read by every command and by the UNet."""
+    assert _core_import_graph()["tdc_core.config"] <= {"tdc_core.errors", "tdc_core.atomic"}
+    atomic = _core_import_graph()["tdc_core.atomic"]
+    assert atomic <= {"tdc_core.errors"}, atomic

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdc_core import checkpoint as ckpt_mod
+from tdc_core import atomic as atomic_mod
 from tdc_core.checkpoint import WriteError, load_checkpoint, save_checkpoint
 from tdc_core.errors import CheckpointError, TDCError
 from tdc_core.records import load_record, save_record
@@ -55,14 +55,14 @@ def _fail_write(monkeypatch: pytest.MonkeyPatch, *, after_files: int = 0, limit:
         opened["n"] += 1
         return _FullDisk(f, limit) if opened["n"] > after_files else f
 
-    monkeypatch.setattr(ckpt_mod.os, "fdopen", fdopen)
+    monkeypatch.setattr(atomic_mod.os, "fdopen", fdopen)
 
 
 def _fail_os_call(monkeypatch: pytest.MonkeyPatch, name: str, err: int) -> None:
     def boom(*args, **kwargs):
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(ckpt_mod.os, name, boom)
+    monkeypatch.setattr(atomic_mod.os, name, boom)
 
 
 FAULTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str]] = {
