@@ -1,4 +1,4 @@
-"""Reported costs: sampling FLOPs follow the routed experts, training FLOPs follow METHOD.md's formula."""
+"""Reported costs: sampling FLOPs follow the routed experts, training FLOPs follow docs/METHOD.md's formula."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Difficulty profiling (METHOD.md step 1): the record, its determinism, and the real signal.
+"""Difficulty profiling (docs/METHOD.md step 1): the record, its determinism, and the real signal.
 
 A smoke-preset model trained for a few seconds on the digits is enough for the profile to show
 the structure the method relies on: ε-loss highest at small t, and gradients of neighbouring

@@ -96,7 +96,7 @@ def test_router_serves_each_group_with_its_expert(run):
 
 def test_costs_of_the_run_by_hand(run):
     """The cost report against the arithmetic written out here from the run's own numbers:
-    which expert serves each of the 10 DDIM steps, and METHOD.md's training-cost formula."""
+    which expert serves each of the 10 DDIM steps, and docs/METHOD.md's training-cost formula."""
     cfg, layout, _, grouped, _, results = run
     report = stages.cost_stage(cfg, layout)
     assert report.sampling.ratio < 1.0 and report.budgets_met
