@@ -134,17 +134,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print()
         print(table(["direct stage", *[f"round {i + 1}" for i in range(len(stage_times))]],
                     [[k, *[f"{s.get(k, float('nan')):.1f} s" for s in stage_times]] for k in keys]))
+    judged = args.preset == "digits" and not args.overrides  # the targets are for the embedded default
+    verdict = (lambda ok: "met" if ok else "missed") if judged else (lambda ok: "not judged (targets are for digits)")
     print(f"\noverhead (flow − direct) / flow = {overhead:.1f} % from the medians "
           f"(per round: {', '.join(f'{p:.1f} %' for p in paired)}); target ≤ {OVERHEAD_TARGET_PCT:g} %: "
-          f"{'met' if overhead <= OVERHEAD_TARGET_PCT else 'missed'}")
-    print(f"pipeline through the flow: median {f.median / 60:.0f} min {f.median % 60:.0f} s; target ≤ "
-          f"{PIPELINE_TARGET_S / 60:.0f} min: {'met' if f.median <= PIPELINE_TARGET_S else 'missed'}")
+          f"{verdict(overhead <= OVERHEAD_TARGET_PCT)}")
+    print(f"pipeline through the flow: median {f.median // 60:.0f} min {f.median % 60:.0f} s; target ≤ "
+          f"{PIPELINE_TARGET_S / 60:.0f} min: {verdict(f.median <= PIPELINE_TARGET_S)}")
     if rerun is not None:
         print(f"re-run of a finished run folder: {rerun:.1f} s")
     record = {"benchmark": "orchestration", "preset": args.preset, "warmup_preset": warm, "repeats": args.repeats,
               "arms": {"flow": f.summary(), "direct": d.summary()}, "direct_stage_seconds": stage_times,
-              "overhead_pct": overhead, "paired_overhead_pct": paired, "overhead_met": overhead <= OVERHEAD_TARGET_PCT,
-              "pipeline_met": f.median <= PIPELINE_TARGET_S, "rerun_seconds": rerun, "folder": str(tmp)}
+              "overhead_pct": overhead, "paired_overhead_pct": paired, "judged": judged,
+              "overhead_met": overhead <= OVERHEAD_TARGET_PCT if judged else None,
+              "pipeline_met": f.median <= PIPELINE_TARGET_S if judged else None,
+              "rerun_seconds": rerun, "folder": str(tmp)}
     write_json(args.json, record)
     return record
 
