@@ -375,24 +375,17 @@ def _check_group(layout, group: int) -> None:
 
 def _write_samples(model, cfg, *, out: Path, num: int | None, sampler: str | None, steps: int | None,
                    seed: int | None, device) -> Path:
-    import torch
-
-    from tdc_core.data import to_uint8
     from tdc_core.diffusion import Diffusion
     from tdc_core.images import save_grid
-    from tdc_core.samplers import sample
+    from tdc_core.samplers import generate
 
     sc = cfg.sample
-    num = num or sc.num_samples
     diffusion = Diffusion.from_config(cfg.diffusion).respaced(steps if steps is not None else sc.steps)
-    gen = torch.Generator().manual_seed(sc.seed if seed is None else seed)
-    chunks = []
-    for start in range(0, num, sc.batch_size):
-        n = min(sc.batch_size, num - start)
-        x = sample(model, diffusion, shape=(n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                   generator=gen, sampler=sampler or sc.sampler, eta=sc.eta, device=device)
-        chunks.append(to_uint8(x.cpu()))
-    return save_grid(out, torch.cat(chunks))
+    images = generate(model, diffusion, num=num or sc.num_samples, seed=sc.seed if seed is None else seed,
+                      batch_size=sc.batch_size, image_shape=(cfg.data.channels, cfg.data.image_size,
+                                                             cfg.data.image_size),
+                      sampler=sampler or sc.sampler, eta=sc.eta, device=device)
+    return save_grid(out, images)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:

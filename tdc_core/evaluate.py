@@ -29,12 +29,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torch import nn
 
 from tdc_core.checkpoint import atomic_write_bytes
 from tdc_core.config import PipelineConfig
 from tdc_core.costs import measure_group_flops, sampling_cost
-from tdc_core.data import dataset_fingerprint, to_uint8
+from tdc_core.data import dataset_fingerprint
 from tdc_core.diffusion import Diffusion
 from tdc_core.errors import CheckpointError, ConfigError
 from tdc_core.feature_extractors import (
@@ -53,7 +52,7 @@ from tdc_core.images import save_grid
 from tdc_core.layout import RunLayout
 from tdc_core.records import save_record
 from tdc_core.reporting import NullReporter, Reporter
-from tdc_core.samplers import Denoiser, sample, sampling_timesteps
+from tdc_core.samplers import Denoiser, generate, sampling_timesteps
 from tdc_core.stages import assemble_router, cost_stage
 from tdc_core.train import load_model, prepare_data
 
@@ -205,50 +204,6 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def generate(
-    model: Denoiser,
-    diffusion: Diffusion,
-    *,
-    num: int,
-    seed: int,
-    batch_size: int,
-    image_shape: tuple[int, int, int],
-    sampler: str = "ddim",
-    eta: float = 0.0,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """``num`` samples as uint8 ``[num x C x H x W]`` on the CPU.
-
-    Batches of ``batch_size`` draw in turn from one CPU generator seeded with ``seed``, so the
-    noise depends only on (seed, num, batch_size, sampler, eta) — not on the device — and two
-    models sampled with the same arguments start from the same noise (common random numbers:
-    their score difference is not blurred by different draws). On one device the images are
-    reproducible; across devices they agree up to floating-point rounding.
-
-    Args:
-        diffusion: the (respaced) diffusion the sampler walks; its steps are the sampling steps.
-        image_shape: ``(C, H, W)``.
-    """
-    if num < 1 or batch_size < 1:
-        raise ValueError(f"num={num} and batch_size={batch_size} must be >= 1")
-    device = torch.device(device)
-    was_training = model.training if isinstance(model, nn.Module) else None
-    if isinstance(model, nn.Module):
-        model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    chunks = []
-    try:
-        for start in range(0, num, batch_size):
-            n = min(batch_size, num - start)
-            x = sample(model, diffusion, shape=(n, *image_shape), generator=gen, sampler=sampler, eta=eta,
-                       device=device)
-            chunks.append(to_uint8(x.cpu()))
-    finally:
-        if isinstance(model, nn.Module) and was_training:
-            model.train()
-    return torch.cat(chunks)
-
-
 def _std(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 

@@ -4,6 +4,8 @@ Pure functions: the model is any callable ``model(x, t) -> out`` with ``x: [N x 
 and original timestep indices ``t: int64 [N]`` (a UNet or the expert-routing denoiser alike);
 all randomness comes from the ``generator`` passed in, so a fixed generator gives fixed samples.
 ``callback(step_index, t, x)`` is called after every step (progress bars, visualisation).
+:func:`generate` is the one batched loop over :func:`sample` that every caller uses (``tdc
+sample``, evaluation).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
+from tdc_core.data import to_uint8
 from tdc_core.diffusion import Diffusion, gather
 
-__all__ = ["Denoiser", "sample", "sampling_timesteps"]
+__all__ = ["Denoiser", "generate", "sample", "sampling_timesteps"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -78,3 +82,47 @@ def sample(
         if callback is not None:
             callback(i, int(diffusion.timestep_map[step]), x)
     return x.clamp(-1, 1)
+
+
+def generate(
+    model: Denoiser,
+    diffusion: Diffusion,
+    *,
+    num: int,
+    seed: int,
+    batch_size: int,
+    image_shape: tuple[int, int, int],
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``num`` samples as uint8 ``[num x C x H x W]`` on the CPU.
+
+    Batches of ``batch_size`` draw in turn from one CPU generator seeded with ``seed``, so the
+    noise depends only on (seed, num, batch_size, sampler, eta) — not on the device — and two
+    models sampled with the same arguments start from the same noise (common random numbers:
+    their score difference is not blurred by different draws). On one device the images are
+    reproducible; across devices they agree up to floating-point rounding.
+
+    Args:
+        diffusion: the (respaced) diffusion the sampler walks; its steps are the sampling steps.
+        image_shape: ``(C, H, W)``.
+    """
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num={num} and batch_size={batch_size} must be >= 1")
+    device = torch.device(device)
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if isinstance(model, nn.Module):
+        model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    chunks = []
+    try:
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            x = sample(model, diffusion, shape=(n, *image_shape), generator=gen, sampler=sampler, eta=eta,
+                       device=device)
+            chunks.append(to_uint8(x.cpu()))
+    finally:
+        if isinstance(model, nn.Module) and was_training:
+            model.train()
+    return torch.cat(chunks)
