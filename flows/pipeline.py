@@ -151,7 +151,7 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
     baseline, baseline_run_id, comparison = None, None, None
     if cfg.baseline.enabled:
         steps = cfg.baseline.steps or costs.training.baseline_steps
-        baseline_run_id = _baseline_run(tracking, cfg, run_key=run_key, steps=steps)
+        baseline_run_id = tracking.baseline_run(cfg, run_key=run_key, steps=steps)
         baseline = baseline_task(*args, steps=steps, baseline_run_id=baseline_run_id)
         comparison = evaluate_task(*args, baseline_run_id=baseline_run_id, baseline=baseline)
         tracking.finish(baseline_run_id)
@@ -205,23 +205,6 @@ def ensemble_heldout_loss(groups: list[GroupResult], *, num_timesteps: int) -> f
     """Held-out ε-MSE of the routed ensemble for t uniform on [0, T): each expert's loss on its
     own interval, weighted by the interval's share of the timesteps."""
     return sum(g.heldout_loss * (g.hi - g.lo) for g in groups) / num_timesteps
-
-
-def _baseline_run(tracking: TrackingRef, cfg: PipelineConfig, *, run_key: str, steps: int) -> str:
-    """The baseline's own top-level run in the same experiment (side by side with TDC's)."""
-    from tdc_core.config import flatten
-
-    client = tracking.client()
-    key = f"{run_key}-baseline"
-    found = client.search_runs([tracking.experiment_id], filter_string=f"tags.`tdc.run_key` = '{key}'", max_results=1)
-    if found:
-        return found[0].info.run_id
-    run_id = client.create_run(tracking.experiment_id, run_name=f"{cfg.name}-{cfg.preset}-baseline", tags={
-        "tdc.run_key": key, "tdc.kind": "baseline", "tdc.pipeline_run_id": tracking.parent_run_id,
-    }).info.run_id
-    tracking.log_params(run_id, {**flatten(cfg), "train.steps": str(steps)})
-    tracking.set_tags(tracking.parent_run_id, {"tdc.baseline_run_id": run_id})
-    return run_id
 
 
 def run_pipeline(

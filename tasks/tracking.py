@@ -103,6 +103,22 @@ class TrackingRef(BaseModel):
         )
         return run.info.run_id
 
+    def baseline_run(self, config: PipelineConfig, *, run_key: str, steps: int) -> str:
+        """Find or create the baseline's own top-level run in the same experiment (side by side
+        with TDC's parent run in the UI), with the run's params and its ``train.steps``."""
+        client = self.client()
+        key = f"{run_key}-baseline"
+        found = client.search_runs([self.experiment_id], filter_string=f"tags.`tdc.run_key` = '{key}'",
+                                   max_results=1)
+        if found:
+            return found[0].info.run_id
+        run_id = client.create_run(self.experiment_id, run_name=f"{config.name}-{config.preset}-baseline", tags={
+            "tdc.run_key": key, "tdc.kind": "baseline", "tdc.pipeline_run_id": self.parent_run_id,
+        }).info.run_id
+        self.log_params(run_id, {**flatten(config), "train.steps": str(steps)})
+        self.set_tags(self.parent_run_id, {"tdc.baseline_run_id": run_id})
+        return run_id
+
     def finish(self, run_id: str, *, ok: bool = True) -> None:
         self.client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
