@@ -98,8 +98,13 @@ def test_second_run_is_refused_and_a_killed_owners_lock_is_taken_over(pipeline) 
 
     # The same stage lines reach the Prefect flow run's log (what the Prefect UI shows).
     client = MlflowClient(p.tracking_uri)
-    (parent,) = client.search_runs([client.get_experiment_by_name("tdc").experiment_id],
-                                   filter_string="tags.`tdc.kind` = 'pipeline'")
+    experiment = client.get_experiment_by_name("tdc")
+    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`tdc.kind` = 'pipeline'")
+    # The MLflow UI opens on the runs: the experiment is tagged, and the address printed last
+    # asks for the model-training view (MLflow 3.17 ignores the tag for that choice).
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert (f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+            in third.stdout.strip().splitlines()[-1]), third.stdout[-500:]
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     messages = [log["message"] for log in _prefect_logs(p.api_url, flow_run_id)]
     assert any(re.match(rf"shared training: step \d+/{TRAIN} ", m) for m in messages), messages[:50]
