@@ -76,12 +76,17 @@ class QuietConsole(logging.Filter):
         return True
 
 
-_INSTALLED = threading.Lock()
+_INSTALL_LOCK = threading.Lock()
+_installed = {"done": False}
 
 
 def install_quiet_console() -> None:
-    """Put :class:`QuietConsole` on Prefect's console handlers (once; idempotent)."""
-    with _INSTALLED:
+    """Put :class:`QuietConsole` on Prefect's console handlers. Once per process: Prefect sets
+    its handlers up when it is imported, and the flow calls this at its start; later calls
+    (every stage line) return at once."""
+    if _installed["done"]:
+        return
+    with _INSTALL_LOCK:
         try:
             from prefect.logging.handlers import PrefectConsoleHandler
         except ImportError:  # pragma: no cover - prefect is a dependency
@@ -94,3 +99,4 @@ def install_quiet_console() -> None:
                     seen.add(id(handler))
                     if not any(isinstance(f, QuietConsole) for f in handler.filters):
                         handler.addFilter(QuietConsole())
+        _installed["done"] = bool(seen)  # none found yet (logging not set up): try again next time

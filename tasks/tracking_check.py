@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from tdc_core.atomic import probe_writable
 from tdc_core.errors import TDCError, first_line
 
 __all__ = ["TrackingError", "check_tracking", "default_tracking_uri", "reason"]
@@ -72,13 +72,10 @@ def _check_server(uri: str, *, timeout_s: int) -> None:
 
 def _check_local(uri: str, folder: Path) -> None:
     """The nearest existing folder on the way to the store accepts a new file."""
-    folder = folder.expanduser().absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tdc-write-check-"):
-            pass
+        probe_writable(folder)
     except OSError as exc:
-        raise TrackingError(f"MLflow tracking store {uri} cannot be written: {folder} refuses new files "
+        where = exc.filename or folder
+        raise TrackingError(f"MLflow tracking store {uri} cannot be written: {where} refuses new files "
                             f"({exc.strerror or type(exc).__name__}); set MLFLOW_TRACKING_URI to a writable "
                             f"store") from None

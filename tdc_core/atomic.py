@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from tdc_core.errors import WriteError, first_line
 
-__all__ = ["atomic_write", "atomic_write_bytes"]
+__all__ = ["atomic_write", "atomic_write_bytes", "probe_writable"]
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -93,3 +93,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         WriteError: the file could not be written; ``path`` keeps its previous content.
     """
     atomic_write(Path(path), lambda f: f.write(data))
+
+
+def probe_writable(path: str | Path) -> Path:
+    """The nearest existing folder on the way to ``path`` (which need not exist), after really
+    creating and removing a file in it: permissions, read-only mounts and quotas all show.
+
+    Raises:
+        NotADirectoryError: that nearest existing entry is a file.
+        OSError: the folder refuses a new file.
+    """
+    folder = Path(path).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(folder))
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".tdc-write-check-"):
+        pass
+    return folder

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from tdc_core.atomic import probe_writable
 from tdc_core.budgets import check_budgets_reachable
 from tdc_core.config import PipelineConfig
 from tdc_core.data import peek_images
@@ -171,16 +171,14 @@ def pipeline_checkpoints(config: PipelineConfig) -> int:
 
 
 def _check_disk(config: PipelineConfig, run_dir: Path, *, checkpoints: int) -> str:
-    existing = _nearest_existing(run_dir)
-    if not existing.is_dir():
-        raise WriteError(f"run folder {run_dir} cannot be created: {existing} is a file, not a folder")
-    try:  # really write: permissions, read-only mounts and quotas all show here
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".tdc-write-check-"):
-            pass
+    try:
+        existing = probe_writable(run_dir)
+    except NotADirectoryError as exc:
+        raise WriteError(f"run folder {run_dir} cannot be created: {exc.filename} is a file, not a folder") from None
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise WriteError(f"run folder {run_dir} is not writable: cannot create a file in {existing} ({reason})",
-                         errno=exc.errno) from None
+        raise WriteError(f"run folder {run_dir} is not writable: cannot create a file in it or in its nearest "
+                         f"existing parent ({reason})", errno=exc.errno) from None
     need = checkpoints * checkpoint_bytes(config)
     free = shutil.disk_usage(existing).free
     if free < need:
@@ -202,13 +200,6 @@ def _check_features(config: PipelineConfig, *, environ: Mapping[str, str], allow
                                     cache_dir=resolve_cache_dir(config.eval.cache_dir), environ=environ,
                                     allow_download=allow_download)
     return f"features: Inception ({config.eval.fid_mode}) weights at {path}"
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def _gb(n: float) -> str:

@@ -40,6 +40,10 @@ class RecordingReporter(NullReporter):
     def __init__(self) -> None:
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self.messages: list[str] = []
+        self.steps: list[tuple[int, int]] = []  # (step, total) of every progress report
+
+    def progress(self, *, step: int, total: int) -> None:
+        self.steps.append((step, total))
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         self.metrics.append((step, dict(metrics)))

@@ -11,15 +11,6 @@ from tasks.reporters import JsonlReporter, JsonlTail, read_jsonl_metrics
 from tdc_core.reporting import RecordingReporter
 
 
-class _Recorder(RecordingReporter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: list[tuple[int, int]] = []
-
-    def progress(self, *, step: int, total: int) -> None:
-        self.steps.append((step, total))
-
-
 def test_plain_lines_at_start_each_quarter_and_end(capsys) -> None:
     p = StageProgress("shared training", tty=False, interval_s=1e9)  # no time-based lines
     for step in range(0, 101):
@@ -76,7 +67,7 @@ def test_a_workers_progress_is_replayed_in_order_and_metrics_still_read(tmp_path
     old = JsonlReporter(path)
     old.log_metrics({"loss": 9.0}, step=1)  # an earlier attempt's line: not replayed
     old.close()
-    tail, seen = JsonlTail(path, _Recorder()), None
+    tail, seen = JsonlTail(path, RecordingReporter()), None
     w = JsonlReporter(path)
     w.progress(step=0, total=20)
     w.log_metrics({"loss": 0.5}, step=10)

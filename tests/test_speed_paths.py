@@ -97,14 +97,6 @@ def test_pipeline_dense_training_runs_under_torchrun_and_continues_the_probe(tmp
     from tdc_core.reporting import RecordingReporter
     from tdc_core.train import run_training
 
-    class Progress(RecordingReporter):
-        def __init__(self) -> None:
-            super().__init__()
-            self.steps: list[tuple[int, int]] = []
-
-        def progress(self, *, step: int, total: int) -> None:
-            self.steps.append((step, total))
-
     # device=cpu: gloo on CPU even where one GPU is visible (two processes need two GPUs).
     cfg = load_config(preset="smoke", overrides=["train.steps=10", "profile.profile_steps=4", "train.batch_size=16",
                                                  "train.log_every=2", "train.processes=2", "train.num_threads=1",
@@ -113,7 +105,7 @@ def test_pipeline_dense_training_runs_under_torchrun_and_continues_the_probe(tmp
     run_training(cfg, run_dir=tmp_path, steps=4)  # the probe: one process
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = open_tracking(config=cfg, run_key="ddp", run_dir=tmp_path, tracking_uri=uri)
-    progress = Progress()
+    progress = RecordingReporter()
     summary = _train_under_torchrun(cfg, tmp_path, tracking=tracking, run_id=tracking.parent_run_id,
                                     progress=progress)
     assert summary.step == 10 and summary.resumed_from == 4
