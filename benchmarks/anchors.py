@@ -20,8 +20,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._common import bench_config, table, write_json
-from tdc_core.train import spec_for
-from tdc_core.unet import UNet
+from tdc_core.model.unet import UNet
+from tdc_core.training.trainer import spec_for
 
 
 @cache

@@ -16,7 +16,7 @@ run's with its straight run's, and reports the largest absolute difference of ea
 bit: on CUDA, cuDNN's non-deterministic kernels may make a resume differ in the last bits), and
 the throughput. The launcher itself imports no torch on CPU (a dry run's cost is mostly imports).
 A CUDA job with more processes than visible GPUs is refused before it starts
-(``tdc_core.distributed.check_gpus_for_processes``).
+(``tdc_core.training.distributed.check_gpus_for_processes``).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _trainer(args: argparse.Namespace):  # noqa: ANN202 - Trainer
     import torch
 
-    from tdc_core.diffusion import Diffusion
-    from tdc_core.train import Trainer, spec_for
+    from tdc_core.diffusion.gaussian import Diffusion
+    from tdc_core.training.trainer import Trainer, spec_for
 
     cfg = bench_config(args.preset, [f"train.batch_size={args.batch}", "profile.profile_steps=0",
                                      f"train.device={args.device}", f"train.steps={args.steps}",
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.device == "cuda":
         import torch
 
-        from tdc_core.distributed import check_gpus_for_processes
+        from tdc_core.training.distributed import check_gpus_for_processes
 
         n = args.processes or torch.cuda.device_count()
         check_gpus_for_processes(n)

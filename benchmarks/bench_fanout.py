@@ -27,8 +27,8 @@ import torch
 from benchmarks._common import alternating_medians, machine, table, write_json
 from benchmarks.direct import finetune_groups
 from tdc_core.config import load_config, write_run_config
-from tdc_core.layout import RunLayout
-from tdc_core.stages import group_stage, profile_stage, shared_stage
+from tdc_core.run.layout import RunLayout
+from tdc_core.run.stages import group_stage, profile_stage, shared_stage
 
 TARGET = 1.7
 

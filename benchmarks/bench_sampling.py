@@ -22,15 +22,15 @@ import numpy as np
 import torch
 
 from benchmarks._common import alternating_medians, bench_config, machine, table, write_json
-from tdc_core.budgets import budget_fractions
-from tdc_core.costs import sampling_cost
-from tdc_core.diffusion import Diffusion
-from tdc_core.flops import count_forward_flops
-from tdc_core.pruning import dense_spec, prune_space
-from tdc_core.routing import ExpertRouter
-from tdc_core.samplers import sample, sampling_timesteps
-from tdc_core.train import spec_for
-from tdc_core.unet import UNet, UNetSpec
+from tdc_core.diffusion.gaussian import Diffusion
+from tdc_core.diffusion.samplers import sample, sampling_timesteps
+from tdc_core.method.budgets import budget_fractions
+from tdc_core.method.costs import sampling_cost
+from tdc_core.method.pruning.structure import dense_spec, prune_space
+from tdc_core.method.routing import ExpertRouter
+from tdc_core.model.flops import count_forward_flops
+from tdc_core.model.unet import UNet, UNetSpec
+from tdc_core.training.trainer import spec_for
 
 
 def spec_at_fraction(dense: UNetSpec, fraction: float, *, min_keep: float) -> UNetSpec:

@@ -33,9 +33,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._common import Timing, alternating_medians, bench_config, machine, table, write_json
-from tdc_core.diffusion import Diffusion
-from tdc_core.flops import count_forward_flops
-from tdc_core.train import Trainer, spec_for
+from tdc_core.diffusion.gaussian import Diffusion
+from tdc_core.model.flops import count_forward_flops
+from tdc_core.training.trainer import Trainer, spec_for
 
 MFU_TARGET, SPEEDUP_TARGET, MEMORY_TARGET_GB = 0.40, 3.0, 80.0
 

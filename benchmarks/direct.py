@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tdc_core.config import PipelineConfig, write_run_config
-from tdc_core.evaluate import compare_run
-from tdc_core.layout import RunLayout
-from tdc_core.stages import cost_stage, group_stage, profile_stage, shared_stage
-from tdc_core.train import run_training
+from tdc_core.evaluation.evaluate import compare_run
+from tdc_core.run.layout import RunLayout
+from tdc_core.run.stages import cost_stage, group_stage, profile_stage, shared_stage
+from tdc_core.training.trainer import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 

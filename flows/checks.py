@@ -11,14 +11,14 @@ from pathlib import Path
 
 from tasks.tracking_check import check_tracking, default_tracking_uri
 from tdc_core.config import PipelineConfig
-from tdc_core.preflight import Need, preflight, run_needs
+from tdc_core.run.preflight import Need, preflight, run_needs
 
 __all__ = ["check_before_run"]
 
 
 def check_before_run(config: PipelineConfig, *, run_dir: str | Path, tracking_uri: str | None = None,
                      needs: Collection[Need] | None = None) -> list[str]:
-    """:func:`tdc_core.preflight.preflight` for the whole pipeline, then the tracking store.
+    """:func:`tdc_core.run.preflight.preflight` for the whole pipeline, then the tracking store.
     Returns one line per check passed.
 
     Raises:

@@ -160,7 +160,7 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_bud
     ``check_budgets``: also refuse FLOPs budgets that pruning cannot reach (for commands that
     start a TDC run: found now rather than after hours of training)."""
     from tdc_core.config import load_config, read_run_config, write_run_config
-    from tdc_core.layout import RunLayout
+    from tdc_core.run.layout import RunLayout
 
     overrides = getattr(args, "overrides", [])
     layout = RunLayout(run_dir) if run_dir is not None else None
@@ -169,7 +169,7 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_bud
     else:
         cfg = load_config(preset=args.preset, path=getattr(args, "config", None), overrides=overrides)
     if check_budgets:
-        from tdc_core.budgets import check_budgets_reachable  # imports torch: only when asked
+        from tdc_core.method.budgets import check_budgets_reachable  # imports torch: only when asked
 
         check_budgets_reachable(cfg)
     if layout is not None and write:
@@ -179,8 +179,8 @@ def _resolve_config(args: argparse.Namespace, run_dir: Path | None, *, check_bud
 
 
 def _preflight(cfg, run_dir: Path | None, *needs: str, checkpoints: int | None = None) -> None:
-    """The checks of :mod:`tdc_core.preflight` a stage command needs, before it writes anything."""
-    from tdc_core.preflight import preflight
+    """The checks of :mod:`tdc_core.run.preflight` a stage command needs, before it writes anything."""
+    from tdc_core.run.preflight import preflight
 
     preflight(cfg, run_dir=run_dir, needs=set(needs), checkpoints=checkpoints)
 
@@ -191,7 +191,7 @@ def _warn(text: str) -> None:
 
 def _hold(run_dir: Path, command: str, *, group: int | None = None, wait: bool = False):  # noqa: ANN202
     """The run folder's lock for a stage command (one owner per run folder)."""
-    from tdc_core.runlock import hold_run_folder
+    from tdc_core.run.runlock import hold_run_folder
 
     return hold_run_folder(run_dir, command=command, group=group, wait=wait, warn=_warn)
 
@@ -207,7 +207,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _setup(cfg):
     import torch
 
-    from tdc_core.device import resolve_device
+    from tdc_core.training.device import resolve_device
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -216,8 +216,8 @@ def _setup(cfg):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tdc_core.config import load_config
-    from tdc_core.layout import safe_child
-    from tdc_core.train import run_training
+    from tdc_core.run.layout import safe_child
+    from tdc_core.training.trainer import run_training
 
     # Under torchrun (DDP) every process runs this; rank 0 alone prints, checkpoints and samples.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -238,10 +238,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
-    from tdc_core.flops import count_forward_flops
-    from tdc_core.layout import RunLayout
-    from tdc_core.train import load_model, run_training, spec_for
-    from tdc_core.unet import UNet
+    from tdc_core.model.flops import count_forward_flops
+    from tdc_core.model.unet import UNet
+    from tdc_core.run.layout import RunLayout
+    from tdc_core.training.trainer import load_model, run_training, spec_for
 
     device = _setup(cfg)
     model = UNet(spec_for(cfg))
@@ -263,7 +263,7 @@ def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
         import dataclasses
         import json
 
-        from tdc_core.checkpoint import atomic_write_bytes
+        from tdc_core.training.checkpoint import atomic_write_bytes
 
         record = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
         atomic_write_bytes(args.result_file, json.dumps(record).encode())
@@ -284,8 +284,8 @@ def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from tdc_core.layout import RunLayout
-    from tdc_core.stages import profile_stage
+    from tdc_core.run.layout import RunLayout
+    from tdc_core.run.stages import profile_stage
 
     cfg = _resolve_config(args, args.run_dir, write=False)
     _preflight(cfg, args.run_dir, "budgets", "data", "device", "disk", checkpoints=2)
@@ -306,8 +306,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_group(args: argparse.Namespace) -> int:
-    from tdc_core.layout import RunLayout
-    from tdc_core.stages import group_stage
+    from tdc_core.run.layout import RunLayout
+    from tdc_core.run.stages import group_stage
 
     cfg = _resolve_config(args, args.run_dir, write=False)
     layout = RunLayout(args.run_dir)
@@ -325,8 +325,8 @@ def _cmd_group(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune_group(args: argparse.Namespace) -> int:
-    from tdc_core.layout import RunLayout
-    from tdc_core.stages import finetune_group_stage
+    from tdc_core.run.layout import RunLayout
+    from tdc_core.run.stages import finetune_group_stage
 
     cfg = _resolve_config(args, args.run_dir, write=False)
     layout = RunLayout(args.run_dir)
@@ -351,8 +351,8 @@ def _stage_reporter(*, desc: str, quiet: bool, metrics_file: Path | None):  # no
     """Progress (a live bar on a terminal, else periodic lines; none when ``quiet``) plus, for
     the pipeline, metrics and progress as JSON lines in ``metrics_file``; both closed on exit."""
     from tasks.progress import StageProgress
-    from tasks.reporters import JsonlReporter
-    from tdc_core.reporting import MultiReporter, NullReporter
+    from tasks.worker_reports import JsonlReporter
+    from tdc_core.reporter import MultiReporter, NullReporter
 
     bar = NullReporter() if quiet else StageProgress(desc)
     sink = JsonlReporter(metrics_file) if metrics_file else NullReporter()
@@ -366,7 +366,7 @@ def _stage_reporter(*, desc: str, quiet: bool, metrics_file: Path | None):  # no
 def _check_group(layout, group: int) -> None:
     """``--group`` names one of the run's groups (else one line, not a traceback)."""
     from tdc_core.errors import ConfigError
-    from tdc_core.stages import load_plan
+    from tdc_core.run.stages import load_plan
 
     n = len(load_plan(layout).budgets)
     if not 0 <= group < n:
@@ -375,9 +375,9 @@ def _check_group(layout, group: int) -> None:
 
 def _write_samples(model, cfg, *, out: Path, num: int | None, sampler: str | None, steps: int | None,
                    seed: int | None, device) -> Path:
-    from tdc_core.diffusion import Diffusion
-    from tdc_core.images import save_grid
-    from tdc_core.samplers import generate
+    from tdc_core.diffusion.gaussian import Diffusion
+    from tdc_core.diffusion.samplers import generate
+    from tdc_core.evaluation.grids import save_grid
 
     sc = cfg.sample
     diffusion = Diffusion.from_config(cfg.diffusion).respaced(steps if steps is not None else sc.steps)
@@ -389,11 +389,11 @@ def _write_samples(model, cfg, *, out: Path, num: int | None, sampler: str | Non
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from tdc_core.device import resolve_device
     from tdc_core.errors import ConfigError
-    from tdc_core.layout import RunLayout
-    from tdc_core.stages import assemble_router
-    from tdc_core.train import load_model
+    from tdc_core.run.layout import RunLayout
+    from tdc_core.run.stages import assemble_router
+    from tdc_core.training.device import resolve_device
+    from tdc_core.training.trainer import load_model
 
     if args.num is not None and args.num < 1:
         raise ConfigError(f"--num must be ≥ 1, got {args.num}")
@@ -417,7 +417,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _eval_setup(args: argparse.Namespace, cfg):
     from tdc_core.errors import ConfigError
-    from tdc_core.evaluate import EvalSetup
+    from tdc_core.evaluation.evaluate import EvalSetup
 
     if args.num is not None and args.num < 2:
         raise ConfigError(f"--num must be ≥ 2 (FID needs a covariance), got {args.num}")
@@ -427,7 +427,7 @@ def _eval_setup(args: argparse.Namespace, cfg):
 
 
 def _print_scores_header(what: str, setup, device, cfg) -> None:
-    from tdc_core.feature_extractors import resolve_cache_dir
+    from tdc_core.evaluation.features import resolve_cache_dir
 
     steps = setup.steps if setup.steps is not None else cfg.diffusion.num_timesteps
     print(f"TDC · FID/KID of {what} on {device}: {setup.num_samples} samples × seeds {list(setup.seeds)}, "
@@ -436,10 +436,10 @@ def _print_scores_header(what: str, setup, device, cfg) -> None:
 
 def _cmd_fid(args: argparse.Namespace) -> int:
     from tdc_core.config import apply_overrides, read_run_config
-    from tdc_core.evaluate import evaluate_config
-    from tdc_core.layout import RunLayout
-    from tdc_core.stages import assemble_router
-    from tdc_core.train import load_model
+    from tdc_core.evaluation.evaluate import evaluate_config
+    from tdc_core.run.layout import RunLayout
+    from tdc_core.run.stages import assemble_router
+    from tdc_core.training.trainer import load_model
 
     if args.run_dir is not None:
         layout = RunLayout(args.run_dir)
@@ -470,8 +470,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from tdc_core.config import read_run_config
-    from tdc_core.evaluate import compare_run, comparison_markdown
-    from tdc_core.layout import RunLayout
+    from tdc_core.evaluation.evaluate import compare_run, comparison_markdown
+    from tdc_core.run.layout import RunLayout
 
     layout = RunLayout(args.run_dir)
     cfg = read_run_config(layout, overrides=args.overrides)  # not written back: eval overrides stay local
@@ -501,7 +501,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    from tdc_core.layout import default_run_dir
+    from tdc_core.run.layout import default_run_dir
 
     # Everything the run needs, checked before Prefect's temporary server starts, before any
     # run folder or MLflow run exists: a refused run leaves nothing behind. The config first: it
@@ -515,7 +515,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         api_ready = _start_prefect_api_early()
         from flows.pipeline import run_pipeline
         from tasks.console import cli_reports_failures
-        from tasks.report import render_report
+        from tasks.run_report import render_report
 
         if not args.verbose:
             cli_reports_failures()

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict
 from flows.checks import check_before_run
 from tasks.console import install_quiet_console, say
 from tasks.registry import Registration, register_task
-from tasks.report import report_task
-from tasks.stages import (
+from tasks.run_report import report_task
+from tasks.stage_tasks import (
     DEVICE_SLOTS,
     GroupFailed,
     TrainSummary,
@@ -40,10 +40,10 @@ from tasks.stages import (
 )
 from tasks.tracking import TrackingRef, open_tracking
 from tdc_core.config import PipelineConfig, config_key, load_config, write_run_config
-from tdc_core.evaluate import Comparison
-from tdc_core.layout import RunLayout, default_run_dir
-from tdc_core.runlock import hold_run_folder
-from tdc_core.stages import CostReport, GroupResult
+from tdc_core.evaluation.evaluate import Comparison
+from tdc_core.run.layout import RunLayout, default_run_dir
+from tdc_core.run.runlock import hold_run_folder
+from tdc_core.run.stages import CostReport, GroupResult
 
 __all__ = ["PipelineSummary", "run_pipeline", "tdc"]
 

@@ -1,6 +1,6 @@
 """Live progress of a long stage, for a person at a terminal or reading a log.
 
-:class:`StageProgress` is a :class:`tdc_core.reporting.Reporter`:
+:class:`StageProgress` is a :class:`tdc_core.reporter.Reporter`:
 
 - on a terminal, a live bar (tqdm) with step/total, rate, the latest loss and the ETA;
 - otherwise (CI, a Prefect worker's log, output piped to a file), a plain line at the start,

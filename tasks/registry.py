@@ -4,7 +4,7 @@ One model version per pipeline run: the group checkpoints plus ``grouping.json``
 boundaries) are logged under the parent run's ``ensemble/`` artifacts and registered as a
 version of ``tdc-ensemble-<preset>``; the alias ``champion`` moves to it when its score beats
 the current champion's (lower is better). Loading needs only that folder:
-``tdc_core.routing.load_router(checkpoints=..., boundaries=grouping["boundaries"])``.
+``tdc_core.method.routing.load_router(checkpoints=..., boundaries=grouping["boundaries"])``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from tasks.tracking import TrackingRef
-from tdc_core.layout import RunLayout
+from tdc_core.run.layout import RunLayout
 
 __all__ = ["Registration", "register_task"]
 

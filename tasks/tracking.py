@@ -311,7 +311,7 @@ def _unique(items: list[Metric]) -> list[Metric]:
 
 
 class MlflowReporter:
-    """A :class:`tdc_core.reporting.Reporter` that batches metrics into MLflow without losing any.
+    """A :class:`tdc_core.reporter.Reporter` that batches metrics into MLflow without losing any.
 
     Training reports every ``log_every`` steps; this buffers those reports and sends them in
     ``log_batch`` calls every ``flush_every`` reports (and on :meth:`close`), so logging costs

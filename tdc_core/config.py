@@ -7,7 +7,7 @@ checkpoint can be rebuilt alone.
 
 Every invalid value raises :class:`~tdc_core.errors.ConfigError` whose message, one line, names
 the dotted field, the bad value and what is allowed. The one check that needs the model's FLOPs
-(budgets that pruning cannot reach) is :func:`tdc_core.budgets.check_budgets_reachable`: this
+(budgets that pruning cannot reach) is :func:`tdc_core.method.budgets.check_budgets_reachable`: this
 module is a leaf that imports no model code.
 """
 

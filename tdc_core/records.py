@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from tdc_core.checkpoint import atomic_write_bytes
+from tdc_core.atomic import atomic_write_bytes
 from tdc_core.errors import DataError
 
 __all__ = ["load_record", "save_record"]

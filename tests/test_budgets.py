@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tdc_core.budgets import (
+from tdc_core.errors import ConfigError
+from tdc_core.method.budgets import (
     GroupBudget,
     assign_budgets,
     budget_fractions,
     mean_sampling_fraction,
 )
-from tdc_core.errors import ConfigError
-from tdc_core.grouping import Grouping
+from tdc_core.method.grouping import Grouping
 
 
 def make_grouping(*, rank: list[int], num_timesteps: int = 1000) -> Grouping:

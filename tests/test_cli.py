@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tdc_core.train import load_model
+from tdc_core.training.trainer import load_model
 
 
 def tdc(*args: str, cwd: Path) -> subprocess.CompletedProcess:

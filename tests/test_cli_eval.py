@@ -5,11 +5,11 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from tdc_core import feature_extractors as fx
-from tdc_core import stages
 from tdc_core.config import load_config, write_run_config
-from tdc_core.layout import RunLayout
-from tdc_core.train import run_training
+from tdc_core.evaluation import features as fx
+from tdc_core.run import stages
+from tdc_core.run.layout import RunLayout
+from tdc_core.training.trainer import run_training
 
 
 def _smoke_run_with_baseline(root, cache):

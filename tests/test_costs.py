@@ -9,20 +9,20 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tdc_core.budgets import budget_fractions
 from tdc_core.config import DiffusionConfig, ModelConfig
-from tdc_core.costs import (
+from tdc_core.diffusion.gaussian import Diffusion
+from tdc_core.diffusion.samplers import sample, sampling_timesteps
+from tdc_core.method.budgets import budget_fractions
+from tdc_core.method.costs import (
     SamplingCost,
     TrainingCost,
     measure_group_flops,
     sampling_cost,
     training_cost,
 )
-from tdc_core.diffusion import Diffusion
-from tdc_core.flops import count_forward_flops
-from tdc_core.routing import ExpertRouter
-from tdc_core.samplers import sample, sampling_timesteps
-from tdc_core.unet import UNet, UNetSpec
+from tdc_core.method.routing import ExpertRouter
+from tdc_core.model.flops import count_forward_flops
+from tdc_core.model.unet import UNet, UNetSpec
 
 TINY = UNetSpec(model=ModelConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                                   norm_groups=4, num_heads=2), image_size=8, in_channels=1)

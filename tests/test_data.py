@@ -1,4 +1,4 @@
-"""Specification of tdc_core.data: loading, value ranges, splitting, sampling, bad input."""
+"""Specification of tdc_core.training.data: loading, value ranges, splitting, sampling, bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from tdc_core.config import DataConfig
-from tdc_core.data import (
+from tdc_core.errors import DataError
+from tdc_core.training.data import (
     BatchSampler,
     dataset_fingerprint,
     load_images,
@@ -21,7 +22,6 @@ from tdc_core.data import (
     to_model_range,
     to_uint8,
 )
-from tdc_core.errors import DataError
 
 # --- writers of tiny files in the real formats -------------------------------------------------
 

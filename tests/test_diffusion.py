@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tdc_core.config import DiffusionConfig
-from tdc_core.diffusion import Diffusion, betas_for_schedule, space_timesteps
+from tdc_core.diffusion.gaussian import Diffusion, betas_for_schedule, space_timesteps
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

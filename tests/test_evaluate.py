@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tdc_core import stages
 from tdc_core.config import load_config
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import CheckpointError, ConfigError
-from tdc_core.evaluate import (
+from tdc_core.evaluation.evaluate import (
     Comparison,
     Contender,
     ContenderCost,
@@ -26,12 +25,13 @@ from tdc_core.evaluate import (
     reference_for_config,
     score_real,
 )
-from tdc_core.feature_extractors import DIGITS_LABEL, build_extractor
-from tdc_core.fid import score_features
-from tdc_core.layout import RunLayout
-from tdc_core.routing import ExpertRouter
-from tdc_core.train import load_model, run_training, spec_for
-from tdc_core.unet import UNet
+from tdc_core.evaluation.features import DIGITS_LABEL, build_extractor
+from tdc_core.evaluation.fid import score_features
+from tdc_core.method.routing import ExpertRouter
+from tdc_core.model.unet import UNet
+from tdc_core.run import stages
+from tdc_core.run.layout import RunLayout
+from tdc_core.training.trainer import load_model, run_training, spec_for
 
 # 80 steps at batch 32 (~6 s on one core) already draw digit-like samples: held-out FID with the
 # digits CNN ≈ 2.4 vs ≈ 6.6 untrained and ≈ 10 for uniform noise (64 samples, 10 DDIM steps).

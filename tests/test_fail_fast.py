@@ -83,7 +83,7 @@ def test_images_of_the_wrong_size_are_refused_naming_the_file(tmp_path: Path, rg
 
 def test_rgb_data_without_inception_weights_is_refused_before_training(tmp_path: Path, rgb16: Path) -> None:
     """The run would train every stage and only then need Inception at evaluation."""
-    from tdc_core.feature_extractors import _cleanfid_default_path
+    from tdc_core.evaluation.features import _cleanfid_default_path
 
     if _cleanfid_default_path("clean").is_file():
         pytest.skip("this machine has clean-fid's Inception weights in their default place")

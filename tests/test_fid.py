@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from cleanfid import fid as cleanfid_fid
 from torch import nn
 
-from tdc_core import feature_extractors as fx
 from tdc_core.config import load_config
-from tdc_core.data import dataset_fingerprint, load_images, split_heldout
 from tdc_core.errors import ConfigError
-from tdc_core.feature_extractors import (
+from tdc_core.evaluation import features as fx
+from tdc_core.evaluation.features import (
     DIGITS_LABEL,
     INCEPTION_ENV_VAR,
     FeatureExtractor,
@@ -27,13 +26,14 @@ from tdc_core.feature_extractors import (
     build_extractor,
     load_digits_extractor,
 )
-from tdc_core.fid import (
+from tdc_core.evaluation.fid import (
     FeatureStats,
     fid_from_features,
     frechet_distance,
     kernel_distance,
     reference_statistics,
 )
+from tdc_core.training.data import dataset_fingerprint, load_images, split_heldout
 
 # Third-party deprecation notices (clean-fid's scipy call, TorchScript, torchvision's
 # `pretrained`), not ours; they would bury real warnings.

@@ -123,7 +123,7 @@ def test_killed_pipeline_resumes_shared_training(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    from tdc_core.checkpoint import load_checkpoint
+    from tdc_core.training.checkpoint import load_checkpoint
 
     killed_at = load_checkpoint(ckpt)["step"]
     assert 10 < killed_at < 400

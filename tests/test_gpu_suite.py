@@ -1,7 +1,7 @@
 """The GPU suite (benchmarks/gpu_suite.py) runs end to end before any GPU is lent: its CPU dry run
 runs every step at toy size, records each step's result or error and goes on, writes a valid
 results file, and adapts to the device count (DDP over ≥ 2, a clear "skipped: 1 GPU" otherwise).
-And a CUDA DDP world never asks for a GPU that does not exist (tdc_core/distributed.py)."""
+And a CUDA DDP world never asks for a GPU that does not exist (tdc_core/training/distributed.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from benchmarks import gpu_suite
-from tdc_core.distributed import check_gpus_for_processes, init_distributed
 from tdc_core.errors import ConfigError
+from tdc_core.training.distributed import check_gpus_for_processes, init_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["anchors", "sampling", "ddp", "train_step"]

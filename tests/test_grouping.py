@@ -9,7 +9,7 @@ import pytest
 
 from tdc_core.config import GroupingConfig
 from tdc_core.errors import ConfigError
-from tdc_core.grouping import (
+from tdc_core.method.grouping import (
     Grouping,
     group_timesteps,
     interval_cost_table,

@@ -1,5 +1,5 @@
-"""The checks before a run (:mod:`tdc_core.preflight`) and the cheap look at a data source they
-use (:func:`tdc_core.data.peek_images`): same verdicts as loading, at a fraction of the cost."""
+"""The checks before a run (:mod:`tdc_core.run.preflight`) and the cheap look at a data source they
+use (:func:`tdc_core.training.data.peek_images`): same verdicts as loading, at a fraction of the cost."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tdc_core.preflight as pf
+import tdc_core.run.preflight as pf
 from tdc_core.config import load_config
-from tdc_core.data import load_images, peek_images
 from tdc_core.errors import ConfigError, DataError, TDCError, WriteError
+from tdc_core.training.data import load_images, peek_images
 
 RNG = np.random.default_rng(0)
 
@@ -125,8 +125,8 @@ def test_the_disk_check_compares_free_space_with_the_checkpoints(tmp_path: Path,
     cfg = _cfg()
     need = pf.pipeline_checkpoints(cfg) * pf.checkpoint_bytes(cfg)
     # Independent count: 16 bytes (weights, EMA, two AdamW moments in fp32) per parameter.
-    from tdc_core.train import spec_for
-    from tdc_core.unet import UNet
+    from tdc_core.model.unet import UNet
+    from tdc_core.training.trainer import spec_for
 
     params = sum(p.numel() for p in UNet(spec_for(cfg)).parameters())
     assert pf.checkpoint_bytes(cfg) == 16 * params

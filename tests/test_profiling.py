@@ -18,16 +18,21 @@ import pytest
 import torch
 from PIL import Image
 
-from tdc_core.budgets import assign_budgets
 from tdc_core.config import DiffusionConfig, GroupingConfig, ProfileConfig, load_config
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import ConfigError, DataError
-from tdc_core.grouping import group_timesteps
-from tdc_core.plots import plot_grouping, plot_profile
-from tdc_core.profiling import DEFAULT_MAX_GRADIENT_BYTES, DifficultyProfile, profile_difficulty, subset_parameters
-from tdc_core.reporting import RecordingReporter
-from tdc_core.train import Trainer, prepare_data, spec_for
-from tdc_core.unet import UNet
+from tdc_core.evaluation.plots import plot_grouping, plot_profile
+from tdc_core.method.budgets import assign_budgets
+from tdc_core.method.grouping import group_timesteps
+from tdc_core.method.profiling import (
+    DEFAULT_MAX_GRADIENT_BYTES,
+    DifficultyProfile,
+    profile_difficulty,
+    subset_parameters,
+)
+from tdc_core.model.unet import UNet
+from tdc_core.reporter import RecordingReporter
+from tdc_core.training.trainer import Trainer, prepare_data, spec_for
 
 CPU = torch.device("cpu")
 TRAIN_STEPS = 40  # ~2 s on one CPU core; the signals below hold with a wide margin (5 seeds)

@@ -12,7 +12,7 @@ import pytest
 
 from tdc_core.config import PruneConfig
 from tdc_core.errors import ConfigError
-from tdc_core.proxies import (
+from tdc_core.method.pruning.proxies import (
     EvolutionaryProxy,
     LLMProxy,
     MemoryBank,
@@ -23,9 +23,9 @@ from tdc_core.proxies import (
     make_proxy,
     project_many,
 )
-from tdc_core.prune_search import RecoveryOutcome, search_rounds
-from tdc_core.pruning import PruneSpace, Unit
-from tdc_core.reporting import RecordingReporter
+from tdc_core.method.pruning.search import RecoveryOutcome, search_rounds
+from tdc_core.method.pruning.structure import PruneSpace, Unit
+from tdc_core.reporter import RecordingReporter
 
 KEY = "sk-test-5ecr3t-DO-NOT-LEAK-0123456789"
 IMPORTANT = [1, 4, 6]  # units whose pruning hurts; the others barely matter

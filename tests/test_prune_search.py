@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from tdc_core.config import load_config
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import ConfigError
-from tdc_core.flops import count_forward_flops
-from tdc_core.proxies import MemoryBank
-from tdc_core.prune_search import plot_prune_rounds, prune_to_budget, round_targets
-from tdc_core.reporting import RecordingReporter
-from tdc_core.train import Trainer, load_model, prepare_data, spec_for
-from tdc_core.unet import UNet
+from tdc_core.method.pruning.proxies import MemoryBank
+from tdc_core.method.pruning.search import plot_prune_rounds, prune_to_budget, round_targets
+from tdc_core.model.flops import count_forward_flops
+from tdc_core.model.unet import UNet
+from tdc_core.reporter import RecordingReporter
+from tdc_core.training.trainer import Trainer, load_model, prepare_data, spec_for
 
 T_RANGE = (60, 100)  # the group's timesteps (smoke preset: T = 100)
 

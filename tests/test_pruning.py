@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from tdc_core.config import ModelConfig, load_config
-from tdc_core.diffusion import Diffusion
-from tdc_core.flops import count_forward_flops
-from tdc_core.proxies import ProxyState, project_to_budget
-from tdc_core.pruning import (
+from tdc_core.diffusion.gaussian import Diffusion
+from tdc_core.method.pruning.proxies import ProxyState, project_to_budget
+from tdc_core.method.pruning.structure import (
     PruneSpace,
     channel_importance,
     count_spec_flops,
@@ -22,8 +21,9 @@ from tdc_core.pruning import (
     unit_blocks,
     widths_for,
 )
-from tdc_core.train import Trainer, load_model, prepare_data, spec_for
-from tdc_core.unet import UNet, UNetSpec
+from tdc_core.model.flops import count_forward_flops
+from tdc_core.model.unet import UNet, UNetSpec
+from tdc_core.training.trainer import Trainer, load_model, prepare_data, spec_for
 
 MODELS = {
     # smoke-like: scale-shift, 8 GroupNorm groups, 2 heads

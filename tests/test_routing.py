@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from tdc_core.config import DiffusionConfig, ModelConfig, load_config
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
+from tdc_core.diffusion.samplers import sample
 from tdc_core.errors import CheckpointError
-from tdc_core.routing import ExpertRouter, load_router
-from tdc_core.samplers import sample
-from tdc_core.train import LoadedModel, Trainer, load_model, spec_for
-from tdc_core.unet import UNet, UNetSpec
+from tdc_core.method.routing import ExpertRouter, load_router
+from tdc_core.model.unet import UNet, UNetSpec
+from tdc_core.training.trainer import LoadedModel, Trainer, load_model, spec_for
 
 T = 100
 BOUNDS = [0, 30, 55, 100]
@@ -234,7 +234,8 @@ def test_load_router_refuses_experts_that_disagree_on_shapes(group_checkpoints, 
     first = load_model(group_checkpoints[0])
     odd_spec = UNetSpec(**{**vars(first.spec), **change})
     odd = LoadedModel(model=first.model, config=first.config, spec=odd_spec, step=2, t_range=(40, 100))
-    monkeypatch.setattr("tdc_core.routing.load_model", lambda p, **kw: first if p == group_checkpoints[0] else odd)
+    monkeypatch.setattr("tdc_core.method.routing.load_model",
+                        lambda p, **kw: first if p == group_checkpoints[0] else odd)
     with pytest.raises(CheckpointError, match=match):
         load_router(checkpoints=group_checkpoints, boundaries=[0, 40, 100])
 
@@ -244,6 +245,7 @@ def test_load_router_refuses_experts_of_different_diffusions(group_checkpoints, 
     linear = first.config.diffusion.model_copy(update={"schedule": "linear"})
     other_cfg = first.config.model_copy(update={"diffusion": linear})
     odd = LoadedModel(model=first.model, config=other_cfg, spec=first.spec, step=2, t_range=(40, 100))
-    monkeypatch.setattr("tdc_core.routing.load_model", lambda p, **kw: first if p == group_checkpoints[0] else odd)
+    monkeypatch.setattr("tdc_core.method.routing.load_model",
+                        lambda p, **kw: first if p == group_checkpoints[0] else odd)
     with pytest.raises(CheckpointError, match="diffusion"):
         load_router(checkpoints=group_checkpoints, boundaries=[0, 40, 100])

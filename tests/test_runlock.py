@@ -1,4 +1,4 @@
-"""One owner per run folder (:mod:`tdc_core.runlock`): real processes holding real locks."""
+"""One owner per run folder (:mod:`tdc_core.run.runlock`): real processes holding real locks."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tdc_core.runlock import LOCK_NAME, TOKEN_ENV, RunFolderBusy, RunLock, hold_run_folder
+from tdc_core.run.runlock import LOCK_NAME, TOKEN_ENV, RunFolderBusy, RunLock, hold_run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys
-from tdc_core.runlock import RunLock
+from tdc_core.run.runlock import RunLock
 group = None if sys.argv[2] == "-" else int(sys.argv[2])
 lock = RunLock(sys.argv[1], command=sys.argv[3], group=group).acquire()
 print("held", flush=True)

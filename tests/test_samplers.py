@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tdc_core.config import DiffusionConfig
-from tdc_core.diffusion import Diffusion, gather
-from tdc_core.samplers import sample, sampling_timesteps
+from tdc_core.diffusion.gaussian import Diffusion, gather
+from tdc_core.diffusion.samplers import sample, sampling_timesteps
 
 
 def oracle(base: Diffusion, target: torch.Tensor, *, learn_sigma: bool = False):

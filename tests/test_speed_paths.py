@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tdc_core.config import load_config
-from tdc_core.train import spec_for
-from tdc_core.unet import UNet
+from tdc_core.model.unet import UNet
+from tdc_core.training.trainer import spec_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,11 +91,11 @@ def test_pipeline_dense_training_runs_under_torchrun_and_continues_the_probe(tmp
     the single-process probe's checkpoint, and its metrics and result reach MLflow and the flow."""
     from mlflow import MlflowClient
 
-    from tasks.stages import _train_under_torchrun, train_processes
+    from tasks.stage_tasks import _train_under_torchrun, train_processes
     from tasks.tracking import open_tracking
-    from tdc_core.checkpoint import load_checkpoint
-    from tdc_core.reporting import RecordingReporter
-    from tdc_core.train import run_training
+    from tdc_core.reporter import RecordingReporter
+    from tdc_core.training.checkpoint import load_checkpoint
+    from tdc_core.training.trainer import run_training
 
     # device=cpu: gloo on CPU even where one GPU is visible (two processes need two GPUs).
     cfg = load_config(preset="smoke", overrides=["train.steps=10", "profile.profile_steps=4", "train.batch_size=16",

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from tdc_core import stages
 from tdc_core.config import load_config
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
+from tdc_core.diffusion.samplers import sample
 from tdc_core.errors import CheckpointError, DataError
-from tdc_core.layout import RunLayout
-from tdc_core.samplers import sample
-from tdc_core.train import Trainer, load_model
+from tdc_core.run import stages
+from tdc_core.run.layout import RunLayout
+from tdc_core.training.trainer import Trainer, load_model
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdc_core.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.config import load_config
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import CheckpointError, TrainingError
-from tdc_core.reporting import RecordingReporter
-from tdc_core.train import Trainer, load_model, prepare_data, run_training, spec_for
+from tdc_core.reporter import RecordingReporter
+from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
+from tdc_core.training.trainer import Trainer, load_model, prepare_data, run_training, spec_for
 
 
 def make_trainer(cfg, **kw) -> Trainer:
@@ -107,7 +107,7 @@ def test_sigkill_during_write_keeps_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     code = f"""
 import torch
-from tdc_core.checkpoint import save_checkpoint
+from tdc_core.training.checkpoint import save_checkpoint
 save_checkpoint({str(path)!r}, {{"step": 1, "w": torch.ones(3)}})
 print("first", flush=True)
 while True:

@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tdc_core.config import ModelConfig
-from tdc_core.flops import count_forward_flops
-from tdc_core.unet import AttentionBlock, UNet, UNetSpec
+from tdc_core.model.flops import count_forward_flops
+from tdc_core.model.unet import AttentionBlock, UNet, UNetSpec
 
 CASES = [
     (ModelConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tdc_core.config import load_config
-from tdc_core.distributed import init_distributed
+from tdc_core.training.distributed import init_distributed
 from tests.test_train import make_trainer
 
 

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from flows.cli import main as cli_main
-from tdc_core.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.config import load_config
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import CheckpointError
-from tdc_core.train import Trainer, load_model, prepare_data, spec_for
+from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
+from tdc_core.training.trainer import Trainer, load_model, prepare_data, spec_for
 
 OVERRIDES = ["train.steps=1", "profile.profile_steps=0"]
 

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from flows.cli import main as cli_main
-from tdc_core.budgets import check_budgets_reachable
 from tdc_core.config import (
     PRESETS,
     PipelineConfig,
@@ -27,6 +26,7 @@ from tdc_core.config import (
     validate_config,
 )
 from tdc_core.errors import ConfigError
+from tdc_core.method.budgets import check_budgets_reachable
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=200, deadline=None, database=None,
@@ -169,8 +169,8 @@ def test_every_accepted_model_config_builds_and_runs_its_unet(values) -> None:
     """What validation accepts, the UNet can build and run, even on a batch of one image (as
     `tdc sample --num 1` does): no architecture error waits for the first training step
     (on the meta device: no weights, no compute)."""
-    from tdc_core.train import spec_for
-    from tdc_core.unet import UNet
+    from tdc_core.model.unet import UNet
+    from tdc_core.training.trainer import spec_for
 
     cfg = _loads_or_refuses(preset="smoke", overrides=[f"{k}={json.dumps(v)}" for k, v in values.items()])
     if cfg is None:
@@ -278,12 +278,12 @@ def test_every_preset_has_reachable_budgets(preset: str) -> None:
 def test_config_check_agrees_with_the_pruning_search(monkeypatch) -> None:
     """The config-time check refuses exactly the budgets prune_to_budget refuses: just below the
     suggested k both refuse; at it, the search gets past its own floor check."""
-    import tdc_core.prune_search as ps
-    from tdc_core.budgets import budget_fractions
-    from tdc_core.diffusion import Diffusion
-    from tdc_core.pruning import count_spec_flops
-    from tdc_core.train import spec_for
-    from tdc_core.unet import UNet
+    import tdc_core.method.pruning.search as ps
+    from tdc_core.diffusion.gaussian import Diffusion
+    from tdc_core.method.budgets import budget_fractions
+    from tdc_core.method.pruning.structure import count_spec_flops
+    from tdc_core.model.unet import UNet
+    from tdc_core.training.trainer import spec_for
 
     with pytest.raises(ConfigError) as err:
         check_budgets_reachable(load_config(preset="smoke", overrides=["budget.k=0.05"]))
@@ -334,10 +334,10 @@ def test_cli_refuses_in_one_line(capsys, argv, needles) -> None:
 
 def test_cli_finetune_group_refuses_a_group_that_does_not_exist(tmp_path: Path, capsys) -> None:
     """A negative or too-large --group is one line, not a ValueError traceback from the stage."""
-    from tdc_core.budgets import BudgetPlan, GroupBudget
     from tdc_core.config import write_run_config
-    from tdc_core.layout import RunLayout
+    from tdc_core.method.budgets import BudgetPlan, GroupBudget
     from tdc_core.records import save_record
+    from tdc_core.run.layout import RunLayout
 
     layout = RunLayout(tmp_path / "run")
     write_run_config(layout, load_config(preset="smoke"))

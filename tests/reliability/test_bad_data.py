@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tdc_core.config import DataConfig
-from tdc_core.data import load_images
 from tdc_core.errors import DataError
+from tdc_core.training.data import load_images
 
 _RNG = np.random.default_rng(0)
 _IMAGES = _RNG.integers(0, 256, size=(4, 3, 8, 8), dtype=np.uint8)

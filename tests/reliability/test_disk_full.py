@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tdc_core import atomic as atomic_mod
-from tdc_core.checkpoint import WriteError, load_checkpoint, save_checkpoint
 from tdc_core.errors import CheckpointError, TDCError
 from tdc_core.records import load_record, save_record
+from tdc_core.training.checkpoint import WriteError, load_checkpoint, save_checkpoint
 
 ENOSPC = f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
 
@@ -104,7 +104,7 @@ def test_first_checkpoint_failing_leaves_nothing(tmp_path: Path, monkeypatch: py
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_failed_json_artifact_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             fault: str) -> None:
-    from tdc_core.budgets import BudgetPlan
+    from tdc_core.method.budgets import BudgetPlan
 
     path = tmp_path / "grouping" / "budgets.json"
     plan = BudgetPlan(base_flops=1e6, k=0.5, difficulty_measure="loss", budgets=[])

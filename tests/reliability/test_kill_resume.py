@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tdc_core.checkpoint import load_checkpoint
 from tdc_core.errors import CheckpointError
+from tdc_core.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

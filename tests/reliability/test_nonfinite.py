@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tdc_core.checkpoint import load_checkpoint
 from tdc_core.config import load_config
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import TrainingError
-from tdc_core.reporting import RecordingReporter
-from tdc_core.train import Trainer, prepare_data, spec_for
+from tdc_core.reporter import RecordingReporter
+from tdc_core.training.checkpoint import load_checkpoint
+from tdc_core.training.trainer import Trainer, prepare_data, spec_for
 
 BASE = ["train.steps=20", "profile.profile_steps=0", "train.log_every=5", "train.checkpoint_every=5"]
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tdc_core.checkpoint import load_checkpoint
 from tdc_core.errors import CheckpointError
-from tdc_core.runlock import LOCK_NAME
+from tdc_core.run.runlock import LOCK_NAME
+from tdc_core.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

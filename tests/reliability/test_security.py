@@ -17,12 +17,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tdc_core.checkpoint import load_checkpoint
 from tdc_core.config import DataConfig, load_config
-from tdc_core.data import load_images
 from tdc_core.errors import CheckpointError, ConfigError, DataError
-from tdc_core.layout import RunLayout, safe_child
-from tdc_core.train import load_model
+from tdc_core.run.layout import RunLayout, safe_child
+from tdc_core.training.checkpoint import load_checkpoint
+from tdc_core.training.data import load_images
+from tdc_core.training.trainer import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,8 +79,8 @@ def test_the_evil_checkpoints_are_live(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("loader", ["load_checkpoint", "load_model", "resume"])
 def test_checkpoint_carrying_code_is_refused_and_not_run(tmp_path: Path, loader: str) -> None:
-    from tdc_core.diffusion import Diffusion
-    from tdc_core.train import Trainer, spec_for
+    from tdc_core.diffusion.gaussian import Diffusion
+    from tdc_core.training.trainer import Trainer, spec_for
 
     marker = tmp_path / "marker"
     cfg = load_config(preset="smoke", overrides=["train.steps=1", "profile.profile_steps=0"])

@@ -20,10 +20,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-import tasks.stages as stages
+import tasks.stage_tasks as stages
 from tasks.tracking import BACKLOG_DIR, MlflowReporter, TrackingRef, check_tracking, open_tracking
-from tdc_core.checkpoint import load_checkpoint
 from tdc_core.config import load_config
+from tdc_core.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ["train.steps=40", "train.log_every=2", "train.checkpoint_every=10", "train.heldout_every=10"]

@@ -10,7 +10,7 @@ It splits ``[0, T)`` into B equal buckets and records per bucket:
   "Addressing Negative Transfer in Diffusion Models", NeurIPS 2023).
 
 The result is a JSON-friendly :class:`DifficultyProfile`; :meth:`DifficultyProfile.arrays`
-feeds :func:`tdc_core.grouping.group_timesteps`.
+feeds :func:`tdc_core.method.grouping.group_timesteps`.
 
 Decisions:
 
@@ -47,13 +47,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
-from tdc_core.checkpoint import atomic_write_bytes
+from tdc_core.atomic import atomic_write_bytes
 from tdc_core.config import ProfileConfig
-from tdc_core.data import to_model_range
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import ConfigError, DataError, TrainingError
 from tdc_core.records import load_record
-from tdc_core.reporting import NullReporter, Reporter
+from tdc_core.reporter import NullReporter, Reporter
+from tdc_core.training.data import to_model_range
 
 __all__ = [
     "DEFAULT_MAX_GRADIENT_BYTES",
@@ -104,7 +104,7 @@ def bucket_centres(edges: np.ndarray) -> np.ndarray:
 
 
 class ProfileArrays(NamedTuple):
-    """A profile as numpy arrays, named as :func:`tdc_core.grouping.group_timesteps` wants."""
+    """A profile as numpy arrays, named as :func:`tdc_core.method.grouping.group_timesteps` wants."""
 
     bucket_edges: np.ndarray  # [B+1] int64 timesteps
     snr_db: np.ndarray        # [B] float64, dB at bucket centres

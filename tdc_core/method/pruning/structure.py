@@ -5,7 +5,7 @@ every residual block's inner channels (``in_conv`` outputs = ``out_norm`` channe
 ``emb_proj`` outputs, twice with scale-shift = ``out_conv`` inputs), then every attention
 block's q/k/v channels. A block's input and output widths never change, so skips,
 concatenations and residual sums stay consistent by construction, and a pruned model is
-rebuilt from its :class:`~tdc_core.unet.UNetSpec` alone (``res_inner``/``attn_inner``).
+rebuilt from its :class:`~tdc_core.model.unet.UNetSpec` alone (``res_inner``/``attn_inner``).
 
 **Keep ratios** are fractions of the *dense* model's widths, so proposals made in different
 rounds of a progressive search compare directly. Channels cannot grow back: a ratio above a
@@ -15,7 +15,7 @@ unchanged (identical outputs), pruned or not.
 **Rounding** (:func:`widths_for`). Widths are multiples of a per-unit *quantum*:
 
 * residual unit: the dense block's GroupNorm group count (``norm_groups``, or fewer for narrow
-  blocks). :func:`tdc_core.unet.group_norm` derives the group count from the width alone, and a
+  blocks). :func:`tdc_core.model.unet.group_norm` derives the group count from the width alone, and a
   multiple of the dense group count keeps that count, so the pruned block normalises over the
   same number of groups as the dense one. Channels are removed *evenly from every group*
   (top-k by importance within each group, order kept), so each new group is a subset of an old
@@ -70,7 +70,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.flop_counter import FlopCounterMode
 
-from tdc_core.unet import AttentionBlock, ResBlock, UNet, UNetSpec, group_norm
+from tdc_core.model.unet import AttentionBlock, ResBlock, UNet, UNetSpec, group_norm
 
 __all__ = [
     "ChannelScores",
@@ -110,7 +110,7 @@ class PruneSpace(BaseModel):
     """The units of a UNet and an exact linear model of its FLOPs in their widths.
 
     ``flops(w) = fixed_flops + Σ_i units[i].flops_per_channel · w_i`` (FLOPs per image, as
-    :func:`tdc_core.flops.count_forward_flops` counts them). Unit order: residual units, then
+    :func:`tdc_core.model.flops.count_forward_flops` counts them). Unit order: residual units, then
     attention units, each in module order.
     """
 
@@ -291,7 +291,7 @@ def prune_space(spec: UNetSpec, *, min_keep: float) -> PruneSpace:
     if abs(space.flops(check) - counted) > 1e-6 * counted or abs(wider - total_b) > 1e-6 * total_b:
         raise RuntimeError(
             f"UNet FLOPs are not linear in the unit widths (predicted {space.flops(check):.0f}, "
-            f"counted {counted}); tdc_core.pruning needs updating for the changed UNet"
+            f"counted {counted}); tdc_core.method.pruning.structure needs updating for the changed UNet"
         )
     return space
 

@@ -11,7 +11,7 @@ then profiles it) → :func:`group_stage` → :func:`shared_stage` (continues th
 :func:`assemble_router` / :func:`cost_stage`.
 
 A group whose budget is below F is pruned to it before its fine-tune (step 5, proxy-guided
-progressive rounds, :mod:`tdc_core.prune_search`), unless ``prune.enabled`` is false: then it is
+progressive rounds, :mod:`tdc_core.method.pruning.search`), unless ``prune.enabled`` is false: then it is
 fine-tuned at full width and its result says ``budget_met = False``.
 """
 
@@ -23,26 +23,27 @@ import time
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from tdc_core.budgets import BudgetPlan, assign_budgets
-from tdc_core.checkpoint import load_checkpoint
 from tdc_core.config import PipelineConfig
-from tdc_core.costs import SamplingCost, TrainingCost, sampling_cost, training_cost
-from tdc_core.device import resolve_device
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
+from tdc_core.diffusion.samplers import sampling_timesteps
 from tdc_core.errors import CheckpointError, ConfigError
-from tdc_core.flops import count_forward_flops
-from tdc_core.grouping import Grouping, group_timesteps
-from tdc_core.layout import RunLayout
-from tdc_core.plots import plot_grouping, plot_profile
-from tdc_core.profiling import DifficultyProfile, profile_difficulty
-from tdc_core.proxies import MemoryBank
-from tdc_core.prune_search import plot_prune_rounds, prune_to_budget
-from tdc_core.pruning import count_spec_flops
+from tdc_core.evaluation.plots import plot_grouping, plot_profile
+from tdc_core.method.budgets import BudgetPlan, assign_budgets
+from tdc_core.method.costs import SamplingCost, TrainingCost, sampling_cost, training_cost
+from tdc_core.method.grouping import Grouping, group_timesteps
+from tdc_core.method.profiling import DifficultyProfile, profile_difficulty
+from tdc_core.method.pruning.proxies import MemoryBank
+from tdc_core.method.pruning.search import plot_prune_rounds, prune_to_budget
+from tdc_core.method.pruning.structure import count_spec_flops
+from tdc_core.method.routing import ExpertRouter, load_router
+from tdc_core.model.flops import count_forward_flops
+from tdc_core.model.unet import UNetSpec
 from tdc_core.records import load_record, save_record
-from tdc_core.reporting import Reporter
-from tdc_core.routing import ExpertRouter, load_router
-from tdc_core.samplers import sampling_timesteps
-from tdc_core.train import (
+from tdc_core.reporter import Reporter
+from tdc_core.run.layout import RunLayout
+from tdc_core.training.checkpoint import load_checkpoint
+from tdc_core.training.device import resolve_device
+from tdc_core.training.trainer import (
     Trainer,
     TrainResult,
     load_model,
@@ -50,7 +51,6 @@ from tdc_core.train import (
     run_training,
     spec_for,
 )
-from tdc_core.unet import UNetSpec
 
 __all__ = [
     "CostReport",

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdc_core.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from tdc_core.atomic import atomic_write_bytes
 from tdc_core.config import DataConfig, EvalConfig
 from tdc_core.errors import CheckpointError, ConfigError, first_line
+from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "DIGITS_LABEL",
@@ -406,7 +407,7 @@ class DigitsCNN(nn.Module):
 
 
 def _digits_with_labels() -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn's digits as uint8 ``[1797 x 1 x 8 x 8]`` (quantised like ``tdc_core.data``) + labels."""
+    """sklearn's digits as uint8 ``[1797 x 1 x 8 x 8]`` (quantised like ``tdc_core.training.data``) + labels."""
     from sklearn.datasets import load_digits  # slow import; only training needs it
 
     bunch = load_digits()
@@ -416,7 +417,7 @@ def _digits_with_labels() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N x C x H x W]`` → float ``[N x 1 x 8 x 8]`` in [-1, 1]: ITU-R 601 luma for RGB,
-    antialiased bilinear resize to 8 px (the inverse of how ``tdc_core.data`` enlarges digits)."""
+    antialiased bilinear resize to 8 px (the inverse of how ``tdc_core.training.data`` enlarges digits)."""
     x = images.to(torch.float32)
     if x.shape[1] == 3:
         x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)

@@ -5,13 +5,13 @@ model's FLOPs). In each round:
 
 1. channel importance (magnitude or Taylor on the group's timesteps) of the current model;
 2. the proxy proposes ``candidates_per_round`` keep-ratio vectors for the round's target, given
-   the memory bank (:mod:`tdc_core.proxies`);
-3. each candidate is pruned from the current model (:func:`tdc_core.pruning.prune_to_widths`)
+   the memory bank (:mod:`tdc_core.method.pruning.proxies`);
+3. each candidate is pruned from the current model (:func:`tdc_core.method.pruning.structure.prune_to_widths`)
    and scored: mean ε-MSE on ``score_batches`` fixed held-out batches with t uniform in the
    group's interval; the same (image, t, ε) triples for every candidate and round (common random
    numbers), so score differences are due to the models alone;
 4. the best-scoring candidate is accepted and fine-tuned for ``recovery_steps`` on the group's
-   timesteps (:class:`~tdc_core.train.Trainer`); of the trainer's raw and EMA weights, the one
+   timesteps (:class:`~tdc_core.training.trainer.Trainer`); of the trainer's raw and EMA weights, the one
    with the lower score continues (with few steps the EMA is mostly the pre-recovery model);
 5. the memory bank records every candidate and the round's decision.
 
@@ -39,14 +39,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tdc_core.checkpoint import atomic_write_bytes
+from tdc_core.atomic import atomic_write_bytes
 from tdc_core.config import PipelineConfig, PruneConfig, TrainConfig
-from tdc_core.data import to_model_range
-from tdc_core.device import autocast_dtype
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import ConfigError
-from tdc_core.flops import count_forward_flops
-from tdc_core.proxies import (
+from tdc_core.method.pruning.proxies import (
     MemoryBank,
     MemoryEntry,
     Proposal,
@@ -55,16 +52,19 @@ from tdc_core.proxies import (
     RoundRecord,
     make_proxy,
 )
-from tdc_core.pruning import (
+from tdc_core.method.pruning.structure import (
     ChannelScores,
     PruneSpace,
     channel_importance,
     prune_space,
     prune_to_widths,
 )
-from tdc_core.reporting import NullReporter, Reporter
-from tdc_core.train import Trainer
-from tdc_core.unet import UNet, UNetSpec
+from tdc_core.model.flops import count_forward_flops
+from tdc_core.model.unet import UNet, UNetSpec
+from tdc_core.reporter import NullReporter, Reporter
+from tdc_core.training.data import to_model_range
+from tdc_core.training.device import autocast_dtype
+from tdc_core.training.trainer import Trainer
 
 __all__ = [
     "Batch",
@@ -252,7 +252,7 @@ def prune_to_budget(
             stored in the recovery trainers' checkpoints).
         train_cfg: training settings of the recovery fine-tunes (seed, precision, EMA...); default
             ``config.train``. Round r's recovery uses seed ``train_cfg.seed + 7919·r``.
-        proxy: default :func:`tdc_core.proxies.make_proxy` of ``config.prune``.
+        proxy: default :func:`tdc_core.method.pruning.proxies.make_proxy` of ``config.prune``.
         device: default the model's device.
         work_dir: folder for the recovery trainers' scratch checkpoints (default the system temp
             folder); they are deleted when the search ends.

@@ -9,8 +9,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.tracking import TrackingRef
-from tdc_core.checkpoint import atomic_write_bytes
-from tdc_core.layout import RunLayout
+from tdc_core.atomic import atomic_write_bytes
+from tdc_core.run.layout import RunLayout
 
 __all__ = ["render_report", "report_task"]
 

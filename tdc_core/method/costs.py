@@ -1,7 +1,7 @@
 """The costs every run reports (docs/METHOD.md, "Costs that must be reported"): pure arithmetic.
 
 Units: all costs are FLOPs (one multiply-add = 2 FLOPs, as counted by
-``torch.utils.flop_counter.FlopCounterMode`` in :func:`tdc_core.flops.count_forward_flops`).
+``torch.utils.flop_counter.FlopCounterMode`` in :func:`tdc_core.model.flops.count_forward_flops`).
 Forward FLOPs are per image. A training step costs ``backward_factor`` × its forward FLOPs per
 image × batch size; the common convention is backward ≈ 2 × forward, so forward + backward ≈
 3 × forward. The factor is a parameter and is stored in the record, so reports state it. EMA,
@@ -17,8 +17,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from tdc_core.flops import count_forward_flops
-from tdc_core.routing import check_boundaries
+from tdc_core.method.routing import check_boundaries
+from tdc_core.model.flops import count_forward_flops
 
 __all__ = ["SamplingCost", "TrainingCost", "measure_group_flops", "sampling_cost", "training_cost"]
 
@@ -86,7 +86,7 @@ def sampling_cost(
 
     Args:
         visited_timesteps: ``[S]`` original timesteps the sampler calls the denoiser at
-            (e.g. :func:`tdc_core.samplers.sampling_timesteps`); repeats count.
+            (e.g. :func:`tdc_core.diffusion.samplers.sampling_timesteps`); repeats count.
         boundaries: ``[N+1]`` timesteps ``0 = b_0 < ... < b_N = T``.
         group_flops: ``[N]`` forward FLOPs per image of group g's model.
         base_flops: F, forward FLOPs per image of the single model.
@@ -186,5 +186,5 @@ def training_cost(
 
 def measure_group_flops(*, models: Sequence[nn.Module], in_channels: int, image_size: int) -> list[int]:
     """Forward FLOPs per image of each model ``(x: [1 x C x H x W], t) -> out``, counted by
-    :func:`tdc_core.flops.count_forward_flops` (FlopCounterMode)."""
+    :func:`tdc_core.model.flops.count_forward_flops` (FlopCounterMode)."""
     return [count_forward_flops(m, in_channels=in_channels, image_size=image_size) for m in models]

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict
 
 from tdc_core.config import ModelConfig, PipelineConfig
 from tdc_core.errors import ConfigError
-from tdc_core.grouping import Grouping
-from tdc_core.pruning import prune_space
-from tdc_core.unet import UNetSpec
+from tdc_core.method.grouping import Grouping
+from tdc_core.method.pruning.structure import prune_space
+from tdc_core.model.unet import UNetSpec
 
 __all__ = ["BudgetPlan", "GroupBudget", "assign_budgets", "budget_fractions", "check_budgets_reachable",
            "mean_sampling_fraction"]
@@ -135,7 +135,7 @@ def check_budgets_reachable(config: PipelineConfig) -> None:
         return  # nothing is pruned
     floor = _prune_floor_fraction(config.model.model_dump_json(), config.data.image_size, config.data.channels,
                                   config.learn_sigma, prune.min_keep, prune.prune_attention)
-    reachable = floor / (1 + prune.tolerance)  # as tdc_core.prune_search accepts it
+    reachable = floor / (1 + prune.tolerance)  # as tdc_core.method.pruning.search accepts it
     if smallest < reachable:
         need = math.ceil(1000 * (n * reachable - 1) / (n - 1)) / 1000
         raise ConfigError(
@@ -150,7 +150,7 @@ def check_budgets_reachable(config: PipelineConfig) -> None:
 def _prune_floor_fraction(model_json: str, image_size: int, channels: int, learn_sigma: bool, min_keep: float,
                           prune_attention: bool) -> float:
     """FLOPs of the narrowest prunable model / FLOPs of the dense one (the rule of
-    :func:`tdc_core.prune_search.prune_to_budget`: attention keeps its width unless pruned)."""
+    :func:`tdc_core.method.pruning.search.prune_to_budget`: attention keeps its width unless pruned)."""
     spec = UNetSpec(model=ModelConfig.model_validate_json(model_json), image_size=image_size,
                     in_channels=channels, learn_sigma=learn_sigma)
     space = prune_space(spec, min_keep=min_keep)

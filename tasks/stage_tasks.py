@@ -1,4 +1,4 @@
-"""Prefect tasks: one per pipeline stage, each a thin wrapper over :mod:`tdc_core.stages`.
+"""Prefect tasks: one per pipeline stage, each a thin wrapper over :mod:`tdc_core.run.stages`.
 
 A task takes the config, the run folder and a :class:`TrackingRef` (paths and small records,
 never tensors), runs its stage inside its own MLflow child run, logs the stage's metrics and
@@ -32,17 +32,16 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.console import say
 from tasks.progress import StageProgress
-from tasks.reporters import JsonlTail, read_jsonl_metrics
 from tasks.tracking import MlflowReporter, TrackingRef
+from tasks.worker_reports import JsonlTail, read_jsonl_metrics
 from tdc_core.config import PipelineConfig, write_run_config
-from tdc_core.device import peak_memory_gib, reset_peak_memory, resolve_device
 from tdc_core.errors import TDCError, TrainingError
-from tdc_core.evaluate import Comparison, compare_run
-from tdc_core.layout import RunLayout
-from tdc_core.profiling import DifficultyProfile
+from tdc_core.evaluation.evaluate import Comparison, compare_run
+from tdc_core.method.profiling import DifficultyProfile
 from tdc_core.records import load_record
-from tdc_core.reporting import MultiReporter
-from tdc_core.stages import (
+from tdc_core.reporter import MultiReporter
+from tdc_core.run.layout import RunLayout
+from tdc_core.run.stages import (
     CostReport,
     GroupingResult,
     GroupResult,
@@ -53,7 +52,8 @@ from tdc_core.stages import (
     profile_stage,
     shared_stage,
 )
-from tdc_core.train import TrainResult
+from tdc_core.training.device import peak_memory_gib, reset_peak_memory, resolve_device
+from tdc_core.training.trainer import TrainResult
 
 __all__ = [
     "GroupFailed",
@@ -228,7 +228,7 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
 
 
 def _log_jsonl_metrics(tracking: TrackingRef, run_id: str, path: Path) -> None:
-    """Log a subprocess's metrics file (:class:`tasks.reporters.JsonlReporter`) to ``run_id``.
+    """Log a subprocess's metrics file (:class:`tasks.worker_reports.JsonlReporter`) to ``run_id``.
 
     The whole file, not only this attempt's lines: an attempt that was killed reported steps
     that its resumed successor does not report again. One value per (metric, step), the latest

@@ -1,7 +1,7 @@
 """Pruning proxies and the memory bank (docs/METHOD.md step 5).
 
 In every round of the progressive search a *proxy* proposes candidate keep ratios, one per
-unit (see :mod:`tdc_core.pruning`), for the round's FLOPs target; the search scores them and
+unit (see :mod:`tdc_core.method.pruning.structure`), for the round's FLOPs target; the search scores them and
 keeps the best. The :class:`MemoryBank` holds every proposal of every round with its FLOPs,
 score and whether it was accepted; it is each proxy's input in the next round, it serialises to
 JSON, and :class:`ReplayProxy` re-proposes a recorded run's candidates exactly.
@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tdc_core.config import PruneConfig
 from tdc_core.errors import ConfigError
-from tdc_core.pruning import PruneSpace, Unit
+from tdc_core.method.pruning.structure import PruneSpace, Unit
 from tdc_core.records import load_record, save_record
 
 __all__ = [

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from tdc_core.reporting import Reporter
+from tdc_core.reporter import Reporter
 
 __all__ = ["JsonlReporter", "JsonlTail", "read_jsonl_metrics"]
 

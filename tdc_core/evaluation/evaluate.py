@@ -30,31 +30,31 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tdc_core.checkpoint import atomic_write_bytes
+from tdc_core.atomic import atomic_write_bytes
 from tdc_core.config import PipelineConfig
-from tdc_core.costs import measure_group_flops, sampling_cost
-from tdc_core.data import dataset_fingerprint
-from tdc_core.diffusion import Diffusion
+from tdc_core.diffusion.gaussian import Diffusion
+from tdc_core.diffusion.samplers import Denoiser, generate, sampling_timesteps
 from tdc_core.errors import CheckpointError, ConfigError
-from tdc_core.feature_extractors import (
+from tdc_core.evaluation.features import (
     FeatureExtractor,
     build_extractor,
     resolve_cache_dir,
 )
-from tdc_core.fid import (
+from tdc_core.evaluation.fid import (
     ReferenceInfo,
     ReferenceStats,
     reference_statistics,
     score_features,
 )
-from tdc_core.flops import count_forward_flops
-from tdc_core.images import save_grid
-from tdc_core.layout import RunLayout
+from tdc_core.evaluation.grids import save_grid
+from tdc_core.method.costs import measure_group_flops, sampling_cost
+from tdc_core.model.flops import count_forward_flops
 from tdc_core.records import save_record
-from tdc_core.reporting import NullReporter, Reporter
-from tdc_core.samplers import Denoiser, generate, sampling_timesteps
-from tdc_core.stages import assemble_router, cost_stage
-from tdc_core.train import load_model, prepare_data
+from tdc_core.reporter import NullReporter, Reporter
+from tdc_core.run.layout import RunLayout
+from tdc_core.run.stages import assemble_router, cost_stage
+from tdc_core.training.data import dataset_fingerprint
+from tdc_core.training.trainer import load_model, prepare_data
 
 __all__ = [
     "Comparison",

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tdc_core.checkpoint import atomic_write_bytes
+from tdc_core.atomic import atomic_write_bytes
 
 __all__ = ["image_grid", "save_grid"]
 

@@ -29,8 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from scipy.linalg import LinAlgWarning
 
-from tdc_core.checkpoint import atomic_write_bytes
-from tdc_core.feature_extractors import FeatureExtractor
+from tdc_core.atomic import atomic_write_bytes
+from tdc_core.evaluation.features import FeatureExtractor
 
 __all__ = [
     "FeatureStats",
@@ -111,7 +111,7 @@ class ReferenceInfo(BaseModel):
 
     format: int = STATS_FORMAT
     key: str                     # file stem: hash of the four fields below
-    dataset_fingerprint: str     # tdc_core.data.dataset_fingerprint of the reference images
+    dataset_fingerprint: str     # tdc_core.training.data.dataset_fingerprint of the reference images
     resolution: int              # H = W of the reference images, in pixels
     feature_extractor: str       # extractor identity
     fid_mode: str                # clean-fid mode (or "digits-native")
@@ -167,7 +167,7 @@ def reference_statistics(
 
     The key hashes (``fingerprint``, resolution H, extractor identity, mode): a changed
     dataset or extractor gets a new entry, never a stale one. ``fingerprint`` must identify
-    ``images`` (:func:`tdc_core.data.dataset_fingerprint`); it is trusted, not recomputed, so a
+    ``images`` (:func:`tdc_core.training.data.dataset_fingerprint`); it is trusted, not recomputed, so a
     cache hit costs no feature extraction. A damaged entry is recomputed and overwritten.
     """
     resolution = int(images.shape[-1])

@@ -18,9 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from tdc_core.checkpoint import atomic_write_bytes
-from tdc_core.grouping import Grouping
-from tdc_core.profiling import DifficultyProfile
+from tdc_core.atomic import atomic_write_bytes
+from tdc_core.method.grouping import Grouping
+from tdc_core.method.profiling import DifficultyProfile
 
 __all__ = ["plot_grouping", "plot_profile"]
 

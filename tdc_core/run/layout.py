@@ -22,12 +22,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from tdc_core.config import PipelineConfig, config_key
 from tdc_core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from tdc_core.config import PipelineConfig
 
 __all__ = ["RunLayout", "default_run_dir", "safe_child"]
 
@@ -52,8 +49,6 @@ def safe_child(parent: str | Path, name: str, *, what: str = "name") -> Path:
 def default_run_dir(config: PipelineConfig) -> Path:
     """``runs/<name>-<preset>-<config hash>`` (relative to the working folder): the same config
     always maps to the same folder, so a re-run resumes it."""
-    from tdc_core.config import config_key
-
     return Path("runs") / f"{config.name}-{config.preset}-{config_key(config)}"
 
 

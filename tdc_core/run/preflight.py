@@ -31,13 +31,13 @@ from typing import Literal
 import torch
 
 from tdc_core.atomic import probe_writable
-from tdc_core.budgets import check_budgets_reachable
 from tdc_core.config import PipelineConfig
-from tdc_core.data import peek_images
 from tdc_core.errors import ConfigError, DataError, WriteError
-from tdc_core.feature_extractors import locate_inception_weights, resolve_cache_dir
-from tdc_core.train import spec_for
-from tdc_core.unet import UNet
+from tdc_core.evaluation.features import locate_inception_weights, resolve_cache_dir
+from tdc_core.method.budgets import check_budgets_reachable
+from tdc_core.model.unet import UNet
+from tdc_core.training.data import peek_images
+from tdc_core.training.trainer import spec_for
 
 __all__ = ["ALL_NEEDS", "Need", "checkpoint_bytes", "pipeline_checkpoints", "preflight", "run_needs"]
 
@@ -141,7 +141,7 @@ def _check_data(config: PipelineConfig, *, evaluates: bool) -> str:
     if n < 2:
         raise DataError(f"data source {data.source!r} at {data.path} holds {n} image; at least 2 are needed "
                         f"(training images and a held-out split, data.heldout_fraction)")
-    heldout = min(n - 1, max(1, round(n * data.heldout_fraction)))  # as tdc_core.data.split_heldout
+    heldout = min(n - 1, max(1, round(n * data.heldout_fraction)))  # as tdc_core.training.data.split_heldout
     if evaluates and heldout < _MIN_HELDOUT_FOR_EVAL and peek.exact:
         raise DataError(
             f"data.heldout_fraction={data.heldout_fraction} of {n} images holds out {heldout}; evaluation scores "

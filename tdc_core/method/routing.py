@@ -4,7 +4,7 @@
 ``t`` int64 ``[N]`` original timestep indices → ``[N x C' x H x W]`` — so the samplers and
 every other caller of a denoiser use it unchanged. Group g serves ``b_g <= t < b_{g+1}`` for
 boundaries ``0 = b_0 < b_1 < ... < b_N = T``, the same convention as
-:meth:`tdc_core.grouping.Grouping.group_of`.
+:meth:`tdc_core.method.grouping.Grouping.group_of`.
 
 Host syncs. Which expert runs depends on the values in ``t``, so the host must read them: every
 call does exactly one device→host transfer, of ``N + 2`` small ints (min t, max t and the number
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tdc_core.errors import CheckpointError
-from tdc_core.train import load_model
+from tdc_core.training.trainer import load_model
 
 __all__ = ["ExpertRouter", "check_boundaries", "load_router"]
 
@@ -153,7 +153,7 @@ def load_router(
 ) -> ExpertRouter:
     """Build the router from one checkpoint per group (in timestep order) and the boundaries.
 
-    Each checkpoint is rebuilt alone with :func:`tdc_core.train.load_model` (its stored spec,
+    Each checkpoint is rebuilt alone with :func:`tdc_core.training.trainer.load_model` (its stored spec,
     so pruned widths come back). The experts' stored ``t_range`` is not checked against the
     groups: a dense shared model may serve any group.
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tdc_core.data import to_uint8
-from tdc_core.diffusion import Diffusion, gather
+from tdc_core.diffusion.gaussian import Diffusion, gather
+from tdc_core.training.data import to_uint8
 
 __all__ = ["Denoiser", "generate", "sample", "sampling_timesteps"]
 

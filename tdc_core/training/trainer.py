@@ -10,7 +10,7 @@ fetched from the device only every ``log_every`` steps, so the step itself has n
 Speed (benchmarks/RESULTS.md): bf16 autocast and fused AdamW on CUDA, NHWC (channels_last)
 activations on CUDA, optional ``torch.compile`` of the training model, the uint8 dataset held
 on the GPU when it fits (batches are gathered there: no host-to-device copy per step), and DDP
-under ``torchrun`` (see :mod:`tdc_core.distributed`) through the same code path.
+under ``torchrun`` (see :mod:`tdc_core.training.distributed`) through the same code path.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 
-from tdc_core.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.config import PipelineConfig, TrainConfig, validate_config
-from tdc_core.data import BatchSampler, load_images, split_heldout, to_model_range
-from tdc_core.device import autocast_dtype, peak_memory_gib, reset_peak_memory, resolve_device
-from tdc_core.diffusion import Diffusion
-from tdc_core.distributed import DistInfo, all_gather_objects, init_distributed, mean_across_ranks
+from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import CheckpointError, TDCError, TrainingError, first_line
-from tdc_core.reporting import NullReporter, Reporter
-from tdc_core.unet import UNet, UNetSpec
+from tdc_core.model.unet import UNet, UNetSpec
+from tdc_core.reporter import NullReporter, Reporter
+from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
+from tdc_core.training.data import BatchSampler, load_images, split_heldout, to_model_range
+from tdc_core.training.device import autocast_dtype, peak_memory_gib, reset_peak_memory, resolve_device
+from tdc_core.training.distributed import DistInfo, all_gather_objects, init_distributed, mean_across_ranks
 
 __all__ = ["TrainResult", "Trainer", "load_model", "run_training", "spec_for"]
 
