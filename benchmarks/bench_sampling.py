@@ -26,7 +26,7 @@ from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.diffusion.samplers import sample, sampling_timesteps
 from tdc_core.method.budgets import budget_fractions
 from tdc_core.method.costs import sampling_cost
-from tdc_core.method.pruning.structure import dense_spec, prune_space
+from tdc_core.method.pruning.space import dense_spec, prune_space
 from tdc_core.method.routing import ExpertRouter
 from tdc_core.model.flops import count_forward_flops
 from tdc_core.model.unet import UNet, UNetSpec

@@ -1,5 +1,7 @@
 """The pipeline's stages called directly: no Prefect, no MLflow. The reference that
-``bench_orchestration`` compares the flow against, doing exactly the flow's work."""
+``bench_orchestration`` compares the flow against, doing exactly the flow's work: the stages of
+:data:`tdc_core.run.outline.STAGES` in order, with the groups fanned out to worker processes as
+the flow does."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tdc_core.config import PipelineConfig, write_run_config
-from tdc_core.evaluation.evaluate import compare_run
+from tdc_core.records import load_record
 from tdc_core.run.layout import RunLayout
-from tdc_core.run.stages import cost_stage, group_stage, profile_stage, shared_stage
-from tdc_core.training.trainer import run_training
+from tdc_core.run.outline import run_stages
+from tdc_core.run.stages import GroupResult
+from tdc_core.run.worker import finetune_group_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,13 +25,13 @@ __all__ = ["finetune_groups", "run_direct"]
 
 
 def finetune_groups(run_dir: Path, groups: list[int], *, workers: int, threads: int) -> float:
-    """Fine-tune ``groups`` as the flow does (one ``tdc finetune-group`` process each, ``workers``
-    at a time, ``threads`` torch threads each); returns the wall time in seconds."""
+    """Fine-tune ``groups`` as the flow does (one worker process each, ``workers`` at a time,
+    ``threads`` torch threads each); returns the wall time in seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    layout = RunLayout(run_dir)
 
     def one(g: int) -> None:
-        cmd = [sys.executable, "-m", "flows.cli", "finetune-group", "--run-dir", str(run_dir), "--group", str(g),
-               "--quiet"]
+        cmd = [sys.executable, *finetune_group_command(run_dir=run_dir, group=g, metrics_file=layout.group_metrics(g))]
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"group {g} failed: {done.stderr[-2000:]}")
@@ -44,26 +47,13 @@ def run_direct(config: PipelineConfig, run_dir: Path, *, workers: int = 2) -> di
     layout = RunLayout(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(layout, config)
-    times: dict[str, float] = {}
-
-    def timed(name: str, fn):  # noqa: ANN001, ANN202
-        t0 = time.perf_counter()
-        out = fn()
-        times[name] = time.perf_counter() - t0
-        print(f"  direct {name}: {times[name]:.1f} s", flush=True)
-        return out
-
-    timed("profile", lambda: profile_stage(config, layout))
-    grouped = timed("group", lambda: group_stage(config, layout))
-    timed("shared", lambda: shared_stage(config, layout))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    times["groups"] = finetune_groups(run_dir, list(range(grouped.grouping.num_groups)), workers=workers,
-                                      threads=threads)
-    print(f"  direct groups: {times['groups']:.1f} s", flush=True)
-    costs = timed("costs", lambda: cost_stage(config, layout))
-    if config.baseline.enabled:
-        steps = config.baseline.steps or costs.training.baseline_steps
-        cfg = config.model_copy(update={"train": config.train.model_copy(update={"steps": steps})})
-        baseline = timed("baseline", lambda: run_training(cfg, run_dir=run_dir / "baseline"))
-        timed("evaluate", lambda: compare_run(config, layout, baseline_checkpoint=baseline.checkpoint))
-    return times
+
+    def fan_out(cfg: PipelineConfig, lay: RunLayout, groups: list[int]) -> list[GroupResult]:
+        finetune_groups(lay.root, groups, workers=workers, threads=threads)
+        return [load_record(lay.group_result(g), GroupResult, what="group result") for g in groups]
+
+    def show(stage: str, seconds: float) -> None:
+        print(f"  direct {stage}: {seconds:.1f} s", flush=True)
+
+    return run_stages(config, layout, finetune=fan_out, on_stage=show).seconds

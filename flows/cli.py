@@ -67,8 +67,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="run folder (default: runs/<name>-<time>); resumes if it holds a checkpoint")
     tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out-dir and start over")
     tr.add_argument("--no-samples", action="store_true", help="do not write samples.png at the end")
-    tr.add_argument("--metrics-file", type=Path, help="also append metrics as JSON lines here (used by the pipeline)")
-    tr.add_argument("--result-file", type=Path, help="write the training result as JSON here (used by the pipeline)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pr = sub.add_parser("profile", help="train the probe and profile per-timestep difficulty (TDC step 1)")
@@ -81,7 +79,6 @@ def _parser() -> argparse.ArgumentParser:
     fg = sub.add_parser("finetune-group", help="fine-tune one group's expert on its timesteps (TDC step 6)")
     fg.add_argument("--run-dir", type=Path, required=True)
     fg.add_argument("--group", type=int, required=True, help="group index, 0 = the group holding t = 0")
-    fg.add_argument("--metrics-file", type=Path, help="also append metrics as JSON lines here (used by the pipeline)")
     fg.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint or a TDC run's ensemble")
@@ -254,19 +251,11 @@ def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
     if ckpt.exists() and not args.fresh:
         print(f"resuming from {ckpt}")
     try:
-        with _stage_reporter(desc="training", quiet=args.quiet, metrics_file=args.metrics_file) as reporter:
+        with _stage_reporter(desc="training", quiet=args.quiet) as reporter:
             result = run_training(cfg, run_dir=out, reporter=reporter, resume=not args.fresh, device=device)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint is kept. Resume with:\n  tdc train --out-dir {out}", file=sys.stderr)
         return 130
-    if args.result_file:
-        import dataclasses
-        import json
-
-        from tdc_core.training.checkpoint import atomic_write_bytes
-
-        record = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
-        atomic_write_bytes(args.result_file, json.dumps(record).encode())
     print(f"\ntrained {result.step} steps in {_fmt_seconds(result.seconds)}"
           + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
     print(f"  held-out ε-MSE (EMA)   {result.initial_heldout_loss:.4f} → {result.heldout_loss:.4f}")
@@ -283,6 +272,24 @@ def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
     return 0
 
 
+# The stage commands a person types, by stage of tdc_core.run.outline.STAGES (whose order says
+# which one comes next).
+_STAGE_COMMANDS = {
+    "profile": "tdc profile --run-dir {run_dir}",
+    "group": "tdc group --run-dir {run_dir}",
+    "shared": "tdc train --out-dir {run_dir}   (shared training)",
+    "finetune": "tdc finetune-group --run-dir {run_dir} --group G   (for each group G)",
+}
+
+
+def _next_hint(stage: str, run_dir: Path) -> str:
+    """``next: <command>`` for the stage after ``stage``."""
+    from tdc_core.run.outline import next_stage
+
+    command = _STAGE_COMMANDS.get(next_stage(stage) or "", "tdc compare --run-dir {run_dir}")
+    return "next: " + command.format(run_dir=run_dir)
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     from tdc_core.run.layout import RunLayout
     from tdc_core.run.stages import profile_stage
@@ -295,13 +302,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         layout = RunLayout(args.run_dir)
         print(f"TDC · step 1: probe training to step {cfg.profile.profile_steps}, then difficulty profile "
               f"over {cfg.profile.num_buckets} timestep buckets")
-        with _stage_reporter(desc="probe", quiet=False, metrics_file=None) as reporter:
+        with _stage_reporter(desc="probe", quiet=False) as reporter:
             profile = profile_stage(cfg, layout, reporter=reporter, device=device)
     lm = profile.loss_mean
     print(f"profiled the model at step {profile.model_step} in {_fmt_seconds(profile.seconds)}: "
           f"held-out ε-MSE {lm[0]:.3f} at t≈0 … {lm[-1]:.3f} at t≈T")
     print(f"  {layout.profile_json}\n  {layout.profile_png}")
-    print(f"next: tdc group --run-dir {args.run_dir}")
+    print(_next_hint("profile", args.run_dir))
     return 0
 
 
@@ -320,7 +327,7 @@ def _cmd_group(args: argparse.Namespace) -> int:
     for b, d in zip(res.plan.budgets, g.difficulty):
         print(f"  {b.group:>5}  {f'[{b.lo}, {b.hi})':>13}  {d:>10.3f}  {b.rank:>4}  {b.fraction:>6.0%} F")
     print(f"  {layout.grouping_json}\n  {layout.budgets_json}\n  {layout.grouping_png}")
-    print(f"next: tdc train --out-dir {args.run_dir}   (shared training)")
+    print(_next_hint("group", args.run_dir))
     return 0
 
 
@@ -333,7 +340,7 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
     _check_group(layout, args.group)
     _preflight(cfg, args.run_dir, "data", "device", "prune")
     with _hold(args.run_dir, f"tdc finetune-group --group {args.group}", group=args.group), \
-            _stage_reporter(desc=f"group {args.group}", quiet=args.quiet, metrics_file=args.metrics_file) as reporter:
+            _stage_reporter(desc=f"group {args.group}", quiet=args.quiet) as reporter:
         r = finetune_group_stage(cfg, layout, group=args.group, reporter=reporter, device=_setup(cfg))
     print(f"group {r.group}: timesteps [{r.lo}, {r.hi}), rank {r.rank}, {r.steps} steps in {_fmt_seconds(r.seconds)}")
     pruned = f" → pruned {r.heldout_loss_pruned:.4f}" if r.heldout_loss_pruned is not None else ""
@@ -347,20 +354,16 @@ def _cmd_finetune_group(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _stage_reporter(*, desc: str, quiet: bool, metrics_file: Path | None):  # noqa: ANN202
-    """Progress (a live bar on a terminal, else periodic lines; none when ``quiet``) plus, for
-    the pipeline, metrics and progress as JSON lines in ``metrics_file``; both closed on exit."""
+def _stage_reporter(*, desc: str, quiet: bool):  # noqa: ANN202
+    """Progress: a live bar on a terminal, else periodic lines; none when ``quiet``."""
     from tasks.progress import StageProgress
-    from tasks.worker_reports import JsonlReporter
-    from tdc_core.reporter import MultiReporter, NullReporter
+    from tdc_core.reporter import NullReporter
 
-    bar = NullReporter() if quiet else StageProgress(desc)
-    sink = JsonlReporter(metrics_file) if metrics_file else NullReporter()
-    try:
-        yield MultiReporter(bar, sink)
-    finally:
-        for rep in (bar, sink):
-            getattr(rep, "close", lambda: None)()
+    if quiet:
+        yield NullReporter()
+        return
+    with StageProgress(desc) as bar:
+        yield bar
 
 
 def _check_group(layout, group: int) -> None:

@@ -19,13 +19,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from mlflow.entities import Metric
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, ConfigDict
@@ -33,7 +31,6 @@ from pydantic import BaseModel, ConfigDict
 from tasks.console import say
 from tasks.progress import StageProgress
 from tasks.tracking import MlflowReporter, TrackingRef
-from tasks.worker_reports import JsonlTail, read_jsonl_metrics
 from tdc_core.config import PipelineConfig, write_run_config
 from tdc_core.errors import TDCError, TrainingError
 from tdc_core.evaluation.evaluate import Comparison, compare_run
@@ -52,6 +49,8 @@ from tdc_core.run.stages import (
     profile_stage,
     shared_stage,
 )
+from tdc_core.run.worker import finetune_group_command, train_command
+from tdc_core.run.worker_reports import JsonlTail, read_jsonl_metrics
 from tdc_core.training.device import peak_memory_gib, reset_peak_memory, resolve_device
 from tdc_core.training.trainer import TrainResult
 
@@ -171,10 +170,10 @@ def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: T
         with MlflowReporter(tracking, run_id, prefix="probe_") as reporter, StageProgress("probe") as progress:
             profile = profile_stage(config, layout, reporter=MultiReporter(reporter, progress))
         _log_peak_memory(tracking, run_id, device)
-        edges, ts = profile.bucket_edges, int(time.time() * 1000)
+        edges = profile.bucket_edges
         # One point per bucket, at the bucket's first timestep: the UI plots the profile.
-        tracking.log_metric_items(run_id, [
-            Metric(k, float(v), ts, edges[b]) for b in range(profile.num_buckets)
+        tracking.log_points(run_id, [
+            (k, v, edges[b]) for b in range(profile.num_buckets)
             for k, v in (("bucket_loss_mean", profile.loss_mean[b]), ("bucket_loss_std", profile.loss_std[b]),
                          ("bucket_snr_db", profile.snr_db[b]))
         ])
@@ -192,9 +191,8 @@ def group_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: Tra
     layout = RunLayout(Path(run_dir))
     with _child_run(tracking, key="stage.group", name="group") as run_id:
         res = group_stage(config, layout)
-        ts = int(time.time() * 1000)
-        tracking.log_metric_items(run_id, [
-            Metric(k, float(v), ts, b.group) for b in res.plan.budgets
+        tracking.log_points(run_id, [
+            (k, v, b.group) for b in res.plan.budgets
             for k, v in (("group_lo", b.lo), ("group_hi", b.hi), ("group_rank", b.rank),
                          ("group_budget_fraction", b.fraction), ("group_difficulty", res.grouping.difficulty[b.group]))
         ])
@@ -208,7 +206,7 @@ def group_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: Tra
     return res
 
 
-@task(name="shared-train", **CACHED)
+@task(name="shared", **CACHED)
 def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef) -> TrainSummary:
     """Stage 1: the shared model, continuing the probe's run to ``train.steps``."""
     layout = RunLayout(Path(run_dir))
@@ -228,15 +226,14 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
 
 
 def _log_jsonl_metrics(tracking: TrackingRef, run_id: str, path: Path) -> None:
-    """Log a subprocess's metrics file (:class:`tasks.worker_reports.JsonlReporter`) to ``run_id``.
+    """Log a subprocess's metrics file (:class:`tdc_core.run.worker_reports.JsonlReporter`) to ``run_id``.
 
     The whole file, not only this attempt's lines: an attempt that was killed reported steps
     that its resumed successor does not report again. One value per (metric, step), the latest
     attempt's; ``log_metric_items`` skips what MLflow already holds.
     """
-    ts = int(time.time() * 1000)
     points = {(k, step): v for step, m in read_jsonl_metrics(path) for k, v in m.items()}
-    tracking.log_metric_items(run_id, [Metric(k, v, ts, step) for (k, step), v in points.items()])
+    tracking.log_points(run_id, [(k, v, step) for (k, step), v in points.items()])
 
 
 def _log_peak_memory(tracking: TrackingRef, run_id: str, device, *, name: str = "peak_gpu_memory_gib") -> None:
@@ -268,8 +265,7 @@ def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: Tracki
     if not torch.cuda.is_available():
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "flows.cli", "train", "--out-dir", str(out), "--no-samples", "--quiet",
-           "--metrics-file", str(metrics_file), "--result-file", str(result_file)]
+           *train_command(out_dir=out, metrics_file=metrics_file, result_file=result_file)]
     _run_worker(cmd, env=env, what=f"training in {out} under torchrun ({n} processes)", error=TrainingError,
                 relay=JsonlTail(metrics_file, progress))
     _log_jsonl_metrics(tracking, run_id, metrics_file)
@@ -318,7 +314,7 @@ def worker_slots(max_workers: int | None = None) -> list[str | None]:
     return [None] * max(1, min(cores, max_workers or 2))
 
 
-@task(name="finetune-group", **CACHED)
+@task(name="finetune", **CACHED)
 def finetune_group_task(
     config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef, group: int, threads: int = 1,
 ) -> GroupResult:
@@ -332,8 +328,7 @@ def finetune_group_task(
             env["CUDA_VISIBLE_DEVICES"] = slot
         else:
             env["OMP_NUM_THREADS"] = str(threads)
-        cmd = [sys.executable, "-m", "flows.cli", "finetune-group", "--run-dir", str(layout.root), "--group",
-               str(group), "--metrics-file", str(metrics_file), "--quiet"]
+        cmd = [sys.executable, *finetune_group_command(run_dir=layout.root, group=group, metrics_file=metrics_file)]
         with StageProgress(f"group {group}") as progress:
             _run_worker(cmd, env=env, what=f"group {group} fine-tune", error=GroupFailed,
                         relay=JsonlTail(metrics_file, progress))

@@ -22,10 +22,11 @@ resumed from an earlier checkpoint) is not sent again.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from tdc_core.errors import first_line
 
 __all__ = [
     "MlflowReporter",
+    "RegisteredVersion",
     "TrackingError",
     "TrackingRef",
     "check_tracking",
@@ -71,6 +73,16 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         return exc.error_code in _TRANSIENT_CODES
     return isinstance(exc, OSError)
+
+
+class RegisteredVersion(BaseModel):
+    """A model version registered by :meth:`TrackingRef.register_version`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    holds_alias: bool               # whether the alias now points at this version
+    previous_score: float | None    # the score of the alias's previous holder, if any
 
 
 class TrackingRef(BaseModel):
@@ -128,6 +140,11 @@ class TrackingRef(BaseModel):
         ts = int(time.time() * 1000)
         self.log_metric_items(run_id, [Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
+    def log_points(self, run_id: str, points: Iterable[tuple[str, float, int]]) -> int:
+        """Log (metric, value, step) points the run does not hold yet; returns how many were sent."""
+        ts = int(time.time() * 1000)
+        return self.log_metric_items(run_id, [Metric(k, float(v), ts, int(step)) for k, v, step in points])
+
     def log_metric_items(self, run_id: str, items: list[Metric]) -> int:
         """Send the metrics the run does not hold yet (by metric and step); returns how many."""
         client = self.client()
@@ -162,6 +179,33 @@ class TrackingRef(BaseModel):
             self.client().log_artifacts(run_id, str(path), artifact_path=artifact_path)
         elif path.is_file():
             self.client().log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+    def register_version(self, *, name: str, description: str, run_id: str, artifact_path: str,
+                         tags: Mapping[str, str], score: float, alias: str) -> RegisteredVersion:
+        """Register ``run_id``'s ``artifact_path`` as a version of model ``name`` (once per run: a
+        re-run finds its version) and move ``alias`` to it when its ``score`` tag is lower than
+        the current holder's (or there is none, or that score is not a number)."""
+        client = self.client()
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description=description)
+        existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id]
+        version = existing[0] if existing else client.create_model_version(
+            name, source=f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}", run_id=run_id,
+            tags={**tags, "score": repr(score)},
+        )
+        previous = None
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+            previous = float(current.tags.get("score", "nan"))
+        except MlflowException:
+            current = None
+        better = (current is None or current.version == version.version or not math.isfinite(previous)
+                  or score < previous)
+        if better:
+            client.set_registered_model_alias(name, alias, version.version)
+        return RegisteredVersion(version=str(version.version), holds_alias=better, previous_score=previous)
 
     def journal(self, run_id: str) -> Path | None:
         """Where unsent metrics of ``run_id`` wait (None when this ref keeps no backlog)."""

@@ -143,3 +143,18 @@ def test_core_folders_name_the_method():
     assert {"model", "diffusion", "training", "method", "evaluation", "run"} <= parts
     top = {p.stem for p in CORE.glob("*.py")} - {"__init__"}
     assert top <= {"config", "errors", "atomic", "records", "reporter"}, top
+
+
+def test_mlflow_is_called_only_from_the_tracking_modules():
+    """Every MLflow call goes through tasks/tracking.py (and its light pre-check): one place to
+    change when the tracking API does."""
+    repo = CORE.parent
+    users = set()
+    for folder in ("tasks", "flows", "tdc_core"):
+        for path in (repo / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                if any(m.split(".")[0] == "mlflow" for m in mods):
+                    users.add(str(path.relative_to(repo)))
+    assert users == {"tasks/tracking.py", "tasks/tracking_check.py"}, users

@@ -1,4 +1,4 @@
-"""Live progress (:mod:`tasks.progress`) and its relay out of worker processes (:mod:`tasks.worker_reports`)."""
+"""Live progress (:mod:`tasks.progress`) and its relay out of worker processes (:mod:`tdc_core.run.worker_reports`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 from tasks.progress import StageProgress
-from tasks.worker_reports import JsonlReporter, JsonlTail, read_jsonl_metrics
 from tdc_core.reporter import RecordingReporter
+from tdc_core.run.worker_reports import JsonlReporter, JsonlTail, read_jsonl_metrics
 
 
 def test_plain_lines_at_start_each_quarter_and_end(capsys) -> None:

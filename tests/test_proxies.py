@@ -12,19 +12,16 @@ import pytest
 
 from tdc_core.config import PruneConfig
 from tdc_core.errors import ConfigError
-from tdc_core.method.pruning.proxies import (
-    EvolutionaryProxy,
-    LLMProxy,
-    MemoryBank,
-    ProxyState,
-    RandomProxy,
-    ReplayProxy,
-    SurrogateProxy,
-    make_proxy,
-    project_many,
-)
+from tdc_core.method.pruning.proxies.evolutionary import EvolutionaryProxy
+from tdc_core.method.pruning.proxies.factory import make_proxy
+from tdc_core.method.pruning.proxies.llm import LLMProxy
+from tdc_core.method.pruning.proxies.projection import project_many
+from tdc_core.method.pruning.proxies.random_proxy import RandomProxy
+from tdc_core.method.pruning.proxies.records import MemoryBank, ProxyState
+from tdc_core.method.pruning.proxies.replay import ReplayProxy
+from tdc_core.method.pruning.proxies.surrogate import SurrogateProxy
 from tdc_core.method.pruning.search import RecoveryOutcome, search_rounds
-from tdc_core.method.pruning.structure import PruneSpace, Unit
+from tdc_core.method.pruning.space import PruneSpace, Unit
 from tdc_core.reporter import RecordingReporter
 
 KEY = "sk-test-5ecr3t-DO-NOT-LEAK-0123456789"

@@ -8,7 +8,7 @@ import torch
 from tdc_core.config import load_config
 from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import ConfigError
-from tdc_core.method.pruning.proxies import MemoryBank
+from tdc_core.method.pruning.proxies.records import MemoryBank
 from tdc_core.method.pruning.search import plot_prune_rounds, prune_to_budget, round_targets
 from tdc_core.model.flops import count_forward_flops
 from tdc_core.model.unet import UNet

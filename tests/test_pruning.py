@@ -10,17 +10,11 @@ import torch
 
 from tdc_core.config import ModelConfig, load_config
 from tdc_core.diffusion.gaussian import Diffusion
-from tdc_core.method.pruning.proxies import ProxyState, project_to_budget
-from tdc_core.method.pruning.structure import (
-    PruneSpace,
-    channel_importance,
-    count_spec_flops,
-    prune_space,
-    prune_to_widths,
-    prune_unet,
-    unit_blocks,
-    widths_for,
-)
+from tdc_core.method.pruning.importance import channel_importance
+from tdc_core.method.pruning.proxies.projection import project_to_budget
+from tdc_core.method.pruning.proxies.records import ProxyState
+from tdc_core.method.pruning.space import PruneSpace, count_spec_flops, prune_space, unit_blocks, widths_for
+from tdc_core.method.pruning.surgery import prune_to_widths, prune_unet
 from tdc_core.model.flops import count_forward_flops
 from tdc_core.model.unet import UNet, UNetSpec
 from tdc_core.training.trainer import Trainer, load_model, prepare_data, spec_for

@@ -13,6 +13,7 @@ from tdc_core.diffusion.samplers import sample
 from tdc_core.errors import CheckpointError, DataError
 from tdc_core.run import stages
 from tdc_core.run.layout import RunLayout
+from tdc_core.run.outline import run_stages
 from tdc_core.training.trainer import Trainer, load_model
 
 
@@ -21,11 +22,8 @@ def run(tmp_path_factory):
     """profile → group → shared → fine-tune every group, on the smoke preset."""
     cfg = load_config(preset="smoke", overrides=["train.steps=16", "profile.profile_steps=8", "finetune.steps=4"])
     layout = RunLayout(tmp_path_factory.mktemp("run"))
-    profile = stages.profile_stage(cfg, layout)
-    grouped = stages.group_stage(cfg, layout)
-    shared = stages.shared_stage(cfg, layout)
-    results = [stages.finetune_group_stage(cfg, layout, group=g) for g in range(grouped.grouping.num_groups)]
-    return cfg, layout, profile, grouped, shared, results
+    done = run_stages(cfg, layout, until="finetune")
+    return cfg, layout, done.profile, done.grouped, done.shared, done.groups
 
 
 def test_probe_is_the_start_of_shared_training(run):

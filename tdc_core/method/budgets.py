@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from tdc_core.config import ModelConfig, PipelineConfig
 from tdc_core.errors import ConfigError
 from tdc_core.method.grouping import Grouping
-from tdc_core.method.pruning.structure import prune_space
+from tdc_core.method.pruning.space import prune_space
 from tdc_core.model.unet import UNetSpec
 
 __all__ = ["BudgetPlan", "GroupBudget", "assign_budgets", "budget_fractions", "check_budgets_reachable",

@@ -32,9 +32,9 @@ from tdc_core.method.budgets import BudgetPlan, assign_budgets
 from tdc_core.method.costs import SamplingCost, TrainingCost, sampling_cost, training_cost
 from tdc_core.method.grouping import Grouping, group_timesteps
 from tdc_core.method.profiling import DifficultyProfile, profile_difficulty
-from tdc_core.method.pruning.proxies import MemoryBank
+from tdc_core.method.pruning.proxies.records import MemoryBank
 from tdc_core.method.pruning.search import plot_prune_rounds, prune_to_budget
-from tdc_core.method.pruning.structure import count_spec_flops
+from tdc_core.method.pruning.space import count_spec_flops
 from tdc_core.method.routing import ExpertRouter, load_router
 from tdc_core.model.flops import count_forward_flops
 from tdc_core.model.unet import UNetSpec

@@ -281,7 +281,7 @@ def test_config_check_agrees_with_the_pruning_search(monkeypatch) -> None:
     import tdc_core.method.pruning.search as ps
     from tdc_core.diffusion.gaussian import Diffusion
     from tdc_core.method.budgets import budget_fractions
-    from tdc_core.method.pruning.structure import count_spec_flops
+    from tdc_core.method.pruning.space import count_spec_flops
     from tdc_core.model.unet import UNet
     from tdc_core.training.trainer import spec_for
 

@@ -6,7 +6,7 @@ model's FLOPs). In each round:
 1. channel importance (magnitude or Taylor on the group's timesteps) of the current model;
 2. the proxy proposes ``candidates_per_round`` keep-ratio vectors for the round's target, given
    the memory bank (:mod:`tdc_core.method.pruning.proxies`);
-3. each candidate is pruned from the current model (:func:`tdc_core.method.pruning.structure.prune_to_widths`)
+3. each candidate is pruned from the current model (:func:`tdc_core.method.pruning.surgery.prune_to_widths`)
    and scored: mean ε-MSE on ``score_batches`` fixed held-out batches with t uniform in the
    group's interval; the same (image, t, ε) triples for every candidate and round (common random
    numbers), so score differences are due to the models alone;
@@ -43,22 +43,12 @@ from tdc_core.atomic import atomic_write_bytes
 from tdc_core.config import PipelineConfig, PruneConfig, TrainConfig
 from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import ConfigError
-from tdc_core.method.pruning.proxies import (
-    MemoryBank,
-    MemoryEntry,
-    Proposal,
-    Proxy,
-    ProxyState,
-    RoundRecord,
-    make_proxy,
-)
-from tdc_core.method.pruning.structure import (
-    ChannelScores,
-    PruneSpace,
-    channel_importance,
-    prune_space,
-    prune_to_widths,
-)
+from tdc_core.method.pruning.importance import ChannelScores, channel_importance
+from tdc_core.method.pruning.proxies.base import Proxy
+from tdc_core.method.pruning.proxies.factory import make_proxy
+from tdc_core.method.pruning.proxies.records import MemoryBank, MemoryEntry, Proposal, ProxyState, RoundRecord
+from tdc_core.method.pruning.space import PruneSpace, prune_space
+from tdc_core.method.pruning.surgery import prune_to_widths
 from tdc_core.model.flops import count_forward_flops
 from tdc_core.model.unet import UNet, UNetSpec
 from tdc_core.reporter import NullReporter, Reporter
@@ -252,7 +242,7 @@ def prune_to_budget(
             stored in the recovery trainers' checkpoints).
         train_cfg: training settings of the recovery fine-tunes (seed, precision, EMA...); default
             ``config.train``. Round r's recovery uses seed ``train_cfg.seed + 7919·r``.
-        proxy: default :func:`tdc_core.method.pruning.proxies.make_proxy` of ``config.prune``.
+        proxy: default :func:`tdc_core.method.pruning.proxies.factory.make_proxy` of ``config.prune``.
         device: default the model's device.
         work_dir: folder for the recovery trainers' scratch checkpoints (default the system temp
             folder); they are deleted when the search ends.
