@@ -39,7 +39,7 @@ def _trainer(args: argparse.Namespace):  # noqa: ANN202 - Trainer
     import torch
 
     from tdc_core.diffusion.gaussian import Diffusion
-    from tdc_core.training.trainer import Trainer, spec_for
+    from tdc_core.training.trainer import Trainer, TrainPlan, init_model, spec_for
 
     cfg = bench_config(args.preset, [f"train.batch_size={args.batch}", "profile.profile_steps=0",
                                      f"train.device={args.device}", f"train.steps={args.steps}",
@@ -48,8 +48,9 @@ def _trainer(args: argparse.Namespace):  # noqa: ANN202 - Trainer
     size, ch = cfg.data.image_size, cfg.data.channels
     gen = torch.Generator().manual_seed(0)  # every rank holds the same dataset
     images = torch.randint(0, 256, (max(4 * args.batch, 256), ch, size, size), dtype=torch.uint8, generator=gen)
-    return Trainer(spec=spec_for(cfg), diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
-                   train_images=images, heldout_images=images[:args.batch], config=cfg)
+    return Trainer(model=init_model(spec_for(cfg), seed=cfg.train.seed), diffusion=Diffusion.from_config(cfg.diffusion),
+                   config=cfg, plan=TrainPlan.dense(cfg).replace(random_flip=False),  # no flips, as timed so far
+                   train_images=images, heldout_images=images[:args.batch])
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -47,10 +47,10 @@ Path(sys.argv[3]).write_text(json.dumps(times))
 WARM_CACHE = """
 import sys
 from tdc_core.config import load_config
-from tdc_core.evaluation.evaluate import reference_for_config
+from tdc_core.run.evaluation import reference_for_config
 from tdc_core.evaluation.features import build_extractor
 cfg = load_config(preset=sys.argv[1], overrides=sys.argv[2:])
-ref, _ = reference_for_config(cfg, build_extractor(cfg.eval, cfg.data, device="cpu"))
+ref, _, _ = reference_for_config(cfg, build_extractor(cfg.eval, cfg.data, device="cpu"))
 print(f"reference statistics {'reused' if ref.reused else 'computed'}")
 """
 

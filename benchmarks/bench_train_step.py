@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks._common import Timing, alternating_medians, bench_config, machine, table, write_json
 from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.model.flops import count_forward_flops
-from tdc_core.training.trainer import Trainer, spec_for
+from tdc_core.training.trainer import Trainer, TrainPlan, init_model, spec_for
 
 MFU_TARGET, SPEEDUP_TARGET, MEMORY_TARGET_GB = 0.40, 3.0, 80.0
 
@@ -58,8 +58,9 @@ def make_trainer(preset: str, batch: int, overrides: list[str]) -> Trainer:
     # Synthetic uint8 images of the configured shape: the step's cost does not depend on content,
     # and a benchmark must not need the dataset on disk.
     images = torch.randint(0, 256, (max(4 * batch, 512), ch, size, size), dtype=torch.uint8)
-    return Trainer(spec=spec_for(cfg), diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
-                   train_images=images, heldout_images=images[:batch], config=cfg)
+    return Trainer(model=init_model(spec_for(cfg), seed=cfg.train.seed), diffusion=Diffusion.from_config(cfg.diffusion),
+                   config=cfg, plan=TrainPlan.dense(cfg).replace(random_flip=False),  # no flips, as timed so far
+                   train_images=images, heldout_images=images[:batch])
 
 
 class Arm:

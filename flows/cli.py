@@ -420,7 +420,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _eval_setup(args: argparse.Namespace, cfg):
     from tdc_core.errors import ConfigError
-    from tdc_core.evaluation.evaluate import EvalSetup
+    from tdc_core.evaluation.results import EvalSetup
 
     if args.num is not None and args.num < 2:
         raise ConfigError(f"--num must be ≥ 2 (FID needs a covariance), got {args.num}")
@@ -439,7 +439,7 @@ def _print_scores_header(what: str, setup, device, cfg) -> None:
 
 def _cmd_fid(args: argparse.Namespace) -> int:
     from tdc_core.config import apply_overrides, read_run_config
-    from tdc_core.evaluation.evaluate import evaluate_config
+    from tdc_core.run.evaluation import evaluate_config
     from tdc_core.run.layout import RunLayout
     from tdc_core.run.stages import assemble_router
     from tdc_core.training.trainer import load_model
@@ -464,16 +464,20 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     result, real = evaluate_config(cfg, model=model, name=name, out_dir=out, setup=setup, device=device,
                                    reporter=_LineReporter())
     print(f"features: {result.feature_extractor} ({result.fid_mode}) — {result.comparability}")
-    print(f"FID {result.fid_mean:.4f} ± {result.fid_std:.4f}   KID {result.kid_mean:.5f} ± {result.kid_std:.5f}   "
+    kid = (f"KID {result.kid_mean:.5f} ± {result.kid_std:.5f}" if result.kid_mean is not None
+           else "KID not reported (< 2,000 images per seed)")
+    print(f"FID {result.fid_mean:.4f} ± {result.fid_std:.4f}   {kid}   "
           f"(mean ± std over {len(result.per_seed)} seeds; {1e3 * result.seconds_per_image:.2f} ms per image)")
-    print(f"real held-out images ({real.num_images}) for scale: FID {real.fid:.4f}, KID {real.kid:.5f}")
+    print(f"real held-out images ({real.num_images}) for scale: FID {real.fid:.4f}"
+          + (f", KID {real.kid:.5f}" if real.kid is not None else ""))
     print(f"  {result.grid_png}\n  {out / f'{name}-eval.json'}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from tdc_core.config import read_run_config
-    from tdc_core.evaluation.evaluate import compare_run, comparison_markdown
+    from tdc_core.evaluation.markdown import comparison_markdown
+    from tdc_core.run.evaluation import compare_run
     from tdc_core.run.layout import RunLayout
 
     layout = RunLayout(args.run_dir)

@@ -40,7 +40,7 @@ from tasks.stage_tasks import (
 )
 from tasks.tracking import TrackingRef, open_tracking
 from tdc_core.config import PipelineConfig, config_key, load_config, write_run_config
-from tdc_core.evaluation.evaluate import Comparison
+from tdc_core.evaluation.results import Comparison
 from tdc_core.run.layout import RunLayout, default_run_dir
 from tdc_core.run.runlock import hold_run_folder
 from tdc_core.run.stages import CostReport, GroupResult
@@ -61,7 +61,6 @@ class PipelineSummary(BaseModel):
     shared: TrainSummary
     baseline: TrainSummary | None
     costs: CostReport
-    ensemble_heldout_loss: float
     comparison: Comparison | None
     registration: Registration
 
@@ -155,18 +154,15 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
         baseline = baseline_task(*args, steps=steps, baseline_run_id=baseline_run_id)
         comparison = evaluate_task(*args, baseline_run_id=baseline_run_id, baseline=baseline)
         tracking.finish(baseline_run_id)
-    heldout = ensemble_heldout_loss(groups, num_timesteps=cfg.diffusion.num_timesteps)
-    tracking.log_metrics(tracking.parent_run_id, {"heldout_loss": heldout})
-    # The registry ranks ensembles by FID when it was measured, else by held-out ε-MSE.
-    score_name, score = (("fid_mean", comparison.tdc.eval.fid_mean) if comparison is not None
-                         else ("heldout_eps_mse", heldout))
+    score_name, score = registry_score(comparison, groups, num_timesteps=cfg.diffusion.num_timesteps)
+    tracking.log_metrics(tracking.parent_run_id, {score_name: score})
     registration = register_task(tracking=tracking, run_dir=str(root), preset=cfg.preset, num_groups=len(groups),
                                  score_name=score_name, score=score)
     summary = PipelineSummary(
         run_dir=str(root), mlflow_run_id=tracking.parent_run_id, baseline_run_id=baseline_run_id,
         tracking_uri=tracking.tracking_uri, experiment_id=tracking.experiment_id,
         boundaries=grouped.grouping.boundaries, groups=groups,
-        shared=shared, baseline=baseline, costs=costs, ensemble_heldout_loss=heldout, comparison=comparison,
+        shared=shared, baseline=baseline, costs=costs, comparison=comparison,
         registration=registration,
     )
     report_task(summary_json=summary.model_dump_json(), tracking=tracking)
@@ -201,10 +197,17 @@ def _all_groups(futures: list) -> list[GroupResult]:
     return results
 
 
-def ensemble_heldout_loss(groups: list[GroupResult], *, num_timesteps: int) -> float:
-    """Held-out ε-MSE of the routed ensemble for t uniform on [0, T): each expert's loss on its
-    own interval, weighted by the interval's share of the timesteps."""
-    return sum(g.heldout_loss * (g.hi - g.lo) for g in groups) / num_timesteps
+def registry_score(comparison: Comparison | None, groups: list[GroupResult], *,
+                   num_timesteps: int) -> tuple[str, float]:
+    """What the registry ranks ensembles by (lower is better): held-out bits/dim when the
+    evaluation ran (it needs no feature extractor and is stable at small n, unlike FID), else each
+    expert's own held-out ε-MSE estimate weighted by its interval's share of [0, T) (a training
+    diagnostic, not comparable across models: see the evaluation for that)."""
+    if comparison is not None and comparison.likelihood:
+        return "bits_per_dim", next(lk.bpd for lk in comparison.likelihood if lk.name == "tdc")
+    if comparison is not None:
+        return "fid_mean", comparison.tdc.eval.fid_mean
+    return "groups_heldout_eps_mse", sum(g.heldout_loss * (g.hi - g.lo) for g in groups) / num_timesteps
 
 
 def run_pipeline(

@@ -18,16 +18,19 @@ __all__ = ["render_report", "report_task"]
 def render_report(summary: dict) -> tuple[str, list[dict]]:
     """Markdown text and table rows (one per model) of a pipeline summary (as a plain dict)."""
     costs = summary["costs"]
+    comparison = summary.get("comparison") or {}
+    heldout = {h["name"]: h for h in comparison.get("heldout", [])}
     rows = []
-    for g in summary["groups"]:
-        rows.append({
-            "model": f"group {g['group']}", "timesteps": f"[{g['lo']}, {g['hi']})", "rank": g["rank"],
-            "MFLOP/forward": round(g["flops"] / 1e6, 3), "budget MFLOP": round(g["budget_flops"] / 1e6, 3),
-            "budget met": g["budget_met"], "held-out ε-MSE shared → pruned → expert":
-                f"{g['heldout_loss_shared']:.4f} → "
-                + (f"{g['heldout_loss_pruned']:.4f} → " if g.get("heldout_loss_pruned") is not None else "— → ")
-                + f"{g['heldout_loss']:.4f}",
-        })
+    for i, g in enumerate(summary["groups"]):
+        row = {"model": f"group {g['group']}", "timesteps": f"[{g['lo']}, {g['hi']})", "rank": g["rank"],
+               "MFLOP/forward": round(g["flops"] / 1e6, 3), "budget MFLOP": round(g["budget_flops"] / 1e6, 3),
+               "budget met": g["budget_met"]}
+        # The held-out evaluator's ε-MSE on the group's timesteps, every model on the same triples.
+        for name in ("tdc", "shared", "baseline"):
+            if name in heldout:
+                row[f"ε-MSE {name}"] = round(heldout[name]["group_eps_mse"][i], 5)
+        rows.append(row)
+    models = [n for n in ("tdc", "shared", "baseline") if n in heldout]
     t, s = costs["training"], costs["sampling"]
     lines = [
         "# TDC pipeline run",
@@ -36,11 +39,12 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         f"- MLflow run: `{summary['mlflow_run_id']}` ({summary['tracking_uri']})",
         f"- group boundaries (timesteps): {summary['boundaries']}",
         "",
-        "| model | timesteps | rank | MFLOP/forward | budget MFLOP | budget met "
-        "| held-out ε-MSE shared → pruned → expert |",
-        "|---|---|---|---|---|---|---|",
+        "| model | timesteps | rank | MFLOP/forward | budget MFLOP | budget met |"
+        + "".join(f" held-out ε-MSE {n} |" for n in models),
+        "|---|---|---|---|---|---|" + "---|" * len(models),
         *[f"| {r['model']} | {r['timesteps']} | {r['rank']} | {r['MFLOP/forward']} | {r['budget MFLOP']} | "
-          f"{'yes' if r['budget met'] else 'no'} | {r['held-out ε-MSE shared → pruned → expert']} |" for r in rows],
+          f"{'yes' if r['budget met'] else 'no'} |" + "".join(f" {r[f'ε-MSE {n}']:.4f} |" for n in models)
+          for r in rows],
         "",
         "## Cost",
         "",
@@ -51,17 +55,15 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         f"| training FLOPs (incl. pruning search {t['pruning_flops']:.3g}) | {t['tdc_flops']:.4g} | "
         f"{t['baseline_flops']:.4g} | {t['ratio']:.3f} |",
     ]
-    sh = summary["shared"]
-    lines += ["", "## Held-out ε-MSE (t uniform on [0, T))", "",
-              f"- TDC ensemble: {summary['ensemble_heldout_loss']:.4f}",
-              f"- shared model alone: {sh['heldout_loss']:.4f} ({sh['step']} steps)"]
-    if summary.get("baseline"):
-        b = summary["baseline"]
-        lines += [f"- baseline: {b['heldout_loss']:.4f} ({b['step']} steps, same training FLOPs as TDC; "
-                  f"MLflow run `{summary['baseline_run_id']}`)"]
-    comparison = summary.get("comparison")
+    if not comparison:
+        lines += ["", "No held-out evaluation: it runs with the baseline comparison (`baseline.enabled=false` here)."]
     if comparison:
         lines += ["", "## TDC vs the single-model baseline", "", _comparison_table(comparison)]
+        if summary.get("baseline"):
+            b = summary["baseline"]
+            lines += ["", f"Baseline: {b['step']} steps at the same training FLOPs as TDC (MLflow run "
+                          f"`{summary['baseline_run_id']}`). The full comparison, with every metric's interval: "
+                          f"`{comparison['markdown_path']}`."]
     reg = summary.get("registration")
     if reg:
         lines += ["", f"Registered as `{reg['name']}` version {reg['version']}"
@@ -81,8 +83,9 @@ def _comparison_table(c: dict) -> str:
         e, cost = c[name]["eval"], c[name]["cost"]
         seeds = ", ".join(f"{s['fid']:.3f}" for s in e["per_seed"])
         train = f"{cost['training_flops']:.3g}" if cost.get("training_flops") is not None else "—"
+        kid = f"{e['kid_mean']:.5f} ± {e['kid_std']:.5f}" if e.get("kid_mean") is not None else "– (n < 2,000)"
         rows.append(f"| {'TDC' if name == 'tdc' else 'baseline'} | {e['fid_mean']:.4f} ± {e['fid_std']:.4f} | "
-                    f"{e['kid_mean']:.5f} ± {e['kid_std']:.5f} | {seeds} | "
+                    f"{kid} | {seeds} | "
                     f"{cost['sampling_flops_per_image'] / 1e6:.1f} | {1e3 * e['seconds_per_image']:.2f} | {train} |")
     real = c.get("real_heldout")
     tail = [f"{setup['num_samples']} samples per seed, seeds {list(setup['seeds'])}, {setup['sampler']} "
@@ -91,7 +94,22 @@ def _comparison_table(c: dict) -> str:
     if real:
         tail.append(f"Real held-out images for scale: FID {real['fid']:.4f} ({real['num_images']} images).")
     tail += c.get("notes", [])
-    return "\n".join(rows) + "\n\n" + "\n".join(f"- {t}" for t in tail)
+    text = "\n".join(rows) + "\n\n" + "\n".join(f"- {t}" for t in tail)
+    diffs = [*c.get("heldout_differences", []), *c.get("likelihood_differences", [])]
+    ci = c.get("fid_difference_ci")
+    if diffs or ci:
+        verdict = lambda lo, hi: "TDC better" if hi < 0 else "TDC worse" if lo > 0 else "no clear difference"  # noqa: E731
+        lines = ["", "| TDC − other (95 % interval; lower is better) | other | difference | verdict |",
+                 "|---|---|---|---|"]
+        if ci:
+            lines.append(f"| FID, all seeds pooled (paired bootstrap, n = {ci['n']}) | baseline | "
+                         f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] | "
+                         f"{verdict(ci['low'], ci['high'])} |")
+        for d in diffs:
+            lines.append(f"| {d['metric']} (held-out, n = {d['n']} images) | {d['b']} | {d['difference']:+.4f} "
+                         f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] | {verdict(d['ci_low'], d['ci_high'])} |")
+        text += "\n" + "\n".join(lines)
+    return text
 
 
 @task(name="report")

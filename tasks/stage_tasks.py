@@ -33,10 +33,11 @@ from tasks.progress import StageProgress
 from tasks.tracking import MlflowReporter, TrackingRef
 from tdc_core.config import PipelineConfig, write_run_config
 from tdc_core.errors import TDCError, TrainingError
-from tdc_core.evaluation.evaluate import Comparison, compare_run
+from tdc_core.evaluation.results import Comparison
 from tdc_core.method.profiling import DifficultyProfile
 from tdc_core.records import load_record
 from tdc_core.reporter import MultiReporter
+from tdc_core.run.evaluation import compare_run
 from tdc_core.run.layout import RunLayout
 from tdc_core.run.stages import (
     CostReport,
@@ -404,22 +405,61 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
         c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint), device=device,
                         reporter=progress)
     _log_peak_memory(tracking, tracking.parent_run_id, device, name="eval_peak_gpu_memory_gib")
-    for run_id, row in ((tracking.parent_run_id, c.tdc), (baseline_run_id, c.baseline)):
-        # The same metric names on both runs: the MLflow UI compares them side by side.
-        tracking.log_metrics(run_id, {
-            "fid_mean": row.eval.fid_mean, "fid_std": row.eval.fid_std, "kid_mean": row.eval.kid_mean,
-            "kid_std": row.eval.kid_std, "sampling_seconds_per_image": row.eval.seconds_per_image,
-            "sampling_flops_per_image": row.cost.sampling_flops_per_image,
-            **({"training_flops": row.cost.training_flops} if row.cost.training_flops is not None else {}),
-        })
-        for s in row.eval.per_seed:
-            tracking.log_metrics(run_id, {"fid_per_seed": s.fid, "kid_per_seed": s.kid}, step=s.seed)
-        tracking.set_tags(run_id, {"fid.features": c.feature_extractor, "fid.mode": c.fid_mode,
-                                   "fid.comparability": c.comparability})
-        if row.eval.grid_png:
-            tracking.log_artifact(run_id, row.eval.grid_png, artifact_path="samples")
+    with _child_run(tracking, key="stage.shared", name="shared-train") as shared_run_id:
+        _log_evaluation(c, tracking, runs={"tdc": tracking.parent_run_id, "baseline": baseline_run_id,
+                                          "shared": shared_run_id})
+    tracking.log_metrics(tracking.parent_run_id, {
+        f"tdc_minus_{d.b}_{d.metric}{suffix}": value for d in (*c.heldout_differences, *c.likelihood_differences)
+        for suffix, value in (("", d.difference), ("_ci_low", d.ci_low), ("_ci_high", d.ci_high))
+    })
     for p in (c.markdown_path, c.json_path, c.plot_path):
         tracking.log_artifact(tracking.parent_run_id, p, artifact_path="comparison")
     say(f"FID ({c.comparability}): TDC {c.tdc.eval.fid_mean:.4f} ± {c.tdc.eval.fid_std:.4f}, "
         f"baseline {c.baseline.eval.fid_mean:.4f} ± {c.baseline.eval.fid_std:.4f}")
+    for d in (*c.heldout_differences, *c.likelihood_differences):
+        if d.b == "baseline":
+            say(f"TDC − baseline {d.metric}: {d.difference:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}] (95 %, "
+                f"{d.n} held-out images)")
     return c
+
+
+def _log_evaluation(c: Comparison, tracking: TrackingRef, *, runs: dict[str, str]) -> None:
+    """Each model's numbers, per-seed scores, tags and sample PNGs on its own MLflow run."""
+    for name, run_id in runs.items():
+        # The same metric names on every run: the MLflow UI compares them side by side.
+        tracking.log_metrics(run_id, evaluation_metrics(c, name))
+        row = {"tdc": c.tdc, "baseline": c.baseline}.get(name)
+        if row is None:
+            continue
+        for s in row.eval.per_seed:
+            tracking.log_metrics(run_id, {"fid_per_seed": s.fid, **({"kid_per_seed": s.kid} if s.kid is not None
+                                                                   else {})}, step=s.seed)
+        tracking.set_tags(run_id, {"fid.features": c.feature_extractor, "fid.mode": c.fid_mode,
+                                   "fid.comparability": c.comparability})
+        for png in (row.eval.grid_png, *(q.nearest_png for q in c.sample_quality if q.name == name)):
+            if png:
+                tracking.log_artifact(run_id, png, artifact_path="samples")
+
+
+def evaluation_metrics(c: Comparison, name: str) -> dict[str, float]:
+    """One model's numbers from a comparison, under the metric names every run shares."""
+    out: dict[str, float] = {}
+    row = {"tdc": c.tdc, "baseline": c.baseline}.get(name)
+    if row is not None:
+        e = row.eval
+        out |= {"fid_mean": e.fid_mean, "fid_std": e.fid_std, "sampling_seconds_per_image": e.seconds_per_image,
+                "sampling_flops_per_image": row.cost.sampling_flops_per_image}
+        out |= {"kid_mean": e.kid_mean, "kid_std": e.kid_std} if e.kid_mean is not None else {}
+        out |= {"training_flops": row.cost.training_flops} if row.cost.training_flops is not None else {}
+    for h in c.heldout:
+        if h.name == name:
+            out |= {"heldout_eps_mse": h.eps_mse, "heldout_eps_mse_se": h.eps_mse_se, "heldout_x0_mse": h.x0_mse,
+                    "heldout_eps_mse_min_snr": h.eps_mse_min_snr}
+    for lk in c.likelihood:
+        if lk.name == name:
+            out |= {"bits_per_dim": lk.bpd, "bits_per_dim_se": lk.bpd_se}
+    for q in c.sample_quality:
+        if q.name == name:
+            out |= {"precision": q.precision, "recall": q.recall}
+            out |= {"memorized_share": q.memorized_share} if q.memorized_share is not None else {}
+    return out

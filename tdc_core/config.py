@@ -244,6 +244,10 @@ class EvalConfig(_Strict):
     inception_weights: Path | None = None    # local Inception file (else $TDC_INCEPTION_WEIGHTS)
     batch_size: int = Field(250, ge=1)       # generation and feature batch
     cache_dir: Path | None = None            # reference statistics cache (None: ~/.cache/tdc)
+    # The held-out evaluator (docs/METHOD.md, "Evaluation"): every model on the same triples.
+    heldout_per_image: int = Field(100, ge=1)  # stratified timesteps per held-out image (≤ T used)
+    bpd_timesteps: int | None = Field(100, ge=1)  # bits/dim draws per image (None: all T, exact)
+    heldout_seed: Seed = 0                   # seed of the held-out triples and the bits/dim draws
 
 
 class BaselineConfig(_Strict):
@@ -591,9 +595,24 @@ def apply_overrides(config: PipelineConfig, overrides: Sequence[str], *, source:
     return validate_config(tree, source=f"{source} + overrides")
 
 
+# Sections that never change what is trained: evaluation settings (and, for a checkpoint, how it
+# is sampled). Changing them re-evaluates a run without retraining it.
+_NOT_TRAINING = ("eval", "sample")
+
+
 def config_key(config: PipelineConfig) -> str:
-    """Short hash of the resolved config: names the default run folder and keys the MLflow runs."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:10]
+    """Short hash of the resolved config without its ``eval`` section: names the default run
+    folder and keys the MLflow runs, so changing an ``eval.*`` setting re-evaluates the same run."""
+    return hashlib.sha256(config.model_dump_json(exclude={"eval"}).encode()).hexdigest()[:10]
+
+
+def same_training(saved: dict[str, Any], config: PipelineConfig, *, source: str = "checkpoint") -> bool:
+    """Whether a config stored in a checkpoint (as a dict) trains what ``config`` trains: equal
+    after validation (fields added since it was written take their defaults), ignoring the
+    sections that do not affect training (``eval``, ``sample``)."""
+    stored = validate_config(saved, source=source)
+    return (stored.model_dump(mode="json", exclude=set(_NOT_TRAINING))
+            == config.model_dump(mode="json", exclude=set(_NOT_TRAINING)))
 
 
 def flatten(config: BaseModel, *, prefix: str = "") -> dict[str, str]:

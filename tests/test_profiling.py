@@ -32,7 +32,7 @@ from tdc_core.method.profiling import (
 )
 from tdc_core.model.unet import UNet
 from tdc_core.reporter import RecordingReporter
-from tdc_core.training.trainer import Trainer, prepare_data, spec_for
+from tdc_core.training.trainer import Trainer, init_model, prepare_data, spec_for
 
 CPU = torch.device("cpu")
 TRAIN_STEPS = 40  # ~2 s on one CPU core; the signals below hold with a wide margin (5 seeds)
@@ -48,8 +48,8 @@ class Probe:
         ])
         train, self.heldout = prepare_data(self.cfg)
         self.diffusion = Diffusion.from_config(self.cfg.diffusion)
-        trainer = Trainer(spec=spec_for(self.cfg), diffusion=self.diffusion, train=self.cfg.train,
-                          train_images=train, heldout_images=self.heldout, config=self.cfg, device=CPU)
+        trainer = Trainer(model=init_model(spec_for(self.cfg), seed=self.cfg.train.seed), diffusion=self.diffusion,
+                          config=self.cfg, train_images=train, heldout_images=self.heldout, device=CPU)
         trainer.fit(until_step=TRAIN_STEPS, checkpoint_path=tmp_dir / "probe.pt")
         self.model = trainer.ema  # eval mode, requires_grad False, as the pipeline hands it over
 

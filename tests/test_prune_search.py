@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from tdc_core.method.pruning.search import plot_prune_rounds, prune_to_budget, r
 from tdc_core.model.flops import count_forward_flops
 from tdc_core.model.unet import UNet
 from tdc_core.reporter import RecordingReporter
-from tdc_core.training.trainer import Trainer, load_model, prepare_data, spec_for
+from tdc_core.training.trainer import Trainer, TrainPlan, load_model, prepare_data, spec_for
 
 T_RANGE = (60, 100)  # the group's timesteps (smoke preset: T = 100)
 
@@ -85,10 +87,8 @@ def test_pruning_meets_the_budget_deterministically_and_records_every_decision(s
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the pruned model saves and reloads alone (trainer checkpoint format)
-    trainer = Trainer(spec=result.spec, diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
-                      train_images=train, heldout_images=heldout, config=cfg, t_range=T_RANGE)
-    trainer.model.load_state_dict(result.model.state_dict())
-    trainer.ema.load_state_dict(result.model.state_dict())
+    trainer = Trainer(model=copy.deepcopy(result.model), diffusion=Diffusion.from_config(cfg.diffusion), config=cfg,
+                      plan=TrainPlan.dense(cfg).replace(t_range=T_RANGE), train_images=train, heldout_images=heldout)
     trainer.save(tmp_path / "group.pt")
     assert torch.equal(load_model(tmp_path / "group.pt").model(x, t), result.model(x, t))
 

@@ -285,10 +285,8 @@ def test_pruned_checkpoint_reloads_alone_with_identical_outputs(tmp_path):
     res, attn = model.unit_widths()
     pruned = prune_unet(model, res_keep=[0.6] * len(res), attn_keep=[0.4] * len(attn))
     train, heldout = prepare_data(cfg)
-    trainer = Trainer(spec=pruned.spec, diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
-                      train_images=train, heldout_images=heldout, config=cfg)
-    trainer.model.load_state_dict(pruned.state_dict())
-    trainer.ema.load_state_dict(pruned.state_dict())
+    trainer = Trainer(model=pruned, diffusion=Diffusion.from_config(cfg.diffusion), config=cfg,
+                      train_images=train, heldout_images=heldout)
     trainer.save(tmp_path / "pruned.pt")
     loaded = load_model(tmp_path / "pruned.pt")
     assert loaded.spec.res_inner == pruned.unit_widths()[0] and loaded.spec.attn_inner == pruned.unit_widths()[1]

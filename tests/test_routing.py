@@ -13,7 +13,7 @@ from tdc_core.diffusion.samplers import sample
 from tdc_core.errors import CheckpointError
 from tdc_core.method.routing import ExpertRouter, load_router
 from tdc_core.model.unet import UNet, UNetSpec
-from tdc_core.training.trainer import LoadedModel, Trainer, load_model, spec_for
+from tdc_core.training.trainer import LoadedModel, Trainer, TrainPlan, init_model, load_model, spec_for
 
 T = 100
 BOUNDS = [0, 30, 55, 100]
@@ -194,8 +194,9 @@ def group_checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("experts")
     paths = []
     for g, t_range in enumerate([(0, 40), (40, 100)]):
-        trainer = Trainer(spec=spec_for(cfg), diffusion=diffusion, train=cfg.train.model_copy(update={"seed": g}),
-                          train_images=train, heldout_images=heldout, config=cfg, t_range=t_range)
+        trainer = Trainer(model=init_model(spec_for(cfg), seed=g), diffusion=diffusion, config=cfg,
+                          plan=TrainPlan.dense(cfg).replace(seed=g, t_range=t_range),
+                          train_images=train, heldout_images=heldout)
         trainer.fit(until_step=2, checkpoint_path=folder / f"group{g}.pt")
         paths.append(folder / f"group{g}.pt")
     return paths

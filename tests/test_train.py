@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdc_core.config import load_config
+from tdc_core.config import config_key, load_config
 from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import CheckpointError, TrainingError
 from tdc_core.reporter import RecordingReporter
 from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
-from tdc_core.training.trainer import Trainer, load_model, prepare_data, run_training, spec_for
+from tdc_core.training.trainer import Trainer, init_model, load_model, prepare_data, run_training, spec_for
 
 
 def make_trainer(cfg, **kw) -> Trainer:
     train, heldout = prepare_data(cfg)
-    return Trainer(spec=spec_for(cfg), diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
-                   train_images=train, heldout_images=heldout, config=cfg, random_flip=cfg.data.random_flip, **kw)
+    return Trainer(model=init_model(spec_for(cfg), seed=cfg.train.seed), diffusion=Diffusion.from_config(cfg.diffusion),
+                   config=cfg, train_images=train, heldout_images=heldout, **kw)
 
 
 def test_training_on_digits_lowers_heldout_loss(tmp_path):
@@ -85,6 +85,23 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
                                      overrides=["train.steps=2", "profile.profile_steps=0", "model.base_channels=8"]))
     with pytest.raises(CheckpointError, match="different model"):
         wider.resume(tmp_path / "c.pt")
+
+
+def test_resume_ignores_evaluation_settings_and_fields_added_since(tmp_path):
+    """Re-evaluating a run does not retrain it, and a checkpoint written before a config field
+    existed still resumes (the field takes its default)."""
+    cfg = load_config(preset="smoke", overrides=["train.steps=2", "profile.profile_steps=0"])
+    make_trainer(cfg).fit(until_step=2, checkpoint_path=tmp_path / "c.pt")
+    evaluated = load_config(preset="smoke", overrides=["train.steps=2", "profile.profile_steps=0",
+                                                       "eval.num_samples=9", "eval.heldout_per_image=7"])
+    assert config_key(evaluated) == config_key(cfg)  # the same run folder
+    make_trainer(evaluated).resume(tmp_path / "c.pt")
+    payload = load_checkpoint(tmp_path / "c.pt")
+    del payload["config"]["eval"]["heldout_per_image"]  # as written before the field existed
+    save_checkpoint(tmp_path / "old.pt", payload)
+    resumed = make_trainer(cfg)
+    resumed.resume(tmp_path / "old.pt")
+    assert resumed.step == 2
 
 
 def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):

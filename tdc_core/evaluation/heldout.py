@@ -37,8 +37,8 @@ from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.diffusion.samplers import Denoiser
 from tdc_core.training.data import to_model_range
 
-__all__ = ["HeldoutScore", "HeldoutTriples", "PairedDifference", "heldout_triples", "paired_difference",
-           "score_heldout"]
+__all__ = ["HeldoutScore", "HeldoutTriples", "PairedDifference", "difference_over_images", "heldout_triples",
+           "paired_difference", "score_heldout"]
 
 # Noise is drawn per chunk of this many triples from its own seeded generator, so the triples do
 # not depend on the evaluation batch size or the device.
@@ -201,7 +201,17 @@ def paired_difference(a: HeldoutScore, b: HeldoutScore, *, metric: str = "eps_ms
     ``eps_mse_min_snr``) and its SE over images; both scores must come from the same triples."""
     if (a.num_images, a.per_image, a.seed) != (b.num_images, b.per_image, b.seed):
         raise ValueError(f"{a.name} and {b.name} were scored on different held-out triples")
-    d = np.asarray(getattr(a, f"per_image_{metric}")) - np.asarray(getattr(b, f"per_image_{metric}"))
+    return difference_over_images(getattr(a, f"per_image_{metric}"), getattr(b, f"per_image_{metric}"),
+                                  metric=metric, a=a.name, b=b.name)
+
+
+def difference_over_images(a_values: Sequence[float], b_values: Sequence[float], *, metric: str, a: str,
+                           b: str) -> PairedDifference:
+    """``a − b`` of per-image values of two models on the same images: the mean difference, its SE
+    over images and a normal 95 % interval."""
+    if len(a_values) != len(b_values):
+        raise ValueError(f"{a} and {b} were scored on different images ({len(a_values)} vs {len(b_values)})")
+    d = np.asarray(a_values, dtype=np.float64) - np.asarray(b_values, dtype=np.float64)
     mean, se = float(d.mean()), _se(d)
-    return PairedDifference(metric=metric, a=a.name, b=b.name, difference=mean, se=se,
+    return PairedDifference(metric=metric, a=a, b=b, difference=mean, se=se,
                             ci_low=mean - 1.96 * se, ci_high=mean + 1.96 * se, n=len(d))

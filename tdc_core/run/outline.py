@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tdc_core.config import PipelineConfig
-from tdc_core.evaluation.evaluate import Comparison, compare_run
+from tdc_core.evaluation.results import Comparison
 from tdc_core.method.profiling import DifficultyProfile
 from tdc_core.reporter import Reporter
+from tdc_core.run.evaluation import compare_run
 from tdc_core.run.layout import RunLayout
 from tdc_core.run.stages import (
     CostReport,

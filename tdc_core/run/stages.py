@@ -17,6 +17,7 @@ fine-tuned at full width and its result says ``budget_met = False``.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -45,7 +46,9 @@ from tdc_core.training.checkpoint import load_checkpoint
 from tdc_core.training.device import resolve_device
 from tdc_core.training.trainer import (
     Trainer,
+    TrainPlan,
     TrainResult,
+    init_model,
     load_model,
     prepare_data,
     run_training,
@@ -186,7 +189,7 @@ def finetune_group_stage(
         raise CheckpointError(f"shared checkpoint {layout.shared_checkpoint} does not exist; run shared training first")
     train_images, heldout = prepare_data(config)
     # A distinct data/noise stream per group, reproducible from the run's seed.
-    train_cfg = config.train.model_copy(update={"seed": config.train.seed + 1000 * (group + 1)})
+    plan = TrainPlan.finetune(config, t_range=(budget.lo, budget.hi), seed=config.train.seed + 1000 * (group + 1))
     diffusion = Diffusion.from_config(config.diffusion)
     device = device or resolve_device(config.train.device)
     ckpt = layout.group_checkpoint(group)
@@ -197,32 +200,26 @@ def finetune_group_stage(
         spec, start = UNetSpec.from_dict(load_checkpoint(ckpt)["spec"]), None  # pruned widths live there
     else:
         start = shared  # prune_to_budget does not modify it
-        spec = start.spec
         if prune:
             result = prune_to_budget(
                 model=start, diffusion=diffusion, train_images=train_images, heldout_images=heldout,
                 t_range=(budget.lo, budget.hi), budget_flops=budget.flops_budget, config=config,
-                train_cfg=train_cfg, device=device, reporter=reporter, work_dir=prune_dir / "work",
+                seed=plan.seed, device=device, reporter=reporter, work_dir=prune_dir / "work",
             )
             result.memory.save(prune_dir / "memory.json")
             plot_prune_rounds(result.memory, prune_dir / "prune.png")
-            spec, start = result.spec, result.model
-    trainer = Trainer(
-        spec=spec, diffusion=diffusion, train=train_cfg, train_images=train_images, heldout_images=heldout,
-        config=config, t_range=(budget.lo, budget.hi), lr=config.finetune.lr,
-        batch_size=config.finetune.batch_size or config.train.batch_size, random_flip=config.data.random_flip,
-        device=device,
-    )
+            start = result.model
+    # The trainer trains its model in place: a copy of the start (its EMA starts as the same weights).
+    model = init_model(spec, seed=plan.seed) if start is None else copy.deepcopy(start)
+    trainer = Trainer(model=model, diffusion=diffusion, config=config, plan=plan, train_images=train_images,
+                      heldout_images=heldout, device=device)
     if start is None:
         trainer.resume(ckpt)
-    else:
-        trainer.model.load_state_dict(start.state_dict())
-        trainer.ema.load_state_dict(start.state_dict())
-        if prune:
-            trainer.save(prune_dir / "pruned.pt")  # the pruned model before fine-tuning
-            trainer.save(ckpt)  # step 0: a crash from here on resumes without redoing the search
-    shared_loss = _heldout_loss_of(trainer, shared)
-    pruned_loss = _heldout_loss_of(trainer, load_model(prune_dir / "pruned.pt", device=device).model) if prune else None
+    elif prune:
+        trainer.save(prune_dir / "pruned.pt")  # the pruned model before fine-tuning
+        trainer.save(ckpt)  # step 0: a crash from here on resumes without redoing the search
+    shared_loss = trainer.heldout_loss(shared)
+    pruned_loss = trainer.heldout_loss(load_model(prune_dir / "pruned.pt", device=device).model) if prune else None
     result = trainer.fit(until_step=config.finetune.steps, checkpoint_path=ckpt, reporter=reporter)
     flops = count_forward_flops(trainer.model, in_channels=config.data.channels, image_size=config.data.image_size)
     memory = MemoryBank.load(prune_dir / "memory.json") if prune else None
@@ -235,16 +232,6 @@ def finetune_group_stage(
     )
     save_record(layout.group_result(group), out)
     return out
-
-
-def _heldout_loss_of(trainer: Trainer, model: torch.nn.Module) -> float:
-    """Held-out loss of another model (any width) on the trainer's interval, same samples as the
-    trainer's own measurement, so the numbers compare like for like."""
-    saved, trainer.ema = trainer.ema, model
-    try:
-        return trainer.heldout_loss(use_ema=True)
-    finally:
-        trainer.ema = saved
 
 
 def load_group_result(layout: RunLayout, group: int) -> GroupResult:

@@ -2,7 +2,9 @@
 
 One :class:`Trainer` serves every training stage of the pipeline: the single-model baseline,
 the shared model (stage 1, whose first steps are the difficulty probe) and each group's
-fine-tune (stage 2, timesteps restricted to the group's interval ``[lo, hi)``).
+fine-tune (stage 2, timesteps restricted to the group's interval ``[lo, hi)``). It is handed
+the model to train; the run's config holds the settings every call shares, a small
+:class:`TrainPlan` what one call sets itself (seed, interval, learning rate, batch, flips).
 
 Nothing here prints: progress and metrics go to the caller's :class:`Reporter`. Metrics are
 fetched from the device only every ``log_every`` steps, so the step itself has no host sync.
@@ -16,6 +18,7 @@ under ``torchrun`` (see :mod:`tdc_core.training.distributed`) through the same c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +26,9 @@ from typing import Any
 
 import torch
 
-from tdc_core.config import PipelineConfig, TrainConfig, validate_config
+from tdc_core.config import PipelineConfig, TrainConfig, same_training, validate_config
 from tdc_core.diffusion.gaussian import Diffusion
-from tdc_core.errors import CheckpointError, TDCError, TrainingError, first_line
+from tdc_core.errors import CheckpointError, TDCError, TrainingError
 from tdc_core.model.unet import UNet, UNetSpec
 from tdc_core.reporter import NullReporter, Reporter
 from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
@@ -33,7 +36,7 @@ from tdc_core.training.data import BatchSampler, load_images, split_heldout, to_
 from tdc_core.training.device import autocast_dtype, peak_memory_gib, reset_peak_memory, resolve_device
 from tdc_core.training.distributed import DistInfo, all_gather_objects, init_distributed, mean_across_ranks
 
-__all__ = ["TrainResult", "Trainer", "load_model", "run_training", "spec_for"]
+__all__ = ["TrainPlan", "TrainResult", "Trainer", "init_model", "load_model", "run_training", "spec_for"]
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -56,50 +59,98 @@ def spec_for(config: PipelineConfig) -> UNetSpec:
                     in_channels=config.data.channels, learn_sigma=config.learn_sigma)
 
 
+def init_model(spec: UNetSpec, *, seed: int) -> UNet:
+    """A freshly initialised UNet whose weights depend on ``seed`` alone (torch's global RNG is
+    left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet(spec)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What one training call does beyond the run's shared ``train`` settings.
+
+    Everything else (device, precision, optimizer, EMA, clipping, warm-up, cadences) comes from
+    the pipeline config's ``train`` section, the same for every call of a run.
+    """
+
+    seed: int                  # data order, timesteps, noise and dropout (per rank, see Trainer)
+    t_range: tuple[int, int]   # timesteps trained on, [lo, hi)
+    lr: float
+    batch_size: int            # the global batch, split evenly over the processes of a torchrun job
+    random_flip: bool = False  # horizontal flips of the training images
+
+    def __post_init__(self) -> None:
+        lo, hi = self.t_range
+        object.__setattr__(self, "t_range", (int(lo), int(hi)))
+
+    @classmethod
+    def dense(cls, config: PipelineConfig) -> TrainPlan:
+        """All timesteps with ``train``'s seed, learning rate and batch: the probe, the shared model
+        and the baseline."""
+        return cls(seed=config.train.seed, t_range=(0, config.diffusion.num_timesteps), lr=config.train.lr,
+                   batch_size=config.train.batch_size, random_flip=config.data.random_flip)
+
+    @classmethod
+    def finetune(cls, config: PipelineConfig, *, t_range: tuple[int, int], seed: int) -> TrainPlan:
+        """A fine-tune on ``t_range`` (a group's, or a pruning round's recovery) with ``finetune``'s
+        learning rate and batch (default ``train.batch_size``)."""
+        return cls(seed=seed, t_range=t_range, lr=config.finetune.lr,
+                   batch_size=config.finetune.batch_size or config.train.batch_size,
+                   random_flip=config.data.random_flip)
+
+    def replace(self, **changes: Any) -> TrainPlan:
+        return dataclasses.replace(self, **changes)
+
+
 class Trainer:
-    """Trains one UNet on timesteps ``[lo, hi)`` of ``diffusion``.
+    """Trains ``model`` on timesteps ``plan.t_range`` of ``diffusion``.
 
     Args:
-        spec: architecture (possibly pruned widths).
+        model: the UNet to train (any widths): :func:`init_model`, or a shared or pruned model to
+            fine-tune. The trainer takes it over: moves it to its device and memory format, makes it
+            trainable and trains it in place (pass a copy to keep the original).
+        ema: the EMA to start from (default a copy of ``model``); taken over likewise, frozen.
+        config: the resolved pipeline config; its ``train`` section holds the settings every call
+            shares, and it is stored inside every checkpoint.
+        plan: this call's seed, timestep interval, learning rate, batch and flips (default
+            :meth:`TrainPlan.dense`).
         train_images, heldout_images: uint8 ``[N x C x H x W]``.
-        config: the resolved pipeline config, stored inside every checkpoint.
-        t_range: the interval of timesteps trained on (default all of [0, T)).
-        lr: learning rate (default ``train.lr``); batch_size likewise: the *global* batch, split
-            evenly over the processes of a torchrun job.
         dist: this process's rank (default: from torchrun's environment, else rank 0 of 1).
     """
 
     def __init__(
-        self, *, spec: UNetSpec, diffusion: Diffusion, train: TrainConfig, train_images: torch.Tensor,
-        heldout_images: torch.Tensor, config: PipelineConfig, t_range: tuple[int, int] | None = None,
-        lr: float | None = None, batch_size: int | None = None, random_flip: bool = False,
+        self, *, model: UNet, diffusion: Diffusion, config: PipelineConfig, train_images: torch.Tensor,
+        heldout_images: torch.Tensor, plan: TrainPlan | None = None, ema: UNet | None = None,
         device: torch.device | None = None, dist: DistInfo | None = None,
     ) -> None:
-        self.spec, self.diffusion, self.cfg, self.config = spec, diffusion, train, config
+        train = config.train
+        self.diffusion, self.config, self.plan = diffusion, config, plan or TrainPlan.dense(config)
+        self.spec: UNetSpec = model.spec
+        if ema is not None and ema.spec != self.spec:
+            raise ValueError("the EMA's architecture differs from the model's")
         self.device = device or resolve_device(train.device)
         self.dist = dist or init_distributed(device_type=self.device.type)
         if self.dist.enabled and self.device.type == "cuda":  # one GPU per process
             self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = autocast_dtype(train.precision, self.device)
-        self.t_range = t_range or (0, diffusion.num_steps)
-        lo, hi = self.t_range
+        lo, hi = self.plan.t_range
         if not 0 <= lo < hi <= diffusion.num_steps:
-            raise ValueError(f"t_range {self.t_range} must lie within [0, {diffusion.num_steps})")
-        self.lr = lr if lr is not None else train.lr
-        self.batch_size = batch_size or train.batch_size
+            raise ValueError(f"t_range {self.plan.t_range} must lie within [0, {diffusion.num_steps})")
         world = self.dist.world_size
-        if self.batch_size % world:
-            raise ValueError(f"batch size {self.batch_size} is not divisible by the {world} processes of this job")
-        self.local_batch = self.batch_size // world
+        if self.plan.batch_size % world:
+            raise ValueError(f"batch size {self.plan.batch_size} is not divisible by the {world} processes of this job")
+        self.local_batch = self.plan.batch_size // world
         self.heldout_images = heldout_images
         nhwc = train.channels_last if train.channels_last is not None else self.device.type == "cuda"
         self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching global RNG
-            torch.manual_seed(train.seed)
-            self.model = UNet(spec).to(self.device, memory_format=self.memory_format)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.model = model.to(self.device, memory_format=self.memory_format).requires_grad_(True)
+        self.model.zero_grad(set_to_none=True)
+        ema = ema.to(self.device, memory_format=self.memory_format) if ema is not None else copy.deepcopy(self.model)
+        self.ema = ema.requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.lr, weight_decay=train.weight_decay,
+            self.model.parameters(), lr=self.plan.lr, weight_decay=train.weight_decay,
             fused=self.device.type == "cuda",
         )
         # What runs the training forward pass: the model, wrapped for DDP and/or compiled.
@@ -117,9 +168,9 @@ class Trainer:
         self.data_on_device = self.device.type == "cuda" and _fits_on_device(train_images, self.device)
         images = train_images.to(self.device) if self.data_on_device else train_images
         # Rank r draws its own batches and noise; rank 0 draws what a single process would.
-        rank_seed = train.seed + 1_000_003 * self.dist.rank
+        rank_seed = self.plan.seed + 1_000_003 * self.dist.rank
         self.sampler = BatchSampler(images, batch_size=self.local_batch, seed=rank_seed,
-                                    random_flip=random_flip)
+                                    random_flip=self.plan.random_flip)
         # Timesteps and noise come from a generator of our own, so resume restores them exactly.
         self.gen = torch.Generator(device=self.device).manual_seed(rank_seed + 1)
         self.skipped_steps = 0  # steps whose update was dropped (train.nonfinite="skip")
@@ -131,16 +182,6 @@ class Trainer:
 
     # --- state -----------------------------------------------------------------------------
 
-    def init_weights_from(self, path: str | Path, *, use_ema: bool = True) -> None:
-        """Start from another run's weights (EMA by default): model and EMA both get them."""
-        payload = load_checkpoint(path, map_location=self.device)
-        state = payload["ema" if use_ema else "model"]
-        try:
-            self.model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line(exc)}") from None
-        self.ema.load_state_dict(self.model.state_dict())
-
     def _capture_global_rng(self) -> dict[str, torch.Tensor]:
         if not self._in_fit and self._global_rng is not None:
             return self._global_rng
@@ -151,7 +192,7 @@ class Trainer:
 
     def _enter_global_rng(self) -> None:
         if self._global_rng is None:  # fresh (or re-seeded): per rank, and per start step
-            torch.manual_seed(self.cfg.seed + 2 + 1_000_003 * self.dist.rank + 7919 * self.step)
+            torch.manual_seed(self.plan.seed + 2 + 1_000_003 * self.dist.rank + 7919 * self.step)
         else:
             torch.set_rng_state(self._global_rng["torch"])
             if self.device.type == "cuda" and "cuda" in self._global_rng:
@@ -166,7 +207,8 @@ class Trainer:
         ranks = all_gather_objects(self._rng_state(), info=self.dist)
         return {
             "kind": "train", "config": self.config.model_dump(mode="json"), "spec": self.spec.to_dict(),
-            "t_range": list(self.t_range), "step": self.step, "lr": self.lr, "batch_size": self.batch_size,
+            "t_range": list(self.plan.t_range), "step": self.step, "lr": self.plan.lr,
+            "batch_size": self.plan.batch_size,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": ranks[0],
             "world_size": self.dist.world_size, "rng_ranks": ranks if self.dist.enabled else [],
@@ -197,12 +239,12 @@ class Trainer:
     def _restore(self, p: dict[str, Any], path: str | Path) -> None:
         if p.get("kind") != "train":
             raise CheckpointError(f"checkpoint {path} is not a training checkpoint")
-        if p["spec"] != self.spec.to_dict() or _t_range(p["t_range"]) != tuple(self.t_range):
+        if p["spec"] != self.spec.to_dict() or _t_range(p["t_range"]) != self.plan.t_range:
             raise CheckpointError(
                 f"checkpoint {path} was written for a different model or timestep interval; "
                 f"use a new run folder or delete it"
             )
-        if p["config"] != self.config.model_dump(mode="json"):
+        if not same_training(p["config"], self.config, source=f"checkpoint {path}"):
             raise CheckpointError(
                 f"checkpoint {path} was written with a different config; resume needs the same "
                 f"config (use a new run folder to start afresh)"
@@ -222,7 +264,7 @@ class Trainer:
             # Another process count (e.g. the single-process probe continued by DDP): weights,
             # optimizer and step carry over; data order and noise are re-seeded from (seed, rank,
             # step), so no rank replays the batches of step 0.
-            seed = self.cfg.seed + 1_000_003 * self.dist.rank + 7919 * self.step
+            seed = self.plan.seed + 1_000_003 * self.dist.rank + 7919 * self.step
             self.sampler = BatchSampler(self.sampler.images, batch_size=self.local_batch, seed=seed,
                                         random_flip=self.sampler.random_flip)
             self.gen.manual_seed(seed + 1)
@@ -231,21 +273,22 @@ class Trainer:
     # --- evaluation --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def heldout_loss(self, *, use_ema: bool = True) -> float:
-        """Mean ε-MSE on held-out images with t uniform on ``t_range``.
+    def heldout_loss(self, model: torch.nn.Module | None = None) -> float:
+        """Mean ε-MSE of ``model`` (default the EMA; any width, e.g. the model a fine-tune started
+        from) on held-out images with t uniform on the plan's ``t_range``.
 
         Uses a fixed generator, so successive calls measure the same (images, t, ε) triples
         and differences are due to the model alone.
         """
-        model = self.ema if use_ema else self.model
+        model = self.ema if model is None else model
         was_training = model.training
         model.eval()
         g = torch.Generator(device="cpu").manual_seed(12345)
-        lo, hi = self.t_range
-        n = self.heldout_images.shape[0]
+        lo, hi = self.plan.t_range
+        n, batch = self.heldout_images.shape[0], self.plan.batch_size
         total, count = 0.0, 0
-        for b in range(self.cfg.heldout_batches):
-            idx = torch.arange(b * self.batch_size, (b + 1) * self.batch_size) % n
+        for b in range(self.config.train.heldout_batches):
+            idx = torch.arange(b * batch, (b + 1) * batch) % n
             x0 = to_model_range(self.heldout_images[idx]).to(self.device)
             t = torch.randint(lo, hi, (len(idx),), generator=g).to(self.device)
             noise = torch.randn(x0.shape, generator=g).to(self.device)
@@ -260,15 +303,15 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
 
     def _lr_at(self, step: int) -> float:
-        warm = self.cfg.warmup_steps
-        return self.lr * min(1.0, (step + 1) / warm) if warm else self.lr
+        warm, lr = self.config.train.warmup_steps, self.plan.lr
+        return lr * min(1.0, (step + 1) / warm) if warm else lr
 
     def _train_step(self) -> dict[str, torch.Tensor] | None:
         """One optimizer step; the step's metrics as device tensors (no host sync), or None
         when ``train.nonfinite="skip"`` dropped a non-finite update."""
         x0 = self.sampler.next_batch().to(self.device, non_blocking=True)
         x0 = x0.contiguous(memory_format=self.memory_format)
-        lo, hi = self.t_range
+        lo, hi = self.plan.t_range
         t = torch.randint(lo, hi, (x0.shape[0],), generator=self.gen, device=self.device)
         noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
         for group in self.optimizer.param_groups:
@@ -281,17 +324,18 @@ class Trainer:
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        train = self.config.train
+        clip = train.grad_clip if train.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.step += 1
         # The norm is of all-reduced gradients, so every rank takes the same decision.
-        if self.cfg.nonfinite == "skip" and not bool(torch.isfinite(grad_norm)):  # the one sync
+        if train.nonfinite == "skip" and not bool(torch.isfinite(grad_norm)):  # the one sync
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            if self.skipped_steps > self.cfg.max_skipped_steps:
+            if self.skipped_steps > train.max_skipped_steps:
                 raise TrainingError(
                     f"{self.skipped_steps} steps with a non-finite loss or gradient (latest: step "
-                    f"{self.step}) exceed train.max_skipped_steps={self.cfg.max_skipped_steps}"
+                    f"{self.step}) exceed train.max_skipped_steps={train.max_skipped_steps}"
                 )
             return None
         self.optimizer.step()
@@ -301,7 +345,7 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         ema_p = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - self.cfg.ema_decay)
+        torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - self.config.train.ema_decay)
 
     def fit(self, *, until_step: int, checkpoint_path: str | Path, reporter: Reporter | None = None) -> TrainResult:
         """Train until ``self.step == until_step``, checkpointing every ``checkpoint_every``
@@ -314,60 +358,38 @@ class Trainer:
             self._enter_global_rng()
             self._in_fit = True
             try:
-                return self._fit(until_step=until_step, checkpoint_path=checkpoint_path, reporter=reporter)
+                return self._fit(until_step=until_step, checkpoint_path=Path(checkpoint_path),
+                                 reporter=reporter or NullReporter())
             finally:
                 self._global_rng = self._capture_global_rng()
                 self._in_fit = False
 
-    def _fit(self, *, until_step: int, checkpoint_path: str | Path, reporter: Reporter | None) -> TrainResult:
-        reporter = reporter or NullReporter()
-        checkpoint_path = Path(checkpoint_path)
+    def _fit(self, *, until_step: int, checkpoint_path: Path, reporter: Reporter) -> TrainResult:
         start, t0 = self.step, time.perf_counter()
         reset_peak_memory(self.device)
         initial_heldout = self.heldout_loss()
         last_good = checkpoint_path if checkpoint_path.exists() else None
+        due = _Cadence(self.config.train, until=until_step)
+        window, train_loss = _MetricWindow(batch_size=self.plan.batch_size), float("nan")
         self.model.train()
-        window: dict[str, torch.Tensor] = {}
-        window_steps, window_t0, train_loss = 0, time.perf_counter(), float("nan")
         reporter.progress(step=self.step, total=until_step)
         if not self.dist.is_main:
             reporter = NullReporter()  # rank 0 speaks for the job
         while self.step < until_step:
-            stats = self._train_step()
-            if stats is not None:
-                for k, v in stats.items():
-                    window[k] = window[k] + v if k in window else v
-                window_steps += 1
+            window.add(self._train_step())
             reporter.progress(step=self.step, total=until_step)
-            at_log = self.step % self.cfg.log_every == 0 or self.step == until_step
-            at_ckpt = self.step % self.cfg.checkpoint_every == 0 or self.step == until_step
-            if (at_log or at_ckpt) and window_steps:
-                # One host sync per window: fetch all accumulated metrics together.
-                values = {k: float(v) / window_steps for k, v in window.items()}
-                # Averaged first: a NaN on one rank is then a NaN on all, and all stop together.
-                values = mean_across_ranks(values, info=self.dist, device=self.device)
-                if not all(map(_finite, values.values())):
-                    raise TrainingError(
-                        f"non-finite training loss between steps {self.step - window_steps + 1} and "
-                        f"{self.step}; last good checkpoint: {last_good or 'none written yet'}"
-                    )
-                elapsed = time.perf_counter() - window_t0
-                values["lr"] = self._lr_at(self.step - 1)
-                values["images_per_sec"] = window_steps * self.batch_size / max(elapsed, 1e-9)
-                if self.cfg.nonfinite == "skip":
-                    values["skipped_steps"] = float(self.skipped_steps)
-                reporter.log_metrics(values, step=self.step)
-                train_loss = values["loss"]
-                window, window_steps, window_t0 = {}, 0, time.perf_counter()
-            if self.step % self.cfg.heldout_every == 0 and self.step != until_step:
+            if (due.log(self.step) or due.checkpoint(self.step)) and window.steps:
+                metrics = self._close_window(window, last_good=last_good)
+                reporter.log_metrics(metrics, step=self.step)
+                train_loss = metrics["loss"]
+            if due.heldout(self.step):
                 reporter.log_metrics({"heldout_loss": self.heldout_loss()}, step=self.step)
-            if at_ckpt:
-                self.save(checkpoint_path)
-                last_good = checkpoint_path
-                reporter.message(f"checkpoint at step {self.step}: {checkpoint_path}")
-        if self.step == start:  # nothing to do (already finished): still leave a checkpoint
-            if self.dist.enabled or not checkpoint_path.exists():  # ranks must agree: save is collective
-                self.save(checkpoint_path)
+            if due.checkpoint(self.step):
+                last_good = self._checkpoint(checkpoint_path, reporter)
+        # Nothing to do (already finished): still leave a checkpoint; under torchrun every rank
+        # saves (the save is collective).
+        if self.step == start and (self.dist.enabled or not checkpoint_path.exists()):
+            self.save(checkpoint_path)
         final_heldout = self.heldout_loss()
         peak = peak_memory_gib(self.device)
         reporter.log_metrics({"heldout_loss": final_heldout,
@@ -377,6 +399,79 @@ class Trainer:
             initial_heldout_loss=initial_heldout, seconds=time.perf_counter() - t0, resumed_from=start,
             peak_memory_gib=peak,
         )
+
+    def _close_window(self, window: _MetricWindow, *, last_good: Path | None) -> dict[str, float]:
+        """The window's metrics, with the learning rate, throughput and skipped steps."""
+        values, images_per_sec = window.close(step=self.step, dist=self.dist, device=self.device,
+                                              last_good=last_good)
+        values["lr"] = self._lr_at(self.step - 1)
+        values["images_per_sec"] = images_per_sec
+        if self.config.train.nonfinite == "skip":
+            values["skipped_steps"] = float(self.skipped_steps)
+        return values
+
+    def _checkpoint(self, path: Path, reporter: Reporter) -> Path:
+        """Save (every rank calls it) and say so; returns the new last good checkpoint."""
+        self.save(path)
+        reporter.message(f"checkpoint at step {self.step}: {path}")
+        return path
+
+
+@dataclass(frozen=True)
+class _Cadence:
+    """What falls due after a step of a call that trains until step ``until``: metrics every
+    ``log_every`` steps, a checkpoint every ``checkpoint_every`` (both also at the end), the
+    held-out loss every ``heldout_every`` (not at the end: the call measures it then anyway)."""
+
+    train: TrainConfig
+    until: int
+
+    def log(self, step: int) -> bool:
+        return step % self.train.log_every == 0 or step == self.until
+
+    def checkpoint(self, step: int) -> bool:
+        return step % self.train.checkpoint_every == 0 or step == self.until
+
+    def heldout(self, step: int) -> bool:
+        return step % self.train.heldout_every == 0 and step != self.until
+
+
+class _MetricWindow:
+    """The training metrics of the steps since the last report, summed on the device (no host
+    sync per step) and fetched together by :meth:`close`."""
+
+    def __init__(self, *, batch_size: int) -> None:
+        self.batch_size = batch_size  # global images per step
+        self._sums: dict[str, torch.Tensor] = {}
+        self.steps = 0  # steps in the window (a skipped step adds nothing)
+        self._t0 = time.perf_counter()
+
+    def add(self, stats: dict[str, torch.Tensor] | None) -> None:
+        if stats is None:  # an update dropped by train.nonfinite="skip"
+            return
+        for k, v in stats.items():
+            self._sums[k] = self._sums[k] + v if k in self._sums else v
+        self.steps += 1
+
+    def close(self, *, step: int, dist: DistInfo, device: torch.device,
+              last_good: Path | None) -> tuple[dict[str, float], float]:
+        """The window's mean metrics (averaged across ranks) and images/s; starts the next window.
+
+        Raises:
+            TrainingError: a metric is NaN/inf on some rank; names the steps and ``last_good``.
+        """
+        # One host sync per window: fetch all accumulated metrics together.
+        values = {k: float(v) / self.steps for k, v in self._sums.items()}
+        # Averaged first: a NaN on one rank is then a NaN on all, and all stop together.
+        values = mean_across_ranks(values, info=dist, device=device)
+        if not all(map(_finite, values.values())):
+            raise TrainingError(
+                f"non-finite training loss between steps {step - self.steps + 1} and "
+                f"{step}; last good checkpoint: {last_good or 'none written yet'}"
+            )
+        images_per_sec = self.steps * self.batch_size / max(time.perf_counter() - self._t0, 1e-9)
+        self._sums, self.steps, self._t0 = {}, 0, time.perf_counter()
+        return values, images_per_sec
 
 
 def _finite(x: float) -> bool:
@@ -407,9 +502,8 @@ def run_training(
     run_dir = Path(run_dir)
     train_images, heldout = prepare_data(config)
     trainer = Trainer(
-        spec=spec_for(config), diffusion=Diffusion.from_config(config.diffusion), train=config.train,
-        train_images=train_images, heldout_images=heldout, config=config,
-        random_flip=config.data.random_flip, device=device,
+        model=init_model(spec_for(config), seed=config.train.seed), diffusion=Diffusion.from_config(config.diffusion),
+        config=config, plan=TrainPlan.dense(config), train_images=train_images, heldout_images=heldout, device=device,
     )
     ckpt = run_dir / "checkpoints" / CHECKPOINT_NAME
     if resume and ckpt.exists():

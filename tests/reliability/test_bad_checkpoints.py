@@ -21,7 +21,7 @@ from tdc_core.config import load_config
 from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import CheckpointError
 from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
-from tdc_core.training.trainer import Trainer, load_model, prepare_data, spec_for
+from tdc_core.training.trainer import Trainer, init_model, load_model, prepare_data, spec_for
 
 OVERRIDES = ["train.steps=1", "profile.profile_steps=0"]
 
@@ -29,8 +29,8 @@ OVERRIDES = ["train.steps=1", "profile.profile_steps=0"]
 
 def _trainer(cfg, images) -> Trainer:
     train, heldout = images
-    return Trainer(spec=spec_for(cfg), diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
-                   train_images=train, heldout_images=heldout, config=cfg)
+    return Trainer(model=init_model(spec_for(cfg), seed=cfg.train.seed), diffusion=Diffusion.from_config(cfg.diffusion),
+                   config=cfg, train_images=train, heldout_images=heldout)
 
 
 class _Good(dict):

@@ -11,7 +11,7 @@ from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import TrainingError
 from tdc_core.reporter import RecordingReporter
 from tdc_core.training.checkpoint import load_checkpoint
-from tdc_core.training.trainer import Trainer, prepare_data, spec_for
+from tdc_core.training.trainer import Trainer, init_model, prepare_data, spec_for
 
 BASE = ["train.steps=20", "profile.profile_steps=0", "train.log_every=5", "train.checkpoint_every=5"]
 
@@ -20,8 +20,8 @@ def _trainer_with_poisoned_batches(overrides: list[str], *, bad_calls: set[int])
     """A trainer whose data yields an all-NaN batch on the given (1-based) draws."""
     cfg = load_config(preset="smoke", overrides=[*BASE, *overrides])
     train, heldout = prepare_data(cfg)
-    t = Trainer(spec=spec_for(cfg), diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
-                train_images=train, heldout_images=heldout, config=cfg)
+    t = Trainer(model=init_model(spec_for(cfg), seed=cfg.train.seed), diffusion=Diffusion.from_config(cfg.diffusion),
+                config=cfg, train_images=train, heldout_images=heldout)
     draw, calls = t.sampler.next_batch, [0]
 
     def poisoned() -> torch.Tensor:

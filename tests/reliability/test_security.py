@@ -80,7 +80,7 @@ def test_the_evil_checkpoints_are_live(tmp_path: Path) -> None:
 @pytest.mark.parametrize("loader", ["load_checkpoint", "load_model", "resume"])
 def test_checkpoint_carrying_code_is_refused_and_not_run(tmp_path: Path, loader: str) -> None:
     from tdc_core.diffusion.gaussian import Diffusion
-    from tdc_core.training.trainer import Trainer, spec_for
+    from tdc_core.training.trainer import Trainer, init_model, spec_for
 
     marker = tmp_path / "marker"
     cfg = load_config(preset="smoke", overrides=["train.steps=1", "profile.profile_steps=0"])
@@ -88,8 +88,9 @@ def test_checkpoint_carrying_code_is_refused_and_not_run(tmp_path: Path, loader:
     loaders = {
         "load_checkpoint": load_checkpoint,
         "load_model": load_model,
-        "resume": Trainer(spec=spec_for(cfg), diffusion=Diffusion.from_config(cfg.diffusion), train=cfg.train,
-                          train_images=images, heldout_images=images, config=cfg).resume,
+        "resume": Trainer(model=init_model(spec_for(cfg), seed=cfg.train.seed),
+                          diffusion=Diffusion.from_config(cfg.diffusion), config=cfg,
+                          train_images=images, heldout_images=images).resume,
     }
     for name, path in _evil_checkpoints(tmp_path, marker).items():
         with pytest.raises(CheckpointError) as err:

@@ -40,7 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tdc_core.atomic import atomic_write_bytes
-from tdc_core.config import PipelineConfig, PruneConfig, TrainConfig
+from tdc_core.config import PipelineConfig, PruneConfig
 from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import ConfigError
 from tdc_core.method.pruning.importance import ChannelScores, channel_importance
@@ -54,7 +54,7 @@ from tdc_core.model.unet import UNet, UNetSpec
 from tdc_core.reporter import NullReporter, Reporter
 from tdc_core.training.data import to_model_range
 from tdc_core.training.device import autocast_dtype
-from tdc_core.training.trainer import Trainer
+from tdc_core.training.trainer import Trainer, TrainPlan
 
 __all__ = [
     "Batch",
@@ -223,7 +223,7 @@ class PruneResult:
 
 def prune_to_budget(
     *, model: UNet, diffusion: Diffusion, train_images: torch.Tensor, heldout_images: torch.Tensor,
-    t_range: tuple[int, int], budget_flops: float, config: PipelineConfig, train_cfg: TrainConfig | None = None,
+    t_range: tuple[int, int], budget_flops: float, config: PipelineConfig, seed: int | None = None,
     proxy: Proxy | None = None, device: torch.device | None = None, reporter: Reporter | None = None,
     work_dir: str | Path | None = None, candidate_recovery_steps: int = 0,
 ) -> PruneResult:
@@ -238,10 +238,10 @@ def prune_to_budget(
             importance and the recovery fine-tunes, held-out images the scores.
         t_range: the group's timesteps ``[lo, hi)``.
         budget_flops: the group's budget, FLOPs per image of one forward pass.
-        config: the pipeline config (``prune``, ``finetune.lr``/``batch_size``, ``data.random_flip``;
-            stored in the recovery trainers' checkpoints).
-        train_cfg: training settings of the recovery fine-tunes (seed, precision, EMA...); default
-            ``config.train``. Round r's recovery uses seed ``train_cfg.seed + 7919·r``.
+        config: the pipeline config (``prune``; the recovery fine-tunes' settings: ``train``,
+            ``finetune.lr``/``batch_size``, ``data.random_flip``; stored in their checkpoints).
+        seed: seed of the recovery fine-tunes (default ``train.seed``; a group's fine-tune passes
+            its own): round r's recovery uses ``seed + 7919·r``.
         proxy: default :func:`tdc_core.method.pruning.proxies.factory.make_proxy` of ``config.prune``.
         device: default the model's device.
         work_dir: folder for the recovery trainers' scratch checkpoints (default the system temp
@@ -257,10 +257,10 @@ def prune_to_budget(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if next(model.parameters()).device != device:
         model = copy.deepcopy(model).to(device)  # the caller's model stays where it is
+    plan = TrainPlan.finetune(config, t_range=t_range, seed=config.train.seed if seed is None else seed)
     search = _GroupSearch(
         model=model, diffusion=diffusion, train_images=train_images, heldout_images=heldout_images,
-        t_range=t_range, config=config, train_cfg=train_cfg or config.train, device=device,
-        candidate_recovery_steps=candidate_recovery_steps,
+        config=config, plan=plan, device=device, candidate_recovery_steps=candidate_recovery_steps,
     )
     prune = config.prune
     space = search.space
@@ -316,21 +316,21 @@ class _GroupSearch:
 
     def __init__(
         self, *, model: UNet, diffusion: Diffusion, train_images: torch.Tensor, heldout_images: torch.Tensor,
-        t_range: tuple[int, int], config: PipelineConfig, train_cfg: TrainConfig, device: torch.device,
-        candidate_recovery_steps: int,
+        config: PipelineConfig, plan: TrainPlan, device: torch.device, candidate_recovery_steps: int,
     ) -> None:
         self.model = model  # the current model: the last accepted (and recovered) candidate
-        self.diffusion, self.config, self.train_cfg, self.device = diffusion, config, train_cfg, device
-        self.train_images, self.heldout_images, self.t_range = train_images, heldout_images, t_range
+        self.diffusion, self.config, self.device = diffusion, config, device
+        self.plan = plan  # the recovery fine-tunes' (seeded per round); its t_range is the group's
+        self.train_images, self.heldout_images = train_images, heldout_images
         self.prune = config.prune
         self.candidate_recovery_steps = candidate_recovery_steps
         self.space = prune_space(model.spec, min_keep=self.prune.min_keep)
-        self.amp = autocast_dtype(train_cfg.precision, device)
-        self.batch_size = config.finetune.batch_size or train_cfg.batch_size
+        self.amp = autocast_dtype(config.train.precision, device)
+        self.batch_size = plan.batch_size
         # Fixed batches: the same (image, t, ε) for every candidate and round.
-        self.score_set = fixed_batches(heldout_images, t_range=t_range, num_batches=self.prune.score_batches,
+        self.score_set = fixed_batches(heldout_images, t_range=plan.t_range, num_batches=self.prune.score_batches,
                                        batch_size=self.batch_size, seed=self.prune.seed, device=device)
-        self.taylor_set = fixed_batches(train_images, t_range=t_range, num_batches=self.prune.score_batches,
+        self.taylor_set = fixed_batches(train_images, t_range=plan.t_range, num_batches=self.prune.score_batches,
                                         batch_size=self.batch_size, seed=self.prune.seed + 1, device=device)
         self.cost = {"importance": 0.0, "scoring": 0.0, "recovery": 0.0}
         self.folder = Path(tempfile.gettempdir())
@@ -392,20 +392,17 @@ class _GroupSearch:
         """Fine-tune ``model`` for ``steps`` on the group's timesteps; returns the better of the
         trainer's raw and EMA weights by score (with few steps the EMA is mostly the model it
         started from), and that score."""
-        cfg = self.train_cfg.model_copy(update={"seed": self.train_cfg.seed + 7919 * round + seed_offset})
         trainer = Trainer(
-            spec=model.spec, diffusion=self.diffusion, train=cfg, train_images=self.train_images,
-            heldout_images=self.heldout_images, config=self.config, t_range=self.t_range, lr=self.config.finetune.lr,
-            batch_size=self.batch_size, random_flip=self.config.data.random_flip, device=self.device,
+            model=copy.deepcopy(model), diffusion=self.diffusion, config=self.config,
+            plan=self.plan.replace(seed=self.plan.seed + 7919 * round + seed_offset),
+            train_images=self.train_images, heldout_images=self.heldout_images, device=self.device,
         )
-        weights = model.state_dict()
-        trainer.model.load_state_dict(weights)
-        trainer.ema.load_state_dict(weights)
         trainer.fit(until_step=steps, checkpoint_path=self.folder / "recovery.pt", reporter=NullReporter())
         # fit() measures the held-out loss at its start, its end and every heldout_every steps between.
-        evals = 2 + len([s for s in range(1, steps) if s % cfg.heldout_every == 0])
+        train = self.config.train
+        evals = 2 + len([s for s in range(1, steps) if s % train.heldout_every == 0])
         flops = self.space.flops(_widths(model))
-        self.cost["recovery"] += flops * self.batch_size * (3.0 * steps + evals * cfg.heldout_batches)
+        self.cost["recovery"] += flops * self.batch_size * (3.0 * steps + evals * train.heldout_batches)
         raw, ema = copy.deepcopy(trainer.model).eval(), copy.deepcopy(trainer.ema).eval()
         raw_score, ema_score = self.score(raw), self.score(ema)
         return (ema, ema_score) if ema_score < raw_score else (raw, raw_score)
