@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel, ConfigDict
 
 from tasks.console import say
 from tasks.progress import StageProgress
 from tasks.tracking import MlflowReporter, TrackingRef
-from tdc_core.config import PipelineConfig, write_run_config
+from tdc_core.config import PipelineConfig, flatten, write_run_config
 from tdc_core.errors import TDCError, TrainingError
 from tdc_core.evaluation.results import Comparison
 from tdc_core.method.profiling import DifficultyProfile
@@ -67,7 +68,20 @@ __all__ = [
     "shared_train_task",
 ]
 
-CACHED = {"cache_policy": INPUTS + TASK_SOURCE, "persist_result": True}
+
+
+def _inputs_but_eval(context: object, parameters: dict) -> str | None:
+    """Cache key of a stage that never reads ``eval.*``: its inputs with the config's ``eval``
+    section left out, so changing an evaluation setting re-runs the evaluation alone."""
+    rest = {k: v for k, v in parameters.items() if k != "config"}
+    config = parameters["config"].model_dump(mode="json", exclude={"eval"})
+    return hash_objects(config, rest)
+
+
+# Training stages: keyed by what they read (not eval.*) and their code; the evaluation: by all
+# its inputs and its code.
+CACHED = {"cache_policy": CacheKeyFnPolicy(cache_key_fn=_inputs_but_eval) + TASK_SOURCE, "persist_result": True}
+EVAL_CACHED = {"cache_policy": INPUTS + TASK_SOURCE, "persist_result": True}
 _RELAY_EVERY_S = 1.0  # how often a worker's progress is replayed to the user
 
 
@@ -392,7 +406,7 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     return summary
 
 
-@task(name="evaluate", **CACHED)
+@task(name="evaluate", **EVAL_CACHED)
 def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef,
                   baseline_run_id: str, baseline: TrainSummary) -> Comparison:
     """FID/KID of the TDC ensemble and the baseline, evaluated identically (same sample count,
@@ -405,6 +419,10 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
         c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint), device=device,
                         reporter=progress)
     _log_peak_memory(tracking, tracking.parent_run_id, device, name="eval_peak_gpu_memory_gib")
+    # eval.* are tags, not params: MLflow params cannot change, and a re-evaluation changes them.
+    eval_tags = {f"eval.{k}": v for k, v in flatten(config.eval).items()}
+    for run_id in (tracking.parent_run_id, baseline_run_id):
+        tracking.set_tags(run_id, eval_tags)
     with _child_run(tracking, key="stage.shared", name="shared-train") as shared_run_id:
         _log_evaluation(c, tracking, runs={"tdc": tracking.parent_run_id, "baseline": baseline_run_id,
                                           "shared": shared_run_id})

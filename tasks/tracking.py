@@ -127,7 +127,7 @@ class TrackingRef(BaseModel):
         run_id = client.create_run(self.experiment_id, run_name=f"{config.name}-{config.preset}-baseline", tags={
             "tdc.run_key": key, "tdc.kind": "baseline", "tdc.pipeline_run_id": self.parent_run_id,
         }).info.run_id
-        self.log_params(run_id, {**flatten(config), "train.steps": str(steps)})
+        self.log_params(run_id, {**training_params(config), "train.steps": str(steps)})
         self.set_tags(self.parent_run_id, {"tdc.baseline_run_id": run_id})
         return run_id
 
@@ -212,6 +212,12 @@ class TrackingRef(BaseModel):
         return Path(self.backlog_dir) / f"{run_id}.jsonl" if self.backlog_dir else None
 
 
+def training_params(config: PipelineConfig) -> dict[str, str]:
+    """The config as MLflow params, without ``eval.*``: a run's params are fixed once logged, and
+    a re-evaluation of the same run may change its evaluation settings (logged as tags)."""
+    return {k: v for k, v in flatten(config).items() if not k.startswith("eval.")}
+
+
 def logged_points(client: MlflowClient, run_id: str, *, keys: set[str] | None = None) -> set[tuple[str, int]]:
     """(metric, step) pairs the run holds, for ``keys`` (default all its metrics): one
     ``get_run`` plus one history query per metric the run already has."""
@@ -291,7 +297,7 @@ def _open(*, config: PipelineConfig, run_key: str, run_dir: Path, uri: str,
         ).info.run_id
     ref = TrackingRef(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
                       backlog_dir=str(Path(run_dir) / BACKLOG_DIR))
-    ref.log_params(parent, flatten(config))
+    ref.log_params(parent, training_params(config))
     return ref
 
 

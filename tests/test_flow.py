@@ -70,11 +70,17 @@ def test_run_tree_params_metrics_and_artifacts(flow_run):
     assert parent.data.tags["tdc.baseline_run_id"] == baseline.info.run_id
     assert parent.data.tags["prefect.flow_run_id"]
     champion = client.get_model_version_by_alias("tdc-ensemble-smoke", "champion")
-    assert champion.run_id == parent.info.run_id and champion.tags["score_name"] == "fid_mean"
-    assert float(champion.tags["score"]) == summary.comparison.tdc.eval.fid_mean
+    # Ranked by held-out bits/dim: stable at small n and free of any feature extractor.
+    assert champion.run_id == parent.info.run_id and champion.tags["score_name"] == "bits_per_dim"
+    assert float(champion.tags["score"]) == next(lk.bpd for lk in summary.comparison.likelihood if lk.name == "tdc")
     for run in (parent, baseline):  # the same metric names on both: side by side in the UI
-        assert {"fid_mean", "kid_mean", "sampling_flops_per_image"} <= set(run.data.metrics)
+        assert {"fid_mean", "sampling_flops_per_image", "heldout_eps_mse", "bits_per_dim", "precision",
+                "recall", "memorized_share"} <= set(run.data.metrics)
+        assert "kid_mean" not in run.data.metrics  # 64 images per seed: KID is not reported below 2,000
         assert "not comparable with Inception FID" in run.data.tags["fid.comparability"]
+    # The shared model is scored by the same evaluator, on its own run.
+    assert {"heldout_eps_mse", "bits_per_dim"} <= set(client.get_run(children["shared-train"].info.run_id).data.metrics)
+    assert "tdc_minus_baseline_bpd_ci_high" in parent.data.metrics
     assert len(client.get_metric_history(parent.info.run_id, "fid_per_seed")) == len(cfg.eval.seeds)
     assert {"comparison/comparison.md", "comparison/comparison.png"} <= arts(parent, "comparison")
     ensemble = {a.path for a in client.list_artifacts(parent.info.run_id, "ensemble")}
@@ -100,6 +106,26 @@ def test_rerun_reuses_finished_stages_and_run_tree(flow_run):
     _, runs = _runs(uri)
     names = sorted(r.info.run_name for r in runs)
     assert len(names) == len(set(names)) == 8  # parent, baseline, 6 children: no duplicates
+
+
+def test_changing_an_eval_setting_reevaluates_without_training(flow_run):
+    from flows.pipeline import run_pipeline
+    from tdc_core.run.layout import RunLayout
+
+    cfg, summary, uri, tmp = flow_run
+    layout = RunLayout(Path(summary.run_dir))
+    trained = [layout.shared_checkpoint, layout.profile_json, layout.grouping_json, layout.baseline_checkpoint,
+               *(layout.group_checkpoint(g) for g in range(len(summary.groups))),
+               *(layout.group_result(g) for g in range(len(summary.groups)))]
+    stamps = {p: p.stat().st_mtime_ns for p in trained}
+    other = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"heldout_per_image": 7})})
+    again = run_pipeline(other, run_dir=summary.run_dir, workers=2, tracking_uri=uri)
+    assert {p: p.stat().st_mtime_ns for p in trained} == stamps  # no training stage ran
+    assert all(h.per_image == 7 for h in again.comparison.heldout)  # the evaluation did
+    assert again.mlflow_run_id == summary.mlflow_run_id and again.baseline_run_id == summary.baseline_run_id
+    client, runs = _runs(uri)
+    assert len(runs) == 8  # parent, baseline, 6 children: the same runs
+    assert client.get_run(summary.mlflow_run_id).data.tags["eval.heldout_per_image"] == "7"
 
 
 @pytest.mark.slow

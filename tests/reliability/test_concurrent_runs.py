@@ -59,6 +59,6 @@ def test_four_runs_at_once_share_one_store_without_cross_talk(pipeline) -> None:
         assert hist("profile", "probe_loss") == [5, 10]
         assert hist("shared-train", "loss") == [15, 20]
         assert hist("group-0", "loss") == hist("group-1", "loss") == [5, 10]
-        assert "heldout_loss" in parent.data.metrics and "sampling_flops_ratio" in parent.data.metrics
+        assert "groups_heldout_eps_mse" in parent.data.metrics and "sampling_flops_ratio" in parent.data.metrics
     versions = client.search_model_versions("name = 'tdc-ensemble-smoke'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in parents.values())
