@@ -17,6 +17,10 @@ Evaluation (clean-fid; reference statistics cached under eval.cache_dir):
     tdc fid (--checkpoint PATH | --run-dir R) [--num N] [--seeds 0,1,2] [key=value ...]
     tdc compare --run-dir R [--baseline PATH]                    # TDC vs the single-model baseline
 
+A study: arms × training seeds through the pipeline, with intervals over training seeds:
+
+    tdc study STUDY.yaml [--dry-run]
+
 A run folder remembers its config (config.yaml): later commands on it need no preset or overrides.
 
 Bad input (config, data, checkpoints) prints one line naming the field or file and exits 2;
@@ -59,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     ru.add_argument("--wait", action="store_true",
                     help="if another process is using the run folder, wait for it instead of exiting")
     ru.add_argument("--verbose", action="store_true", help="show Prefect's own logs and full tracebacks")
+
+    st = sub.add_parser("study", help="a study: arms × training seeds through the pipeline, with confidence "
+                                      "intervals over training seeds (tdc study studies/digits-claim.yaml)")
+    st.add_argument("study", type=Path, help="the study file (YAML: name, arms, seeds)")
+    st.add_argument("--dry-run", action="store_true", help="list the replicates and their run folders, run nothing")
+    st.add_argument("--out-dir", type=Path, help="where study.{md,json} go (default: studies/<name>)")
+    st.add_argument("--verbose", action="store_true", help="show Prefect's own logs and full tracebacks")
 
     tr = sub.add_parser("train",
                         help="train one model on all timesteps (the baseline; in a TDC run folder, the shared model)")
@@ -494,11 +505,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _prefect_settings(*, verbose: bool) -> None:
+    """Settings of the in-process Prefect API, set before anything imports prefect (it reads its
+    logging settings once)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary in-process API needs more than the default 20 s on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if not args.verbose:  # before anything imports prefect: it reads its logging settings once
+    if not verbose:
         import logging
 
         # The console shows the CLI's own lines; Prefect's console handler only warnings (a
@@ -508,6 +521,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    _prefect_settings(verbose=args.verbose)
+    from tdc_core.run.layout import default_run_dir
+    from tdc_core.run.study import load_study, replicate_config, study_markdown
+
+    spec = load_study(args.study)  # every replicate's config is built here: a bad override stops now
+    from flows.checks import check_before_run
+    from flows.study import plan_lines
+
+    print("\n".join(plan_lines(spec)))
+    if args.dry_run:
+        return 0
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            cfg = replicate_config(arm, seed=seed)
+            check_before_run(cfg, run_dir=default_run_dir(cfg).resolve())
+    api_ready = _start_prefect_api_early()
+    from flows.study import tdc_study
+    from tasks.console import cli_reports_failures
+
+    if not args.verbose:
+        cli_reports_failures()
+    t0 = time.perf_counter()
+    api_ready()
+    result = tdc_study(spec, out_dir=str(args.out_dir) if args.out_dir else None)
+    out = args.out_dir or Path("studies") / spec.name
+    print()
+    print(study_markdown(result))
+    print(f"finished in {_fmt_seconds(time.perf_counter() - t0)}")
+    print(f"  {out / 'study.md'}\n  {out / 'study.json'}\n  {out / 'replicates.json'}")
+    if not args.verbose:
+        _silence_teardown()
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _prefect_settings(verbose=args.verbose)
     from tdc_core.run.layout import default_run_dir
 
     # Everything the run needs, checked before Prefect's temporary server starts, before any
@@ -582,7 +634,7 @@ def _silence_teardown() -> None:
 
 
 _COMMANDS = {
-    "run": _cmd_run,
+    "run": _cmd_run, "study": _cmd_study,
     "train": _cmd_train, "sample": _cmd_sample, "config": _cmd_config, "profile": _cmd_profile,
     "group": _cmd_group, "finetune-group": _cmd_finetune_group, "fid": _cmd_fid, "compare": _cmd_compare,
 }
@@ -600,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"tdc {args.command}: error: {exc}", file=sys.stderr, flush=True)
-        if args.command == "run" and not getattr(args, "verbose", False):
+        if args.command in ("run", "study") and not getattr(args, "verbose", False):
             _silence_teardown()  # Prefect's temporary server may print while it shuts down
         return 2
 

@@ -236,7 +236,7 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
                     summary = TrainSummary.of(shared_stage(config, layout, reporter=MultiReporter(reporter, progress)))
         tracking.log_metrics(run_id, _train_metrics(summary), step=summary.step)
         tracking.log_artifact(run_id, layout.shared_checkpoint, artifact_path="checkpoints")
-    say(f"shared model: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
+    say(f"shared model: {summary.step} steps ({summary.seconds:.0f} s)")
     return summary
 
 
@@ -402,7 +402,7 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
                                                          reporter=MultiReporter(reporter, progress)))
     tracking.log_metrics(baseline_run_id, _train_metrics(summary), step=summary.step)
     tracking.log_artifact(baseline_run_id, RunLayout(out).shared_checkpoint, artifact_path="checkpoints")
-    say(f"baseline: {summary.step} steps, held-out ε-MSE {summary.heldout_loss:.4f} ({summary.seconds:.0f} s)")
+    say(f"baseline: {summary.step} steps ({summary.seconds:.0f} s); every model is scored by the evaluation below")
     return summary
 
 

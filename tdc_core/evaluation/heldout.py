@@ -12,7 +12,8 @@ Numbers (all per pixel, images in [-1, 1]):
 
 - ``eps_mse``: ‖ε − ε̂‖² averaged uniformly over t; dominated by t ≈ 0 (≈ 0.5 there, ≈ 0.001
   near T), so it is reported with two re-weightings:
-- ``x0_mse``: ‖x0 − x̂0‖² with x̂0 from ε̂ (= ε-MSE / SNR(t)); dominated by large t;
+- ``x0_mse``: ‖x0 − x̂0‖² with x̂0 from ε̂, clamped to [-1, 1] as the samplers use it (before
+  clamping it would be ε-MSE / SNR(t), dominated by the last few steps); weighs large t;
 - ``eps_mse_min_snr``: ε-MSE weighted by min(SNR, γ)/SNR (Min-SNR-γ, Hang et al. 2023, γ = 5),
   normalised by the mean weight: t ≈ 0 no longer dominates;
 - each per timestep bucket (``num_buckets`` equal-width intervals) and per group of the
@@ -151,8 +152,9 @@ def score_heldout(
             eps, _ = diffusion.split_output(model(x_t, diffusion.model_timesteps(t)).float(), x0.shape[1])
             dims = tuple(range(1, x0.ndim))
             eps_err.append((noise - eps).pow(2).mean(dim=dims).cpu())
-            # x̂0 − x0 = −√((1 − ᾱ)/ᾱ)·(ε̂ − ε): exact, unclamped, so x0-MSE = ε-MSE / SNR.
-            x0_hat = diffusion.predict_x0(x_t, t, eps)
+            # x̂0 clamped to the data range, as the samplers use it: unclamped, x̂0 − x0 =
+            # −(ε̂ − ε)/√SNR grows ~300× near T and a handful of triples would decide the mean.
+            x0_hat = diffusion.predict_x0(x_t, t, eps).clamp(-1, 1)
             x0_err.append((x0_hat - x0).pow(2).mean(dim=dims).cpu())
     return _summarise(name=name, triples=triples, diffusion=diffusion, boundaries=boundaries,
                       num_buckets=num_buckets, eps=torch.cat(eps_err).double().numpy(),

@@ -1,0 +1,236 @@
+"""A study: pipeline runs replicated over training seeds, and what they say together.
+
+A study file (YAML) names arms — each a preset plus overrides, run through the whole pipeline,
+which trains TDC and its equal-cost single-model baseline side by side — and the training seeds
+every arm is replicated over (``train.seed``; the stage-2 seeds derive from it). The data split
+does not change with the seed, so every replicate is scored on the same held-out images.
+
+Per arm and metric, :func:`summarise` reports the mean and 95 % interval over training seeds of
+TDC, of the baseline and of the **paired difference** TDC − baseline (the two models of one
+replicate share data, split and evaluation draws, so the difference is taken per seed first),
+with Student's t at n − 1 degrees of freedom. An interval needs two seeds; with one it is
+reported as missing, never as zero.
+
+Pure: reading the study file and aggregating records; running the pipelines is the caller's
+(``flows/study.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from scipy import stats
+
+from tdc_core.config import PipelineConfig, Seed, load_config
+from tdc_core.errors import ConfigError
+from tdc_core.evaluation.results import Comparison
+
+__all__ = ["Arm", "ArmSummary", "MetricSummary", "StudySpec", "StudySummary", "Interval", "load_study",
+           "replicate_config", "replicate_metrics", "study_markdown", "summarise"]
+
+# Metrics taken from each replicate's comparison (lower is better for all but precision/recall).
+METRICS: dict[str, str] = {
+    "bits_per_dim": "held-out bits/dim",
+    "heldout_eps_mse": "held-out ε-MSE (uniform t)",
+    "heldout_x0_mse": "held-out x0-MSE",
+    "heldout_eps_mse_min_snr": "held-out Min-SNR-5 ε-MSE",
+    "fid_mean": "FID (mean over sampling seeds)",
+    "precision": "precision",
+    "recall": "recall",
+    "sampling_flops_per_image": "sampling FLOPs per image",
+    "training_flops": "training FLOPs",
+}
+HIGHER_IS_BETTER = {"precision", "recall"}
+
+
+class Arm(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    preset: str = "digits"
+    overrides: tuple[str, ...] = ()
+
+
+class StudySpec(BaseModel):
+    """A study file: ``name``, ``arms`` (each ``name``, ``preset``, ``overrides``) and ``seeds``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    arms: tuple[Arm, ...] = Field(min_length=1)
+    seeds: tuple[Seed, ...] = Field(min_length=1)
+    workers: int | None = Field(None, ge=1)  # parallel group fine-tunes inside each pipeline run
+
+    @field_validator("arms")
+    @classmethod
+    def _distinct_arms(cls, arms: tuple[Arm, ...]) -> tuple[Arm, ...]:
+        names = [a.name for a in arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be distinct, got {names}")
+        return arms
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+        return seeds
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study file; every arm × seed config is built now, so a bad override
+    fails before any training.
+
+    Raises:
+        ConfigError: naming the file and the field.
+    """
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"study file {path} cannot be read: {exc}") from None
+    try:
+        spec = StudySpec.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"study file {path}: {'.'.join(map(str, err['loc'])) or 'top level'}: {err['msg']}") from None
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            replicate_config(arm, seed=seed)
+    return spec
+
+
+def replicate_config(arm: Arm, *, seed: int) -> PipelineConfig:
+    """The pipeline config of one replicate: the arm's preset and overrides, ``train.seed = seed``."""
+    return load_config(preset=arm.preset, overrides=[*arm.overrides, f"train.seed={seed}"])
+
+
+def replicate_metrics(c: Comparison) -> dict[str, dict[str, float]]:
+    """``{"tdc": {metric: value}, "baseline": {...}}`` of one replicate's comparison."""
+    out: dict[str, dict[str, float]] = {}
+    for name, row in (("tdc", c.tdc), ("baseline", c.baseline)):
+        m: dict[str, float] = {"fid_mean": row.eval.fid_mean,
+                               "sampling_flops_per_image": row.cost.sampling_flops_per_image}
+        if row.cost.training_flops is not None:
+            m["training_flops"] = row.cost.training_flops
+        for h in c.heldout:
+            if h.name == name:
+                m |= {"heldout_eps_mse": h.eps_mse, "heldout_x0_mse": h.x0_mse,
+                      "heldout_eps_mse_min_snr": h.eps_mse_min_snr}
+        for lk in c.likelihood:
+            if lk.name == name:
+                m["bits_per_dim"] = lk.bpd
+        for q in c.sample_quality:
+            if q.name == name:
+                m |= {"precision": q.precision, "recall": q.recall}
+        out[name] = m
+    return out
+
+
+class Interval(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    mean: float
+    low: float | None        # 95 % t interval over seeds; None with fewer than two seeds
+    high: float | None
+    n: int
+    values: list[float]      # per seed, in seed order
+
+
+def interval(values: Sequence[float]) -> Interval:
+    """Mean and 95 % Student-t interval of ``values`` (independent replicates)."""
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return Interval(mean=mean, low=None, high=None, n=len(v), values=v.tolist())
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return Interval(mean=mean, low=mean - half, high=mean + half, n=len(v), values=v.tolist())
+
+
+class MetricSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    metric: str
+    tdc: Interval
+    baseline: Interval
+    difference: Interval     # TDC − baseline, paired by seed
+    verdict: str             # from the difference's interval; "—" without one
+
+
+class ArmSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    arm: str
+    seeds: list[int]
+    metrics: list[MetricSummary]
+
+
+class StudySummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    arms: list[ArmSummary]
+    seconds: float | None = None
+
+
+def _verdict(metric: str, d: Interval) -> str:
+    if d.low is None:
+        return "— (one seed: no interval)"
+    better_if_negative = metric not in HIGHER_IS_BETTER
+    if d.high < 0:
+        return "TDC better" if better_if_negative else "TDC worse"
+    if d.low > 0:
+        return "TDC worse" if better_if_negative else "TDC better"
+    return "no clear difference"
+
+
+def summarise(*, name: str, arms: Mapping[str, Mapping[int, dict[str, dict[str, float]]]],
+              seconds: float | None = None) -> StudySummary:
+    """Aggregate ``{arm: {seed: replicate_metrics(...)}}`` (see the module docstring)."""
+    out = []
+    for arm, by_seed in arms.items():
+        seeds = sorted(by_seed)
+        metrics = []
+        for metric in METRICS:
+            if not all(metric in by_seed[s]["tdc"] and metric in by_seed[s]["baseline"] for s in seeds):
+                continue
+            tdc = [by_seed[s]["tdc"][metric] for s in seeds]
+            base = [by_seed[s]["baseline"][metric] for s in seeds]
+            diff = interval([a - b for a, b in zip(tdc, base)])
+            metrics.append(MetricSummary(metric=metric, tdc=interval(tdc), baseline=interval(base), difference=diff,
+                                         verdict=_verdict(metric, diff)))
+        out.append(ArmSummary(arm=arm, seeds=seeds, metrics=metrics))
+    return StudySummary(name=name, arms=out, seconds=seconds)
+
+
+def _fmt(i: Interval, scale: float = 1.0) -> str:
+    if i.low is None:
+        return f"{i.mean / scale:.4g}"
+    return f"{i.mean / scale:.4g} [{i.low / scale:.4g}, {i.high / scale:.4g}]"
+
+
+def study_markdown(s: StudySummary) -> str:
+    """The study as Markdown: per arm, each metric's TDC, baseline and paired difference."""
+    lines = [f"# Study `{s.name}`", ""]
+    if s.seconds is not None:
+        lines += [f"Wall time: {s.seconds / 60:.1f} min.", ""]
+    for arm in s.arms:
+        lines += [f"## Arm `{arm.arm}`: {len(arm.seeds)} training seeds {arm.seeds}", "",
+                  "Mean [95 % t interval over training seeds]; the difference is TDC − baseline, taken per seed.",
+                  "", "| metric | TDC | baseline | TDC − baseline | verdict |", "|---|---|---|---|---|"]
+        for m in arm.metrics:
+            scale = 1e9 if "flops" in m.metric else 1.0
+            unit = " (GFLOP)" if scale != 1.0 else ""
+            lines.append(f"| {METRICS[m.metric]}{unit} | {_fmt(m.tdc, scale)} | {_fmt(m.baseline, scale)} | "
+                         f"{_fmt(m.difference, scale)} | {m.verdict} |")
+        lines += ["", "Per seed (TDC − baseline):", ""]
+        for m in arm.metrics:
+            per_seed = ", ".join(f"{v:+.4g}" for v in m.difference.values)
+            lines.append(f"- {m.metric}: {per_seed}")
+        lines.append("")
+    return "\n".join(lines)
