@@ -21,7 +21,7 @@ from flows.pipeline import tdc
 from tasks.console import say
 from tdc_core.atomic import atomic_write_bytes
 from tdc_core.errors import ConfigError
-from tdc_core.run.layout import default_run_dir
+from tdc_core.run.layout import RunLayout, default_run_dir
 from tdc_core.run.study import StudySpec, StudySummary, replicate_config, replicate_metrics, study_markdown, summarise
 
 __all__ = ["plan_lines", "tdc_study"]
@@ -36,7 +36,7 @@ def plan_lines(spec: StudySpec) -> list[str]:
         for seed in spec.seeds:
             cfg = replicate_config(arm, seed=seed)
             folder = default_run_dir(cfg)
-            done = (folder / "eval" / "comparison.json").is_file()
+            done = RunLayout(folder).comparison_json.is_file()
             lines.append(f"  {arm.name} seed {seed}: {cfg.preset}, {cfg.train.steps} shared steps, "
                          f"{cfg.grouping.num_groups} groups × {cfg.finetune.steps} fine-tune steps, baseline at equal "
                          f"training FLOPs → {folder}" + ("  (finished: reused)" if done else ""))

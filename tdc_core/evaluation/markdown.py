@@ -95,7 +95,8 @@ def _evidence_lines(c: Comparison) -> list[str]:
         q = c.sample_quality[0]
         lines.append(f"\nPrecision/recall: k-NN manifolds (k = {q.k}) in the FID features, {q.num_samples} samples vs "
                      f"{q.num_real} reference images. Memorized: share of the first seed's samples whose nearest "
-                     f"training image (pixel L2) is closer than {q.memorization_ratio:.2f} × the second nearest.")
+                     f"training image (pixel L2) is closer than {q.memorization_ratio:.2f} × the second nearest; "
+                     f"the PNG shows pairs: sample (left), its nearest training image (right).")
     if c.heldout:
         h0 = c.heldout[0]
         groups = [f"[{lo}, {hi})" for lo, hi in zip(h0.boundaries[:-1], h0.boundaries[1:])]

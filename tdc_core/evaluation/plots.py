@@ -184,10 +184,11 @@ _TDC_COLOUR, _BASE_COLOUR = "tab:orange", "tab:blue"
 
 
 def plot_comparison(c: Comparison, path: str | Path) -> Path:
-    """One PNG, three panels side by side: FID (bars = mean ± std, dots = every seed, dashed =
-    real held-out), sampling GFLOPs per image (with measured ms per image), training FLOPs."""
-    fig = Figure(figsize=(13.0, 4.4), layout="constrained")
-    ax_fid, ax_samp, ax_train = fig.subplots(1, 3)
+    """One PNG, four panels side by side: FID (bars = mean ± std, dots = every seed, band = the
+    real-vs-real floor at the models' n), held-out ε-MSE per group relative to the baseline (same
+    triples for every model), sampling GFLOPs per image (with measured ms per image), training FLOPs."""
+    fig = Figure(figsize=(17.0, 4.4), layout="constrained")
+    ax_fid, ax_groups, ax_samp, ax_train = fig.subplots(1, 4)
     rows = (c.tdc, c.baseline)
     names = [r.eval.name for r in rows]
     colours = [_TDC_COLOUR, _BASE_COLOUR]
@@ -197,13 +198,16 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
     for i, r in enumerate(rows):
         ax_fid.plot(np.full(len(r.eval.per_seed), i), [p.fid for p in r.eval.per_seed], "o", color="black",
                     markersize=4, label="each seed" if i == 0 else None)
-    if c.real_heldout is not None:
-        ax_fid.axhline(c.real_heldout.fid, color="0.3", linestyle="--", linewidth=1.2,
-                       label=f"real held-out ({c.real_heldout.num_images} images)")
+    if c.real_floor is not None:
+        f = c.real_floor
+        ax_fid.axhspan(f.mean - f.sd, f.mean + f.sd, color="0.5", alpha=0.25,
+                       label=f"real vs real, n = {f.n} (mean ± sd)")
     ax_fid.set_xticks(x, names)
     ax_fid.set_ylabel("FID (lower is better)")
     ax_fid.set_title(f"FID, {c.setup.num_samples} samples × {len(c.setup.seeds)} seeds", fontsize=10)
     ax_fid.legend(fontsize=8)
+
+    _plot_group_errors(ax_groups, c)
 
     sampling = [r.cost.sampling_flops_per_image for r in rows]
     scale, unit = flops_unit(max(sampling))
@@ -232,3 +236,30 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
+
+def _plot_group_errors(ax: Axes, c: Comparison) -> None:
+    """Held-out ε-MSE of each model on each group's timesteps, as a ratio to the baseline's."""
+    scores = {h.name: h for h in c.heldout}
+    base = scores.get("baseline")
+    if base is None:
+        ax.text(0.5, 0.5, "no held-out evaluation", ha="center", va="center", transform=ax.transAxes)
+        return
+    groups = np.arange(len(base.group_eps_mse))
+    others = [n for n in scores if n != "baseline"]
+    width = 0.8 / max(len(others), 1)
+    colours = {"tdc": _TDC_COLOUR, "shared": "tab:green"}
+    lo, hi = 1.0, 1.0
+    for i, name in enumerate(others):
+        ratio = np.asarray(scores[name].group_eps_mse) / np.asarray(base.group_eps_mse)
+        lo, hi = min(lo, float(np.nanmin(ratio))), max(hi, float(np.nanmax(ratio)))
+        ax.bar(groups + (i - (len(others) - 1) / 2) * width, ratio, width, color=colours.get(name, "0.5"),
+               alpha=0.8, label=name)
+    ax.axhline(1.0, color=_BASE_COLOUR, linewidth=1.5, label="baseline")
+    pad = 0.15 * (hi - lo) + 0.01  # zoomed on the ratios: differences of a few % must be visible
+    ax.set_ylim(lo - pad, hi + pad)
+    edges = base.boundaries
+    ax.set_xticks(groups, [f"[{lo},{hi})" for lo, hi in zip(edges[:-1], edges[1:])], fontsize=8)
+    ax.set_xlabel("timestep group")
+    ax.set_ylabel("held-out ε-MSE / baseline's (below 1: better)")
+    ax.set_title(f"Held-out ε-MSE by group ({base.num_images} images × {base.per_image} t)", fontsize=10)
+    ax.legend(fontsize=8)

@@ -91,7 +91,7 @@ class RunLayout:
         """Raises ConfigError (a ValueError) for anything but an int >= 0 (bool included)."""
         if isinstance(group, bool) or not isinstance(group, int) or group < 0:
             raise ConfigError(f"group index must be an int >= 0, got {group!r}")
-        return self.root / "groups" / f"group-{group}"
+        return self.groups_dir / f"group-{group}"
 
     def group_checkpoint(self, group: int) -> Path:
         return self.group_dir(group) / "checkpoints" / "last.pt"
@@ -106,6 +106,25 @@ class RunLayout:
     def prune_dir(self, group: int) -> Path:
         """Pruning rounds of one group: memory.json (decision log), prune.png, pruned.pt, work/."""
         return self.group_dir(group) / "prune"
+
+    def prune_memory(self, group: int) -> Path:
+        """The pruning rounds' decision log (a MemoryBank)."""
+        return self.prune_dir(group) / "memory.json"
+
+    def prune_png(self, group: int) -> Path:
+        return self.prune_dir(group) / "prune.png"
+
+    def pruned_checkpoint(self, group: int) -> Path:
+        """The group's model right after pruning, before its fine-tune."""
+        return self.prune_dir(group) / "pruned.pt"
+
+    def prune_work_dir(self, group: int) -> Path:
+        """Scratch space of the pruning search (candidate and recovery checkpoints)."""
+        return self.prune_dir(group) / "work"
+
+    @property
+    def groups_dir(self) -> Path:
+        return self.root / "groups"
 
     @property
     def costs_json(self) -> Path:
@@ -123,6 +142,12 @@ class RunLayout:
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def comparison_json(self) -> Path:
+        """The evaluation's record (markdown and plot beside it): written last, so its presence
+        means the run was evaluated."""
+        return self.eval_dir / "comparison.json"
 
     @property
     def report_md(self) -> Path:

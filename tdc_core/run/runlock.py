@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tdc_core.errors import TDCError
+from tdc_core.run.layout import RunLayout
 
 __all__ = ["LOCK_NAME", "TOKEN_ENV", "RunFolderBusy", "RunLock", "hold_run_folder"]
 
@@ -132,7 +133,7 @@ class RunLock:
             if not self.delegated:
                 self._claim(f, root_file)
             return
-        group_file = self.root / "groups" / f"group-{self.group}" / LOCK_NAME
+        group_file = RunLayout(self.root).group_dir(self.group) / LOCK_NAME
         group_file.parent.mkdir(parents=True, exist_ok=True)
         g = _open(group_file)
         if not _flock(g, fcntl.LOCK_EX):
@@ -165,7 +166,7 @@ class RunLock:
                     f"{holder.get('since')} ({holder.get('command')})")
         # Held, but not by the process the file names: shared holders (group fine-tunes) write
         # their records into their group folders.
-        for group_lock in sorted((self.root / "groups").glob(f"group-*/{LOCK_NAME}")):
+        for group_lock in sorted(RunLayout(self.root).groups_dir.glob(f"group-*/{LOCK_NAME}")):
             rec = _read(group_lock)
             if rec and _alive(rec):
                 return (f"{what} is in use by pid {rec.get('pid')} on host {rec.get('host')} since "

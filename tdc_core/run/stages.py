@@ -193,7 +193,6 @@ def finetune_group_stage(
     diffusion = Diffusion.from_config(config.diffusion)
     device = device or resolve_device(config.train.device)
     ckpt = layout.group_checkpoint(group)
-    prune_dir = layout.prune_dir(group)
     prune = config.prune.enabled and budget.fraction < 1.0
     shared = load_model(layout.shared_checkpoint, device=device).model  # loaded once: start and reference
     if ckpt.exists():
@@ -204,10 +203,10 @@ def finetune_group_stage(
             result = prune_to_budget(
                 model=start, diffusion=diffusion, train_images=train_images, heldout_images=heldout,
                 t_range=(budget.lo, budget.hi), budget_flops=budget.flops_budget, config=config,
-                seed=plan.seed, device=device, reporter=reporter, work_dir=prune_dir / "work",
+                seed=plan.seed, device=device, reporter=reporter, work_dir=layout.prune_work_dir(group),
             )
-            result.memory.save(prune_dir / "memory.json")
-            plot_prune_rounds(result.memory, prune_dir / "prune.png")
+            result.memory.save(layout.prune_memory(group))
+            plot_prune_rounds(result.memory, layout.prune_png(group))
             start = result.model
     # The trainer trains its model in place: a copy of the start (its EMA starts as the same weights).
     model = init_model(spec, seed=plan.seed) if start is None else copy.deepcopy(start)
@@ -216,13 +215,14 @@ def finetune_group_stage(
     if start is None:
         trainer.resume(ckpt)
     elif prune:
-        trainer.save(prune_dir / "pruned.pt")  # the pruned model before fine-tuning
+        trainer.save(layout.pruned_checkpoint(group))  # the pruned model before fine-tuning
         trainer.save(ckpt)  # step 0: a crash from here on resumes without redoing the search
     shared_loss = trainer.heldout_loss(shared)
-    pruned_loss = trainer.heldout_loss(load_model(prune_dir / "pruned.pt", device=device).model) if prune else None
+    pruned_loss = (trainer.heldout_loss(load_model(layout.pruned_checkpoint(group), device=device).model)
+                   if prune else None)
     result = trainer.fit(until_step=config.finetune.steps, checkpoint_path=ckpt, reporter=reporter)
     flops = count_forward_flops(trainer.model, in_channels=config.data.channels, image_size=config.data.image_size)
-    memory = MemoryBank.load(prune_dir / "memory.json") if prune else None
+    memory = MemoryBank.load(layout.prune_memory(group)) if prune else None
     out = GroupResult(
         group=group, lo=budget.lo, hi=budget.hi, rank=budget.rank, steps=result.step, flops=flops,
         budget_flops=budget.flops_budget, budget_met=flops <= budget.flops_budget * (1 + config.prune.tolerance),

@@ -31,6 +31,7 @@ from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import CheckpointError, TDCError, TrainingError
 from tdc_core.model.unet import UNet, UNetSpec
 from tdc_core.reporter import NullReporter, Reporter
+from tdc_core.run.layout import RunLayout
 from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.training.data import BatchSampler, load_images, split_heldout, to_model_range
 from tdc_core.training.device import autocast_dtype, peak_memory_gib, reset_peak_memory, resolve_device
@@ -38,7 +39,6 @@ from tdc_core.training.distributed import DistInfo, all_gather_objects, init_dis
 
 __all__ = ["TrainPlan", "TrainResult", "Trainer", "init_model", "load_model", "run_training", "spec_for"]
 
-CHECKPOINT_NAME = "last.pt"
 
 
 @dataclass(frozen=True)
@@ -505,7 +505,7 @@ def run_training(
         model=init_model(spec_for(config), seed=config.train.seed), diffusion=Diffusion.from_config(config.diffusion),
         config=config, plan=TrainPlan.dense(config), train_images=train_images, heldout_images=heldout, device=device,
     )
-    ckpt = run_dir / "checkpoints" / CHECKPOINT_NAME
+    ckpt = RunLayout(run_dir).shared_checkpoint
     if resume and ckpt.exists():
         trainer.resume(ckpt)
     return trainer.fit(until_step=config.train.steps if steps is None else steps, checkpoint_path=ckpt,
