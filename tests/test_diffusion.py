@@ -177,3 +177,15 @@ def test_hybrid_vlb_term_vanishes_for_the_true_posterior():
     wrong_var = d.training_losses(torch.cat([noise, torch.ones_like(v)], dim=1), x0=x0, x_t=x_t, t=t, noise=noise)["vb"]
     # Σ_θ = β_t instead costs bits where β_t and β̃_t differ most (small t; they meet as t grows).
     assert (wrong_var[(t > 0) & (t <= 20)] > 1e-3).all()
+
+
+def test_a_one_step_process_and_the_shortest_linear_schedules_are_finite():
+    """Respacing to one step (``sample.steps=1``) and a linear schedule at T ≤ 20 (whose last β
+    would reach 1) give finite constants; β = 1 itself is refused."""
+    one = Diffusion(betas=betas_for_schedule("cosine", 100)).respaced(1)
+    assert one.num_steps == 1 and torch.isfinite(one.posterior_log_var_clipped).all()
+    for T in (10, 20):
+        d = Diffusion(betas=betas_for_schedule("linear", T))
+        assert torch.isfinite(d.sqrt_recip_ab).all() and torch.isfinite(d.fixed_large_log_var).all()
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        Diffusion(betas=np.array([0.5, 1.0]))

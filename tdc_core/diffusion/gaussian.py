@@ -34,7 +34,8 @@ def betas_for_schedule(schedule: str, num_timesteps: int) -> np.ndarray:
     if schedule == "linear":
         # Ho et al.'s 1e-4..0.02 for T = 1000, rescaled so other T give the same curve.
         scale = 1000 / num_timesteps
-        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+        # Clipped at 0.999 like the cosine schedule: at T ≤ 20 the last β would reach 1 (ᾱ = 0).
+        return np.minimum(np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64), 0.999)
     if schedule == "cosine":
         t = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
         ab = cosine_alpha_bar(t)
@@ -77,8 +78,9 @@ class Diffusion:
         hybrid_vlb_weight: float = 0.001,
         learn_sigma: bool = False,
     ) -> None:
-        if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
-            raise ValueError("betas must be a 1-D array in (0, 1]")
+        if betas.ndim != 1 or len(betas) == 0 or not ((betas > 0) & (betas < 1)).all():
+            # β = 1 would make ᾱ = 0 and every 1/ᾱ constant infinite.
+            raise ValueError("betas must be a non-empty 1-D array in (0, 1)")
         # Constants are computed in float64 for precision and stored as float32 tensors.
         self.num_steps = len(betas)
         self.learn_sigma = learn_sigma
@@ -101,12 +103,13 @@ class Diffusion:
         self.sqrt_recipm1_ab = f32(np.sqrt(1.0 / ab - 1.0))
         self.sqrt_ab_prev = f32(np.sqrt(ab_prev))
         self.posterior_variance = f32(post_var)
-        # log(0) at t = 0: use the t = 1 value, as IDDPM does.
-        self.posterior_log_var_clipped = f32(np.log(np.append(post_var[1], post_var[1:])))
+        # log(0) at t = 0: use the t = 1 value, as IDDPM does (β_0 for a one-step process).
+        first = post_var[1] if len(post_var) > 1 else betas[0]
+        self.posterior_log_var_clipped = f32(np.log(np.append(first, post_var[1:])))
         self.posterior_mean_coef1 = f32(betas * np.sqrt(ab_prev) / (1.0 - ab))
         self.posterior_mean_coef2 = f32((1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab))
         # "Fixed large" variance of DDPM ancestral sampling when Σ is not learned.
-        self.fixed_large_log_var = f32(np.log(np.append(post_var[1], betas[1:])))
+        self.fixed_large_log_var = f32(np.log(np.append(first, betas[1:])))
 
     # --- construction -----------------------------------------------------------------------
 
