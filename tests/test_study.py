@@ -33,6 +33,12 @@ def test_intervals_are_students_t_over_seeds_and_differences_are_paired():
     assert p.difference.low == p.difference.high == pytest.approx(0.1) and p.verdict == "TDC better"  # higher is better
 
 
+def test_costs_get_a_ratio_not_a_verdict():
+    reps = {s: {"tdc": {"training_flops": 99.0 + s}, "baseline": {"training_flops": 100.0 + s}} for s in (0, 1, 2)}
+    m = summarise(name="x", arms={"a": reps}).arms[0].metrics[0]
+    assert m.metric == "training_flops" and m.verdict == "cost: TDC / baseline = 0.990"
+
+
 def test_one_seed_has_no_interval_and_says_so():
     s = summarise(name="x", arms={"a": {0: _replicate(1.0, 1.1)}})
     m = s.arms[0].metrics[0]

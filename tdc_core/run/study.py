@@ -46,6 +46,9 @@ METRICS: dict[str, str] = {
     "training_flops": "training FLOPs",
 }
 HIGHER_IS_BETTER = {"precision", "recall"}
+# Costs are not outcomes: the baseline's training FLOPs are set to at least TDC's by design, so
+# a verdict there would only restate the design; their ratio is reported instead.
+COSTS = {"sampling_flops_per_image", "training_flops"}
 
 
 class Arm(BaseModel):
@@ -178,7 +181,9 @@ class StudySummary(BaseModel):
     seconds: float | None = None
 
 
-def _verdict(metric: str, d: Interval) -> str:
+def _verdict(metric: str, d: Interval, *, tdc: Interval, baseline: Interval) -> str:
+    if metric in COSTS:
+        return f"cost: TDC / baseline = {tdc.mean / baseline.mean:.3f}" if baseline.mean else "cost"
     if d.low is None:
         return "— (one seed: no interval)"
     better_if_negative = metric not in HIGHER_IS_BETTER
@@ -201,9 +206,9 @@ def summarise(*, name: str, arms: Mapping[str, Mapping[int, dict[str, dict[str, 
                 continue
             tdc = [by_seed[s]["tdc"][metric] for s in seeds]
             base = [by_seed[s]["baseline"][metric] for s in seeds]
-            diff = interval([a - b for a, b in zip(tdc, base)])
-            metrics.append(MetricSummary(metric=metric, tdc=interval(tdc), baseline=interval(base), difference=diff,
-                                         verdict=_verdict(metric, diff)))
+            diff, t_int, b_int = interval([a - b for a, b in zip(tdc, base)]), interval(tdc), interval(base)
+            metrics.append(MetricSummary(metric=metric, tdc=t_int, baseline=b_int, difference=diff,
+                                         verdict=_verdict(metric, diff, tdc=t_int, baseline=b_int)))
         out.append(ArmSummary(arm=arm, seeds=seeds, metrics=metrics))
     return StudySummary(name=name, arms=out, seconds=seconds)
 
