@@ -43,6 +43,7 @@ from tdc_core.config import PipelineConfig, config_key, load_config, write_run_c
 from tdc_core.evaluation.results import Comparison
 from tdc_core.run.layout import RunLayout, default_run_dir
 from tdc_core.run.runlock import hold_run_folder
+from tdc_core.run.stage1 import attach_stage1
 from tdc_core.run.stages import CostReport, GroupResult
 
 __all__ = ["PipelineSummary", "run_pipeline", "tdc"]
@@ -66,7 +67,8 @@ class PipelineSummary(BaseModel):
 
 
 def prepare_run_folder(config: PipelineConfig, root: Path) -> str:
-    """Create the run folder ``root`` and write its config; return its unique id.
+    """Create the run folder ``root``, write its config and point it at its stage-1 folder
+    (shared with every run of equal stage-1 settings); return its unique id.
 
     The id is written once; a deleted and recreated folder gets a new one, which invalidates
     cached stage results that pointed into the old folder.
@@ -76,6 +78,7 @@ def prepare_run_folder(config: PipelineConfig, root: Path) -> str:
     if not uid_file.is_file():
         uid_file.write_text(uuid.uuid4().hex)
     write_run_config(RunLayout(root), config)
+    attach_stage1(RunLayout(root), config)
     return uid_file.read_text().strip()
 
 

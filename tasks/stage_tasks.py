@@ -40,6 +40,7 @@ from tdc_core.records import load_record
 from tdc_core.reporter import MultiReporter
 from tdc_core.run.evaluation import compare_run
 from tdc_core.run.layout import RunLayout
+from tdc_core.run.stage1 import hold_stage1
 from tdc_core.run.stages import (
     CostReport,
     GroupingResult,
@@ -50,6 +51,7 @@ from tdc_core.run.stages import (
     group_stage,
     profile_stage,
     shared_stage,
+    start_baseline_from_shared,
 )
 from tdc_core.run.worker import finetune_group_command, train_command
 from tdc_core.run.worker_reports import JsonlTail, read_jsonl_metrics
@@ -173,6 +175,11 @@ def _train_metrics(s: TrainSummary) -> dict[str, float]:
             "train_seconds": s.seconds}
 
 
+def _tag_stage1(tracking: TrackingRef, run_id: str, layout: RunLayout) -> None:
+    """Say on the stage's MLflow run where stage 1 lives: runs sharing it show the same folder."""
+    tracking.set_tags(run_id, {"stage1_dir": str(layout.stage1_root)})
+
+
 @task(name="profile", **CACHED)
 def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef) -> DifficultyProfile:
     """Probe training (start of shared training) + difficulty profile (docs/METHOD.md step 1)."""
@@ -182,8 +189,10 @@ def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: T
     with _child_run(tracking, key="stage.profile", name="profile") as run_id:
         device = resolve_device(config.train.device)
         reset_peak_memory(device)
-        with MlflowReporter(tracking, run_id, prefix="probe_") as reporter, StageProgress("probe") as progress:
-            profile = profile_stage(config, layout, reporter=MultiReporter(reporter, progress))
+        _tag_stage1(tracking, run_id, layout)
+        with (hold_stage1(layout, command="flow tdc: probe", warn=say),
+              MlflowReporter(tracking, run_id, prefix="probe_") as reporter, StageProgress("probe") as progress):
+            profile = profile_stage(config, layout, reporter=MultiReporter(reporter, progress), reuse=True)
         _log_peak_memory(tracking, run_id, device)
         edges = profile.bucket_edges
         # One point per bucket, at the bucket's first timestep: the UI plots the profile.
@@ -227,9 +236,11 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
     layout = RunLayout(Path(run_dir))
     say(f"shared training to step {config.train.steps}")
     with _child_run(tracking, key="stage.shared", name="shared-train") as run_id:
-        with StageProgress("shared training") as progress:
+        _tag_stage1(tracking, run_id, layout)
+        with hold_stage1(layout, command="flow tdc: shared training", warn=say), \
+                StageProgress("shared training") as progress:
             if train_processes(config) > 1:
-                summary = _train_under_torchrun(config, layout.root, tracking=tracking, run_id=run_id,
+                summary = _train_under_torchrun(config, layout.stage1_root, tracking=tracking, run_id=run_id,
                                                 progress=progress)
             else:
                 with MlflowReporter(tracking, run_id) as reporter:
@@ -393,6 +404,11 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     cfg = baseline_config(config, steps=steps)
     out = RunLayout(Path(run_dir)).baseline_dir
     say(f"baseline: one model, {steps} steps on all timesteps (≥ TDC's training FLOPs)")
+    start = start_baseline_from_shared(RunLayout(Path(run_dir)), steps=steps)
+    if start is not None:
+        say(f"baseline: continues the shared run from its step {start} (the same run: not trained twice; "
+            f"charged for all {steps} steps)")
+        tracking.set_tags(baseline_run_id, {"started_from": f"shared checkpoint at step {start}"})
     with StageProgress("baseline") as progress:
         if train_processes(cfg) > 1:
             summary = _train_under_torchrun(cfg, out, tracking=tracking, run_id=baseline_run_id, progress=progress)

@@ -607,11 +607,34 @@ def config_key(config: PipelineConfig) -> str:
     return hashlib.sha256(config.model_dump_json(exclude={"eval"}).encode()).hexdigest()[:10]
 
 
-def same_training(saved: dict[str, Any], config: PipelineConfig, *, source: str = "checkpoint") -> bool:
+# What stage 1 (the probe, its profile and the shared model) reads: two configs equal here share
+# one stage-1 folder, whatever their stage-2 settings (grouping, budget, prune, finetune, baseline).
+STAGE1_SECTIONS = ("data", "model", "diffusion", "train", "profile")
+# What a dense training run (probe, shared model, baseline) reads, less its length: a run of more
+# steps continues a shorter one exactly (no schedule depends on ``train.steps``).
+_DENSE_SECTIONS = ("data", "model", "diffusion", "train")
+
+
+def stage1_key(config: PipelineConfig) -> str:
+    """Short hash of the config fields stage 1 reads (:data:`STAGE1_SECTIONS`): names the
+    stage-1 folder that every run with these fields shares."""
+    return hashlib.sha256(config.model_dump_json(include=set(STAGE1_SECTIONS)).encode()).hexdigest()[:10]
+
+
+def same_training(saved: dict[str, Any], config: PipelineConfig, *, source: str = "checkpoint",
+                  dense: bool = False) -> bool:
     """Whether a config stored in a checkpoint (as a dict) trains what ``config`` trains: equal
     after validation (fields added since it was written take their defaults), ignoring the
-    sections that do not affect training (``eval``, ``sample``)."""
+    sections that do not affect training (``eval``, ``sample``). For a ``dense`` run (all
+    timesteps, the ``train`` recipe) only what it reads counts, its length aside, so one shared
+    model serves every stage-2 variant and a longer run (the baseline) may continue it."""
     stored = validate_config(saved, source=source)
+    if dense:
+        def view(c: PipelineConfig) -> dict[str, Any]:
+            d = c.model_dump(mode="json", include=set(_DENSE_SECTIONS))
+            d["train"].pop("steps")
+            return d
+        return view(stored) == view(config)
     return (stored.model_dump(mode="json", exclude=set(_NOT_TRAINING))
             == config.model_dump(mode="json", exclude=set(_NOT_TRAINING)))
 

@@ -97,8 +97,10 @@ def test_rerun_reuses_finished_stages_and_run_tree(flow_run):
     from flows.pipeline import run_pipeline
 
     cfg, summary, uri, tmp = flow_run
+    from tdc_core.run.layout import RunLayout
+
     run = Path(summary.run_dir)
-    stamps = {p: p.stat().st_mtime_ns for p in [run / "profile" / "profile.json", run / "grouping" / "grouping.json",
+    stamps = {p: p.stat().st_mtime_ns for p in [RunLayout(run).profile_json, run / "grouping" / "grouping.json",
                                                   *(run / "groups").glob("group-*/result.json")]}
     again = run_pipeline(cfg, run_dir=str(tmp / "run"), workers=2, tracking_uri=uri)
     assert again.mlflow_run_id == summary.mlflow_run_id
@@ -139,8 +141,10 @@ def test_killed_pipeline_resumes_shared_training(tmp_path):
     # Its own process group: the kill takes Prefect's temporary API server (a child) with it.
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    profile_json = tmp_path / "run" / "profile" / "profile.json"
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    from tdc_core.run.stage1 import stage1_dir
+
+    stage1 = stage1_dir(load_config(preset="smoke", overrides=args[args.index("train.steps=400"):]), runs_root=tmp_path)
+    profile_json, ckpt = stage1 / "profile" / "profile.json", stage1 / "checkpoints" / "last.pt"
     deadline = time.time() + 240
     try:
         while not (profile_json.exists() and ckpt.stat().st_mtime > profile_json.stat().st_mtime + 0.5):

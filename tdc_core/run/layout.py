@@ -1,8 +1,9 @@
 """Where every stage of a run keeps its files, under one run folder.
 
     <root>/config.yaml                     the resolved pipeline config
-    <root>/checkpoints/last.pt             shared model (its first profile_steps are the probe)
-    <root>/profile/profile.json, .png      difficulty profile (docs/METHOD.md step 1)
+    <root>/stage1.json                     which stage-1 folder the run uses (see below)
+    <stage1>/checkpoints/last.pt           shared model (its first profile_steps are the probe)
+    <stage1>/profile/profile.json, .png    difficulty profile (docs/METHOD.md step 1)
     <root>/grouping/grouping.json, .png    timestep groups (step 2)
     <root>/grouping/budgets.json           FLOPs budget per group (step 3)
     <root>/groups/group-<g>/checkpoints/last.pt   fine-tuned expert of group g (step 6)
@@ -13,12 +14,17 @@
     <root>/eval/                           the comparison (comparison.md/.json/.png, sample grids)
     <root>/report.md                       the run report
 
+``<stage1>`` is the stage-1 folder: ``<runs>/stage1-<stage-1 key>`` beside the run folder, shared
+by every run whose stage-1 settings are equal (:mod:`tdc_core.run.stage1`), or the run folder
+itself for runs made before stage-1 folders existed.
+
 Group folders are named from non-negative integers only, and :func:`safe_child` joins any
 other name that comes from a config or a user, so no name can escape the run folder.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,16 +70,45 @@ class RunLayout:
         return self.root / "config.yaml"
 
     @property
+    def stage1_pointer(self) -> Path:
+        """``stage1.json``: names the stage-1 folder this run uses (written by
+        :func:`tdc_core.run.stage1.attach_stage1`); absent when stage 1 lives in this folder."""
+        return self.root / "stage1.json"
+
+    @property
+    def stage1_root(self) -> Path:
+        """The folder holding stage 1 (probe, profile, shared model): the one ``stage1.json``
+        names, shared by every run with the same stage-1 settings; else this folder (runs made
+        before stage-1 folders existed, and ``tdc profile``/``tdc train`` folders).
+
+        Raises:
+            ConfigError: ``stage1.json`` exists but cannot be read.
+        """
+        try:
+            record = json.loads(self.stage1_pointer.read_text())
+            return (self.root / record["dir"]).resolve()
+        except FileNotFoundError:
+            return self.root
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{self.stage1_pointer} is damaged ({exc}); delete it to keep stage 1 in "
+                              f"{self.root}") from None
+
+    @property
+    def shares_stage1(self) -> bool:
+        """Whether stage 1 lives in a stage-1 folder of its own (see :attr:`stage1_root`)."""
+        return self.stage1_pointer.is_file()
+
+    @property
     def shared_checkpoint(self) -> Path:
-        return self.root / "checkpoints" / "last.pt"
+        return self.stage1_root / "checkpoints" / "last.pt"
 
     @property
     def profile_json(self) -> Path:
-        return self.root / "profile" / "profile.json"
+        return self.stage1_root / "profile" / "profile.json"
 
     @property
     def profile_png(self) -> Path:
-        return self.root / "profile" / "profile.png"
+        return self.stage1_root / "profile" / "profile.png"
 
     @property
     def grouping_json(self) -> Path:

@@ -67,6 +67,7 @@ class RunLock:
         self.delegated = False              # acting under an owner's token (no lock of our own on root)
         self._files: list[tuple] = []   # (open lock file, whether our record is in it)
         self._token: str | None = None
+        self._outer_token: str | None = None  # an enclosing lock's token, given back on release
 
     # --- taking and releasing ------------------------------------------------------------------
 
@@ -104,7 +105,10 @@ class RunLock:
             f.close()
         self._files = []
         if self._token is not None and os.environ.get(TOKEN_ENV) == self._token:
-            os.environ.pop(TOKEN_ENV, None)
+            if self._outer_token is None:
+                os.environ.pop(TOKEN_ENV, None)
+            else:  # a lock taken inside another (a stage-1 folder inside a run's): its workers need it back
+                os.environ[TOKEN_ENV] = self._outer_token
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -157,6 +161,7 @@ class RunLock:
         f.write(json.dumps(record))
         f.flush()
         if path.parent == self.root:
+            self._outer_token = os.environ.get(TOKEN_ENV)
             os.environ[TOKEN_ENV] = self._token  # inherited by this owner's worker processes
 
     def _busy_message(self, holder: dict | None, *, what: str | None = None) -> str:

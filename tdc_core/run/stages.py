@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import time
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tdc_core.atomic import atomic_write
 from tdc_core.config import PipelineConfig
 from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.diffusion.samplers import sampling_timesteps
@@ -59,6 +61,7 @@ __all__ = [
     "CostReport",
     "baseline_config",
     "baseline_stage",
+    "start_baseline_from_shared",
     "GroupResult",
     "GroupingResult",
     "assemble_router",
@@ -112,15 +115,20 @@ class CostReport(BaseModel):
 
 def profile_stage(
     config: PipelineConfig, layout: RunLayout, *, reporter: Reporter | None = None,
-    device: torch.device | None = None,
+    device: torch.device | None = None, reuse: bool = False,
 ) -> DifficultyProfile:
     """Train the probe (shared training up to ``profile.profile_steps``, resumable), profile the
-    EMA model's difficulty per timestep bucket, write ``profile.json`` and ``profile.png``.
+    EMA model's difficulty per timestep bucket, write ``profile.json`` and ``profile.png`` (in
+    the stage-1 folder, :attr:`RunLayout.stage1_root`).
 
-    If the shared run is already past ``profile_steps`` the current model is profiled and its
-    step is recorded in the profile (nothing is retrained).
+    A finished profile is returned as it is when ``reuse`` is set, and always in a stage-1
+    folder shared with other runs (their groupings rest on it). Otherwise, if the shared run is
+    already past ``profile_steps``, the current model is profiled and its step is recorded in
+    the profile (nothing is retrained).
     """
-    run_training(config, run_dir=layout.root, reporter=reporter, steps=config.profile.profile_steps,
+    if (reuse or layout.shares_stage1) and layout.profile_json.is_file():
+        return DifficultyProfile.load(layout.profile_json)
+    run_training(config, run_dir=layout.stage1_root, reporter=reporter, steps=config.profile.profile_steps,
                  device=device)
     loaded = load_model(layout.shared_checkpoint, device=device or "cpu")
     _, heldout = prepare_data(config)
@@ -157,8 +165,9 @@ def shared_stage(
     config: PipelineConfig, layout: RunLayout, *, reporter: Reporter | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
-    """Continue the probe's run to ``train.steps`` (stage 1; resumes from its checkpoint)."""
-    return run_training(config, run_dir=layout.root, reporter=reporter, device=device)
+    """Continue the probe's run to ``train.steps`` (stage 1, in the stage-1 folder; resumes from
+    its checkpoint, and returns at once when another run sharing the folder finished it)."""
+    return run_training(config, run_dir=layout.stage1_root, reporter=reporter, device=device)
 
 
 def load_plan(layout: RunLayout) -> BudgetPlan:
@@ -284,12 +293,37 @@ def baseline_config(config: PipelineConfig, *, steps: int) -> PipelineConfig:
     })
 
 
+def start_baseline_from_shared(layout: RunLayout, *, steps: int) -> int | None:
+    """Start the baseline at the shared model's checkpoint, when it has none of its own yet and
+    the shared run is no longer than ``steps``; returns the step it starts from (None: not
+    started this way).
+
+    The baseline is the same dense run as the shared model (same seed, data order, optimiser,
+    no schedule that depends on the run's length) continued to ``steps``, and a resumed run
+    continues bit for bit (checkpoints carry optimiser and RNG state; ``tests/test_stage1.py``
+    compares both ways), so its first ``train.steps`` steps need not be trained twice. It is
+    still charged every step in the cost report.
+    """
+    out = RunLayout(layout.baseline_dir).shared_checkpoint
+    src = layout.shared_checkpoint
+    if out.exists() or not src.is_file():
+        return None
+    step = int(load_checkpoint(src)["step"])
+    if step > steps:
+        return None
+    with src.open("rb") as f:
+        atomic_write(out, lambda dst: shutil.copyfileobj(f, dst), what="baseline checkpoint ")
+    return step
+
+
 def baseline_stage(
     config: PipelineConfig, layout: RunLayout, *, steps: int, reporter: Reporter | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
     """The single-model baseline (docs/METHOD.md, "The baseline"): the same data, model and
     optimiser, ``steps`` steps on all timesteps (the cost report's ``baseline_steps`` unless
-    ``baseline.steps`` is set), in ``layout.baseline_dir``; resumes from its checkpoint."""
+    ``baseline.steps`` is set), in ``layout.baseline_dir``; continues the shared run
+    (:func:`start_baseline_from_shared`) and resumes from its own checkpoint."""
+    start_baseline_from_shared(layout, steps=steps)
     return run_training(baseline_config(config, steps=steps), run_dir=layout.baseline_dir, reporter=reporter,
                         device=device)

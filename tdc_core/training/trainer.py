@@ -80,6 +80,9 @@ class TrainPlan:
     lr: float
     batch_size: int            # the global batch, split evenly over the processes of a torchrun job
     random_flip: bool = False  # horizontal flips of the training images
+    # The ``train`` recipe on all timesteps (probe, shared model, baseline): its checkpoints
+    # resume under any config that trains the same, whatever its length (``same_training``).
+    is_dense: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.t_range
@@ -90,7 +93,7 @@ class TrainPlan:
         """All timesteps with ``train``'s seed, learning rate and batch: the probe, the shared model
         and the baseline."""
         return cls(seed=config.train.seed, t_range=(0, config.diffusion.num_timesteps), lr=config.train.lr,
-                   batch_size=config.train.batch_size, random_flip=config.data.random_flip)
+                   batch_size=config.train.batch_size, random_flip=config.data.random_flip, is_dense=True)
 
     @classmethod
     def finetune(cls, config: PipelineConfig, *, t_range: tuple[int, int], seed: int) -> TrainPlan:
@@ -244,7 +247,7 @@ class Trainer:
                 f"checkpoint {path} was written for a different model or timestep interval; "
                 f"use a new run folder or delete it"
             )
-        if not same_training(p["config"], self.config, source=f"checkpoint {path}"):
+        if not same_training(p["config"], self.config, source=f"checkpoint {path}", dense=self.plan.is_dense):
             raise CheckpointError(
                 f"checkpoint {path} was written with a different config; resume needs the same "
                 f"config (use a new run folder to start afresh)"

@@ -62,6 +62,14 @@ class Pipeline:
         return self.tmp / self.name
 
     @property
+    def stage1_dir(self) -> Path:
+        """Where its stage 1 (probe, profile, shared model) lives: beside the run folder."""
+        from tdc_core.config import load_config
+        from tdc_core.run.stage1 import stage1_dir
+
+        return stage1_dir(load_config(preset="smoke", overrides=self.overrides), runs_root=self.tmp)
+
+    @property
     def tracking_uri(self) -> str:
         return f"sqlite:///{self.tmp / 'mlflow.db'}"
 

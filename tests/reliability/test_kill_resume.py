@@ -69,7 +69,8 @@ def _stamps(paths) -> dict[Path, int]:
 def test_killed_in_every_stage_the_rerun_finishes_without_redoing_anything(pipeline) -> None:
     p = pipeline(OVERRIDES)
     run = p.run_dir
-    shared = run / "checkpoints" / "last.pt"
+    stage1 = p.stage1_dir
+    shared = stage1 / "checkpoints" / "last.pt"
     group_ckpt = lambda g: run / "groups" / f"group-{g}" / "checkpoints" / "last.pt"  # noqa: E731
     result = lambda g: run / "groups" / f"group-{g}" / "result.json"  # noqa: E731
     finished: dict[Path, int] = {}
@@ -78,13 +79,13 @@ def test_killed_in_every_stage_the_rerun_finishes_without_redoing_anything(pipel
     # 1. Profiling: the probe (the start of shared training) has checkpointed, no profile yet.
     kills["profiling"] = _kill_when(p, p.start(), "profiling", lambda t0: (
         f"probe at step {s}" if (s := _step(shared)) is not None and s <= PROBE
-        and not (run / "profile" / "profile.json").exists() else None))
+        and not (stage1 / "profile" / "profile.json").exists() else None))
 
     # 2. Shared training: past the probe, checkpointed by this launch.
     kills["shared training"] = _kill_when(p, p.start(), "shared training", lambda t0: (
         f"shared at step {s}" if _newer(shared, t0) and (run / "grouping" / "budgets.json").exists()
         and (s := _step(shared)) is not None and PROBE < s < TRAIN else None))
-    finished |= _stamps([run / "profile" / "profile.json", run / "profile" / "profile.png",
+    finished |= _stamps([stage1 / "profile" / "profile.json", stage1 / "profile" / "profile.png",
                          *(run / "grouping").glob("*")])
 
     # 3. Pruning: a group below F has started its search in this launch, not finished it.

@@ -56,7 +56,7 @@ def _wait_for(what: str, proc: subprocess.Popen, p, check) -> None:
 
 def test_second_run_is_refused_and_a_killed_owners_lock_is_taken_over(pipeline) -> None:
     p = pipeline(OVERRIDES)
-    run, shared = p.run_dir, p.run_dir / "checkpoints" / "last.pt"
+    run, shared = p.run_dir, p.stage1_dir / "checkpoints" / "last.pt"
     owner = p.start()
     try:
         _wait_for("the lock", owner, p, lambda: (_holder(run) or {}).get("pid") == owner.pid)
@@ -75,7 +75,7 @@ def test_second_run_is_refused_and_a_killed_owners_lock_is_taken_over(pipeline) 
         _wait_for("shared training", owner, p, lambda: (_step(shared) or 0) > PROBE)
     finally:
         p.kill(owner)
-    profile_json = run / "profile" / "profile.json"
+    profile_json = p.stage1_dir / "profile" / "profile.json"
     assert profile_json.is_file()
     profiled_at = profile_json.stat().st_mtime_ns
     assert (_holder(run) or {}).get("pid") == owner.pid, "the dead owner's record is still in the lock file"
