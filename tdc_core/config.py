@@ -244,6 +244,9 @@ class EvalConfig(_Strict):
     inception_weights: Path | None = None    # local Inception file (else $TDC_INCEPTION_WEIGHTS)
     batch_size: int = Field(250, ge=1)       # generation and feature batch
     cache_dir: Path | None = None            # reference statistics cache (None: ~/.cache/tdc)
+    # FID reference: the held-out split (disjoint from training) or the training split; auto:
+    # held-out when it holds >= num_samples images, else training (docs/METHOD.md, "Evaluation").
+    reference: Literal["auto", "train", "heldout"] = "auto"
     # The held-out evaluator (docs/METHOD.md, "Evaluation"): every model on the same triples.
     heldout_per_image: int = Field(100, ge=1)  # stratified timesteps per held-out image (≤ T used)
     bpd_timesteps: int | None = Field(100, ge=1)  # bits/dim draws per image (None: all T, exact)

@@ -20,6 +20,10 @@ found it raises :class:`~tdc_core.errors.ConfigError` that says where to put the
 scikit-learn's digits (seconds on a CPU, deterministic) and cached under the cache folder,
 keyed by a hash of its training recipe. Its 64-d penultimate activations (pre-ReLU, unit
 RMS) stand in for Inception's 2048-d pool features: scores are only comparable with other digits-CNN scores.
+It never trains on the FID reference: for digits data it learns from every digit outside the
+split that ``eval.reference`` makes the reference (:func:`digits_cnn_split`), its accuracy is
+measured on the reference, and its identity says so (e.g. for the digits preset: trained on the
+180 held-out digits, measured on the 1617-digit training split that is the reference).
 """
 
 from __future__ import annotations
@@ -46,9 +50,12 @@ from torch import nn
 from tdc_core.atomic import atomic_write_bytes
 from tdc_core.config import DataConfig, EvalConfig
 from tdc_core.errors import CheckpointError, ConfigError, first_line
+from tdc_core.evaluation.fid import ReferenceSplit, choose_reference
 from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
+from tdc_core.training.data import split_heldout
 
 __all__ = [
+    "DIGITS_COUNT",
     "DIGITS_LABEL",
     "INCEPTION_ENV_VAR",
     "DigitsCNN",
@@ -58,6 +65,8 @@ __all__ = [
     "FidMode",
     "InceptionExtractor",
     "build_extractor",
+    "digits_cnn_split",
+    "digits_reference_split",
     "inception_weights_name",
     "load_digits_extractor",
     "locate_inception_weights",
@@ -69,6 +78,7 @@ FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
 INCEPTION_ENV_VAR = "TDC_INCEPTION_WEIGHTS"
 DIGITS_LABEL = "digits-cnn features (not comparable with Inception FID)"
 DIGITS_MODE = "digits-native"  # 8x8 grayscale input; no clean-fid resizer involved
+DIGITS_COUNT = 1797  # scikit-learn's digits (no two are identical)
 
 # clean-fid's file names: the TorchScript network (modes clean and legacy_tensorflow) and
 # pytorch-fid's state dict (mode legacy_pytorch). The names are what clean-fid looks for.
@@ -360,12 +370,26 @@ class InceptionExtractor(FeatureExtractor):
 
 @dataclass(frozen=True)
 class DigitsRecipe:
-    """Everything that determines the digits CNN; its hash keys the cached weights."""
+    """Everything that determines the digits CNN, which digits it may learn from included; its
+    hash keys the cached weights (:meth:`for_data` builds the one a config needs).
 
-    version: int = 1               # bump when the architecture or the code below changes
+    With digits data (``reference_split`` set) the FID reference is one side of the pipeline's
+    split of the first ``split_images`` digits (:func:`tdc_core.training.data.split_heldout` with
+    ``split_fraction`` and ``split_seed``: ``data.max_images``, ``data.heldout_fraction``,
+    ``data.split_seed``); the CNN trains on every other digit and its accuracy is measured on
+    the reference. With other data (``reference_split=None``) the reference holds none of
+    sklearn's digits: the CNN trains on ``1 - accuracy_fraction`` of them, measured on the rest.
+    The defaults are the digits preset's: reference = the 1617-digit training split.
+    """
+
+    version: int = 2               # bump when the architecture or the code below changes
+    reference_split: ReferenceSplit | None = "train"  # the FID reference's side of the split; None: not digits
+    split_images: int = DIGITS_COUNT  # digits the pipeline splits (the first N: data.max_images)
+    split_fraction: float = 0.1    # data.heldout_fraction
+    split_seed: int = 0            # data.split_seed
+    accuracy_fraction: float = 0.2  # reference_split=None only: digits kept out to measure accuracy
     seed: int = 0
-    heldout_fraction: float = 0.2  # of sklearn's 1797 digits, kept out to measure accuracy
-    epochs: int = 20               # ≈ 460 steps; ~3 s on one CPU core, ≈ 98 % held-out accuracy
+    steps: int = 600               # AdamW steps (~4 s on one CPU core)
     batch_size: int = 64
     lr: float = 2e-3               # AdamW, cosine-decayed to 0
     weight_decay: float = 1e-4
@@ -373,9 +397,53 @@ class DigitsRecipe:
     widths: tuple[int, int, int] = (16, 32, 64)  # conv channels at 8, 8 and 4 px
     feature_dim: int = 64          # D of the penultimate layer
 
+    def __post_init__(self) -> None:
+        if not 2 <= self.split_images <= DIGITS_COUNT:
+            raise ValueError(f"split_images must be in [2, {DIGITS_COUNT}], got {self.split_images}")
+
+    @classmethod
+    def for_data(cls, data: DataConfig, *, reference_split: ReferenceSplit, **fields: object) -> DigitsRecipe:
+        """The recipe for ``data`` whose FID reference is its ``reference_split`` split (ignored
+        unless ``data.source`` is digits); ``fields`` override the training settings."""
+        if data.source != "digits":
+            return cls(reference_split=None, **fields)
+        n = min(DIGITS_COUNT, data.max_images or DIGITS_COUNT)
+        return cls(reference_split=reference_split, split_images=n, split_fraction=data.heldout_fraction,
+                   split_seed=data.split_seed, **fields)
+
     def key(self) -> str:
         payload = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:12]
+
+
+def digits_cnn_split(recipe: DigitsRecipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, measured)``: sorted indices into sklearn's digits that the CNN trains on and
+    that its accuracy is measured on. With ``recipe.reference_split`` set, ``measured`` is the
+    FID reference (the same digits the pipeline's :func:`~tdc_core.training.data.split_heldout`
+    puts on that side) and ``train`` is every other digit, the split's other side and the
+    digits past ``split_images`` alike: the two never share a digit."""
+    if recipe.reference_split is None:
+        perm = torch.randperm(DIGITS_COUNT, generator=torch.Generator().manual_seed(recipe.seed))
+        n_held = round(DIGITS_COUNT * recipe.accuracy_fraction)
+        return perm[n_held:].sort().values, perm[:n_held].sort().values
+    train, heldout = split_heldout(torch.arange(recipe.split_images), fraction=recipe.split_fraction,
+                                   seed=recipe.split_seed)
+    reference = train if recipe.reference_split == "train" else heldout
+    outside = torch.ones(DIGITS_COUNT, dtype=torch.bool)
+    outside[reference] = False
+    return outside.nonzero().squeeze(1), reference
+
+
+def _training_set(recipe: DigitsRecipe, accuracy: float) -> str:
+    """What the CNN learned from and where its accuracy was measured, for its identity."""
+    train, measured = digits_cnn_split(recipe)
+    if recipe.reference_split is None:
+        return (f"trained on {train.numel()} of sklearn's {DIGITS_COUNT} digits, none of them in the FID reference "
+                f"(not sklearn's digits); {accuracy:.1%} accurate on the other {measured.numel()}")
+    side = "training" if recipe.reference_split == "train" else "held-out"
+    return (f"trained on {train.numel()} digits disjoint from the FID reference, the {measured.numel()}-digit "
+            f"{side} split (first {recipe.split_images} digits, data.heldout_fraction={recipe.split_fraction:g}, "
+            f"data.split_seed={recipe.split_seed}); {accuracy:.1%} accurate on the reference")
 
 
 class DigitsCNN(nn.Module):
@@ -439,34 +507,35 @@ def _shift(x: torch.Tensor, max_px: int, generator: torch.Generator) -> torch.Te
 
 
 def train_digits_cnn(recipe: DigitsRecipe) -> tuple[DigitsCNN, float]:
-    """Train the classifier on CPU, deterministically; returns (model, held-out accuracy)."""
+    """Train the classifier on CPU, deterministically, on the digits :func:`digits_cnn_split`
+    allows (never the FID reference); returns (model, accuracy on the measured digits: the
+    reference, for digits data). ``feature_scale`` comes from the training digits too."""
     images, labels = _digits_with_labels()
-    n = images.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed))
-    n_held = round(n * recipe.heldout_fraction)
-    held, train = perm[:n_held], perm[n_held:]
+    train, measured = digits_cnn_split(recipe)
     x_all = _to_input(images)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(recipe.seed)
         model = DigitsCNN(widths=recipe.widths, feature_dim=recipe.feature_dim)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
-    steps_per_epoch = -(-train.numel() // recipe.batch_size)
-    total = recipe.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / recipe.steps)))
     model.train()
-    for _ in range(recipe.epochs):
+    step = 0
+    while step < recipe.steps:  # epochs over the training digits, the last one cut at `steps`
         order = train[torch.randperm(train.numel(), generator=gen)]
         for s in range(0, order.numel(), recipe.batch_size):
+            if step == recipe.steps:
+                break
             idx = order[s:s + recipe.batch_size]
             loss = F.cross_entropy(model(_shift(x_all[idx], recipe.max_shift_px, gen)), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            step += 1
     model.eval().requires_grad_(False)
     with torch.no_grad():
-        accuracy = float((model(x_all[held]).argmax(1) == labels[held]).float().mean())
+        accuracy = float((model(x_all[measured]).argmax(1) == labels[measured]).float().mean())
         model.feature_scale.fill_(1.0 / model.body(x_all[train]).pow(2).mean().sqrt())
     return model, accuracy
 
@@ -486,15 +555,37 @@ class DigitsExtractor(FeatureExtractor):
     mode = DIGITS_MODE
     label = DIGITS_LABEL
 
-    def __init__(self, *, model: DigitsCNN, recipe: DigitsRecipe, heldout_accuracy: float, path: Path,
+    def __init__(self, *, model: DigitsCNN, recipe: DigitsRecipe, accuracy: float, path: Path,
                  device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.recipe = recipe
-        self.heldout_accuracy = heldout_accuracy
+        self.accuracy = accuracy  # on the digits it did not train on: the FID reference, for digits data
         self.path = path
         self.dim = recipe.feature_dim
-        self.identity = f"digits-cnn-v{recipe.version}/recipe:{recipe.key()}/sha256:{_state_sha256(model)[:16]}"
+        self.training_set = _training_set(recipe, accuracy)
+        # The training set is part of the identity, so describe() (every record) states it.
+        self.identity = (f"digits-cnn-v{recipe.version}/recipe:{recipe.key()}/sha256:{_state_sha256(model)[:16]} "
+                         f"({self.training_set})")
+
+    def check_reference(self, data: DataConfig, split: ReferenceSplit) -> None:
+        """Raise unless this CNN was kept off the reference ``split`` of ``data``.
+
+        Raises:
+            ConfigError: digits data whose reference is not what the CNN was trained around
+                (e.g. it was built for another config's split or eval.reference).
+        """
+        if data.source != "digits":
+            return
+        wanted = DigitsRecipe.for_data(data, reference_split=split)
+        fields = ("reference_split", "split_images", "split_fraction", "split_seed")
+        if any(getattr(wanted, f) != getattr(self.recipe, f) for f in fields):
+            raise ConfigError(
+                f"the digits CNN {self.identity} was trained around another FID reference than this config's "
+                f"{split} split ({', '.join(f'{f}={getattr(wanted, f)}' for f in fields)}), so it may have "
+                f"trained on reference images; build it from this config (build_extractor(config.eval, "
+                f"config.data))"
+            )
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, *, batch_size: int = 250) -> np.ndarray:
@@ -505,7 +596,7 @@ class DigitsExtractor(FeatureExtractor):
 
 
 def load_digits_extractor(
-    *, cache_dir: Path, recipe: DigitsRecipe = DigitsRecipe(), device: torch.device | str = "cpu",
+    *, cache_dir: Path, recipe: DigitsRecipe, device: torch.device | str = "cpu",
 ) -> DigitsExtractor:
     """The digits CNN from ``<cache_dir>/extractors/digits-cnn-<recipe key>.pt``, trained and
     saved there (atomically) first when missing or unreadable."""
@@ -517,17 +608,26 @@ def load_digits_extractor(
                 raise CheckpointError("recipe mismatch")
             model = DigitsCNN(widths=recipe.widths, feature_dim=recipe.feature_dim)
             model.load_state_dict(payload["model"])
-            return DigitsExtractor(model=model, recipe=recipe, heldout_accuracy=float(payload["heldout_accuracy"]),
-                                   path=path, device=device)
+            return DigitsExtractor(model=model, recipe=recipe, accuracy=float(payload["accuracy"]), path=path,
+                                   device=device)
         except (CheckpointError, RuntimeError, KeyError):
             pass  # a damaged cache entry is retrained and overwritten below
     model, accuracy = train_digits_cnn(recipe)
     save_checkpoint(path, {"kind": "digits-cnn", "recipe": json.loads(json.dumps(asdict(recipe))),
-                           "model": model.state_dict(), "heldout_accuracy": accuracy})
-    return DigitsExtractor(model=model, recipe=recipe, heldout_accuracy=accuracy, path=path, device=device)
+                           "model": model.state_dict(), "accuracy": accuracy})
+    return DigitsExtractor(model=model, recipe=recipe, accuracy=accuracy, path=path, device=device)
 
 
 # --- choosing one from the config -------------------------------------------------------------
+
+
+def digits_reference_split(eval_cfg: EvalConfig, data_cfg: DataConfig) -> ReferenceSplit:
+    """The split ``eval.reference`` makes the FID reference of digits data, from the split's
+    sizes alone (no images loaded): what ``reference_for_config`` finds once it loads them."""
+    n = min(DIGITS_COUNT, data_cfg.max_images or DIGITS_COUNT)
+    train, heldout = split_heldout(torch.arange(n), fraction=data_cfg.heldout_fraction, seed=data_cfg.split_seed)
+    return choose_reference(eval_cfg.reference, num_heldout=heldout.numel(), num_train=train.numel(),
+                            num_samples=eval_cfg.num_samples)
 
 
 def build_extractor(
@@ -539,17 +639,20 @@ def build_extractor(
     allow_download: bool = True,
 ) -> FeatureExtractor:
     """The extractor ``eval.feature_extractor`` asks for (``auto``: digits CNN when
-    ``data.source == "digits"``, else Inception in ``eval.fid_mode``).
+    ``data.source == "digits"``, else Inception in ``eval.fid_mode``). The digits CNN is the
+    one kept off this config's FID reference (:meth:`DigitsRecipe.for_data`).
 
     Raises:
         ConfigError: Inception weights are missing and cannot be downloaded (the message says
-            where to put them).
+            where to put them); eval.reference=heldout with too few held-out digits.
     """
     kind = eval_cfg.feature_extractor
     if kind == "auto":
         kind = "digits" if data_cfg.source == "digits" else "inception"
     cache_dir = resolve_cache_dir(eval_cfg.cache_dir)
     if kind == "digits":
-        return load_digits_extractor(cache_dir=cache_dir, device=device)
+        split = digits_reference_split(eval_cfg, data_cfg) if data_cfg.source == "digits" else "train"
+        return load_digits_extractor(cache_dir=cache_dir, recipe=DigitsRecipe.for_data(data_cfg, reference_split=split),
+                                     device=device)
     return InceptionExtractor.load(mode=eval_cfg.fid_mode, weights=eval_cfg.inception_weights, cache_dir=cache_dir,
                                    device=device, environ=environ, allow_download=allow_download)

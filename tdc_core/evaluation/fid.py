@@ -12,6 +12,11 @@ extractor identity, mode) and cached under ``<cache_dir>/reference_stats/`` as a
 (mu, sigma and the features, which KID needs) plus a ``.json`` that describes it; both are
 written atomically. clean-fid's ``make_custom_stats`` is not used: it writes into
 site-packages and refuses to overwrite.
+
+**Which images are the reference** (``eval.reference``, :func:`choose_reference`): the held-out
+split when it is chosen or when ``auto`` finds it at least ``eval.num_samples`` images large
+(then the reference is disjoint from what the models were trained on), else the training split.
+Every record names the split it used (:attr:`ReferenceInfo.split`) beside its image count.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -30,12 +36,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from scipy.linalg import LinAlgWarning
 
 from tdc_core.atomic import atomic_write_bytes
-from tdc_core.evaluation.features import FeatureExtractor
+from tdc_core.errors import ConfigError
+
+if TYPE_CHECKING:  # features.py imports this module (choose_reference)
+    from tdc_core.evaluation.features import FeatureExtractor
 
 __all__ = [
+    "MIN_REFERENCE_IMAGES",
     "FeatureStats",
     "ReferenceInfo",
+    "ReferenceSplit",
     "ReferenceStats",
+    "choose_reference",
     "fid_from_features",
     "frechet_distance",
     "kernel_distance",
@@ -44,6 +56,10 @@ __all__ = [
 ]
 
 STATS_FORMAT = 1
+
+ReferenceSplit = Literal["train", "heldout"]
+# The real-vs-real floor scores two disjoint reference subsets of n >= 2 images each.
+MIN_REFERENCE_IMAGES = 4
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,36 @@ def kernel_distance(features_a: np.ndarray, features_b: np.ndarray, *, seed: int
 # --- reference statistics ---------------------------------------------------------------------
 
 
+def choose_reference(setting: str, *, num_heldout: int, num_train: int, num_samples: int) -> ReferenceSplit:
+    """The split ``eval.reference`` = ``setting`` makes the FID reference.
+
+    ``train`` and ``heldout`` are taken as given; ``auto`` takes the held-out split when it
+    holds at least ``eval.num_samples`` images (a reference disjoint from training and no smaller
+    than one seed's samples), else the training split.
+
+    Raises:
+        ConfigError: ``heldout`` with fewer held-out images than ``eval.num_samples`` (or than
+            the :data:`MIN_REFERENCE_IMAGES` that a real-vs-real floor needs), or an unknown
+            setting.
+    """
+    need = max(num_samples, MIN_REFERENCE_IMAGES)
+    if setting == "auto":
+        return "heldout" if num_heldout >= need else "train"
+    if setting == "heldout":
+        if num_heldout < need:
+            raise ConfigError(
+                f"eval.reference=heldout needs at least {need} held-out images (eval.num_samples={num_samples}: "
+                f"a reference no smaller than one seed's samples, and two disjoint halves for the real-vs-real "
+                f"floor), but the held-out split holds {num_heldout} (data.heldout_fraction of "
+                f"{num_heldout + num_train} images); allowed: eval.reference=auto or train, a larger "
+                f"data.heldout_fraction, or a smaller eval.num_samples"
+            )
+        return "heldout"
+    if setting == "train":
+        return "train"
+    raise ConfigError(f"eval.reference={setting!r} is not a reference split; allowed: auto, train, heldout")
+
+
 class ReferenceInfo(BaseModel):
     """What a cached reference was computed from (the ``.json`` beside the ``.npz``)."""
 
@@ -118,6 +164,10 @@ class ReferenceInfo(BaseModel):
     num_images: int              # N reference images
     feature_dim: int             # D
     path: str                    # the .npz
+    # Which split of the data the images are (eval.reference). Not part of the key: the same
+    # images are the same statistics; each caller's split is set on the returned info. Records
+    # written before the field existed always used the training split.
+    split: ReferenceSplit = "train"
 
 
 @dataclass(frozen=True)
@@ -161,9 +211,11 @@ def reference_statistics(
     cache_dir: Path,
     batch_size: int = 250,
     recompute: bool = False,
+    split: ReferenceSplit = "train",
 ) -> ReferenceStats:
     """Statistics of reference ``images`` (uint8 ``[N x C x H x W]``) under ``extractor``, from
     ``<cache_dir>/reference_stats/<key>.npz|.json`` when present, else computed and cached.
+    ``split`` (which split of the data ``images`` are) is stated in the returned info.
 
     The key hashes (``fingerprint``, resolution H, extractor identity, mode): a changed
     dataset or extractor gets a new entry, never a stale one. ``fingerprint`` must identify
@@ -177,14 +229,16 @@ def reference_statistics(
     expected = {"key": key, "dataset_fingerprint": fingerprint, "resolution": resolution,
                 "feature_extractor": extractor.identity, "fid_mode": extractor.mode}
     if not recompute and (cached := _load_cached(npz_path, json_path, expected)) is not None:
-        return cached
+        return ReferenceStats(info=cached.info.model_copy(update={"split": split}), stats=cached.stats,
+                              features=cached.features, reused=True)
     feats = extractor.features(images, batch_size=batch_size)
     stats = FeatureStats.from_features(feats)
     stored = feats.astype(np.float32)  # KID needs the features; float32 halves the file
     buf = io.BytesIO()
     np.savez(buf, mu=stats.mu, sigma=stats.sigma, features=stored)
     atomic_write_bytes(npz_path, buf.getvalue())
-    info = ReferenceInfo(**expected, num_images=feats.shape[0], feature_dim=feats.shape[1], path=str(npz_path))
+    info = ReferenceInfo(**expected, num_images=feats.shape[0], feature_dim=feats.shape[1], path=str(npz_path),
+                         split=split)
     # The .json is written last: its presence marks a complete entry.
     atomic_write_bytes(json_path, info.model_dump_json(indent=1).encode())
     return ReferenceStats(info=info, stats=stats, features=stored, reused=False)

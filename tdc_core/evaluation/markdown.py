@@ -30,7 +30,8 @@ def comparison_markdown(c: Comparison) -> str:
         f"- features: `{c.feature_extractor}`, mode `{c.fid_mode}` — **{c.comparability}**",
         f"- {s.num_samples} samples per seed, seeds {list(s.seeds)}, sampler {s.sampler}, "
         f"{c.tdc.eval.sampling_steps} steps, eta {s.eta:g}; both models get the same seeds (and initial noise)",
-        f"- reference: {c.tdc.eval.reference.num_images} training images "
+        f"- reference: {c.tdc.eval.reference.num_images} images, the "
+        f"{'held-out split (disjoint from training)' if c.tdc.eval.reference.split == 'heldout' else 'training split'} "
         f"(dataset {c.tdc.eval.reference.dataset_fingerprint}, {c.tdc.eval.reference.resolution} px)",
         "",
         "| model | FID ↓ mean ± std | FID per seed | KID ↓ mean ± std | sampling FLOPs / image "

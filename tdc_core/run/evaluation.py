@@ -12,8 +12,8 @@ from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.diffusion.samplers import Denoiser, sampling_timesteps
 from tdc_core.errors import CheckpointError, ConfigError
 from tdc_core.evaluation.compare import compare
-from tdc_core.evaluation.features import FeatureExtractor, build_extractor, resolve_cache_dir
-from tdc_core.evaluation.fid import ReferenceStats, reference_statistics
+from tdc_core.evaluation.features import DigitsExtractor, FeatureExtractor, build_extractor, resolve_cache_dir
+from tdc_core.evaluation.fid import ReferenceStats, choose_reference, reference_statistics
 from tdc_core.evaluation.results import Comparison, Contender, ContenderCost, EvalResult, EvalSetup, RealScore
 from tdc_core.evaluation.scoring import evaluate_model, score_real
 from tdc_core.evaluation.units import fmt_flops
@@ -31,12 +31,27 @@ __all__ = ["compare_run", "default_baseline_checkpoint", "evaluate_config", "ref
 def reference_for_config(
     config: PipelineConfig, extractor: FeatureExtractor, *, batch_size: int | None = None,
 ) -> tuple[ReferenceStats, torch.Tensor, torch.Tensor]:
-    """Reference statistics of ``config``'s training split (cached under ``eval.cache_dir``), the
-    held-out split's and the training split's uint8 images ``[M x C x H x W]``."""
+    """Reference statistics of ``config``'s FID reference (cached under ``eval.cache_dir``), the
+    held-out split's and the training split's uint8 images ``[M x C x H x W]``.
+
+    The reference is the split ``eval.reference`` names (:func:`~tdc_core.evaluation.fid.choose_reference`;
+    ``auto``: the held-out split when it holds at least ``eval.num_samples`` images, else the
+    training split); ``reference.info`` states which (``split``) and how many images.
+
+    Raises:
+        ConfigError: eval.reference=heldout with too few held-out images; a digits CNN that was
+            not kept off this reference (built from another config).
+    """
     train_images, heldout = prepare_data(config)
+    split = choose_reference(config.eval.reference, num_heldout=heldout.shape[0], num_train=train_images.shape[0],
+                             num_samples=config.eval.num_samples)
+    if isinstance(extractor, DigitsExtractor):
+        extractor.check_reference(config.data, split)
+    images = heldout if split == "heldout" else train_images
     reference = reference_statistics(
-        images=train_images, fingerprint=dataset_fingerprint(config.data, train_images), extractor=extractor,
+        images=images, fingerprint=dataset_fingerprint(config.data, images), extractor=extractor,
         cache_dir=resolve_cache_dir(config.eval.cache_dir), batch_size=batch_size or config.eval.batch_size,
+        split=split,
     )
     return reference, heldout, train_images
 

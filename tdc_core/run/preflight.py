@@ -34,6 +34,7 @@ from tdc_core.atomic import probe_writable
 from tdc_core.config import PipelineConfig
 from tdc_core.errors import ConfigError, DataError, WriteError
 from tdc_core.evaluation.features import locate_inception_weights, resolve_cache_dir
+from tdc_core.evaluation.fid import choose_reference
 from tdc_core.method.budgets import check_budgets_reachable
 from tdc_core.model.unet import UNet
 from tdc_core.training.data import peek_images
@@ -148,6 +149,9 @@ def _check_data(config: PipelineConfig, *, evaluates: bool) -> str:
             f"the held-out images with FID, which needs at least {_MIN_HELDOUT_FOR_EVAL}; allowed: more images or "
             f"a larger data.heldout_fraction"
         )
+    if evaluates and peek.exact:  # eval.reference=heldout with too few held-out images
+        choose_reference(config.eval.reference, num_heldout=heldout, num_train=n - heldout,
+                         num_samples=config.eval.num_samples)
     c, h, w = peek.sample.shape[1:]
     count = f"{n}" if peek.exact else f"at least {n}"
     where = f" {data.path}" if data.path is not None else ""
