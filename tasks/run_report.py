@@ -10,6 +10,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.tracking import TrackingRef
 from tdc_core.atomic import atomic_write_bytes
+from tdc_core.evaluation.curves import Curve
+from tdc_core.records import load_record
 from tdc_core.run.layout import RunLayout
 
 __all__ = ["render_report", "report_task"]
@@ -64,6 +66,9 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
             lines += ["", f"Baseline: {b['step']} steps at the same training FLOPs as TDC (MLflow run "
                           f"`{summary['baseline_run_id']}`). The full comparison, with every metric's interval: "
                           f"`{comparison['markdown_path']}`."]
+    curve_json = RunLayout(Path(summary["run_dir"])).curve_json
+    if comparison and curve_json.is_file():
+        lines += ["", *_curve_lines(load_record(curve_json, Curve, what="curve"))]
     reg = summary.get("registration")
     if reg:
         lines += ["", f"Registered as `{reg['name']}` version {reg['version']}"
@@ -71,6 +76,19 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
     if not costs["budgets_met"]:
         lines += ["", "Some budgets below F are not met (pruning disabled: `prune.enabled=false`)."]
     return "\n".join(lines) + "\n", rows
+
+
+def _curve_lines(curve: Curve) -> list[str]:
+    """The single model at every kept step of its run, and TDC, on the same held-out set."""
+    lines = ["## Single model along its training, TDC beside it", "",
+             f"Every row on the same {curve.num_images} held-out images × {curve.heldout_per_image} timesteps "
+             f"(± one standard error over images); plot: `eval/curve.png`.", "",
+             "| model | steps | training FLOPs | bits/dim | held-out ε-MSE |", "|---|---|---|---|---|"]
+    for p in (*curve.single, curve.tdc):
+        lines.append(f"| {'**TDC**' if p.kind == 'tdc' else p.name} | {p.step if p.step is not None else '—'} | "
+                     f"{p.training_flops:.3g} | {p.bits_per_dim:.4f} ± {p.bits_per_dim_se:.4f} | "
+                     f"{p.eps_mse:.5f} ± {p.eps_mse_se:.5f} |")
+    return lines
 
 
 def _comparison_table(c: dict) -> str:

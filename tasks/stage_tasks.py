@@ -34,10 +34,12 @@ from tasks.progress import StageProgress
 from tasks.tracking import MlflowReporter, TrackingRef
 from tdc_core.config import PipelineConfig, flatten, write_run_config
 from tdc_core.errors import TDCError, TrainingError
+from tdc_core.evaluation.curves import Curve, plot_curve
 from tdc_core.evaluation.results import Comparison
 from tdc_core.method.profiling import DifficultyProfile
-from tdc_core.records import load_record
+from tdc_core.records import load_record, save_record
 from tdc_core.reporter import MultiReporter
+from tdc_core.run.curve import single_model_curve
 from tdc_core.run.evaluation import compare_run
 from tdc_core.run.layout import RunLayout
 from tdc_core.run.stage1 import hold_stage1
@@ -46,11 +48,13 @@ from tdc_core.run.stages import (
     GroupingResult,
     GroupResult,
     baseline_config,
+    baseline_snapshot_steps,
     baseline_stage,
     cost_stage,
     group_stage,
     profile_stage,
     shared_stage,
+    stage1_snapshot_steps,
     start_baseline_from_shared,
 )
 from tdc_core.run.worker import finetune_group_command, train_command
@@ -241,7 +245,7 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
                 StageProgress("shared training") as progress:
             if train_processes(config) > 1:
                 summary = _train_under_torchrun(config, layout.stage1_root, tracking=tracking, run_id=run_id,
-                                                progress=progress)
+                                                progress=progress, snapshot_steps=stage1_snapshot_steps(config))
             else:
                 with MlflowReporter(tracking, run_id) as reporter:
                     summary = TrainSummary.of(shared_stage(config, layout, reporter=MultiReporter(reporter, progress)))
@@ -277,7 +281,7 @@ def train_processes(config: PipelineConfig) -> int:
 
 
 def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: TrackingRef, run_id: str,
-                          progress: StageProgress) -> TrainSummary:
+                          progress: StageProgress, snapshot_steps: list[int]) -> TrainSummary:
     """Dense training of ``config`` in ``out`` as a DDP job: ``torchrun`` starts one ``tdc train``
     process per GPU (or CPU share); rank 0 writes the checkpoint, metrics (JSON lines, logged to
     ``run_id`` here) and the result. Resumes from ``out``'s checkpoint like the in-process path.
@@ -291,7 +295,8 @@ def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: Tracki
     if not torch.cuda.is_available():
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           *train_command(out_dir=out, metrics_file=metrics_file, result_file=result_file)]
+           *train_command(out_dir=out, metrics_file=metrics_file, result_file=result_file,
+                         snapshot_steps=snapshot_steps)]
     _run_worker(cmd, env=env, what=f"training in {out} under torchrun ({n} processes)", error=TrainingError,
                 relay=JsonlTail(metrics_file, progress))
     _log_jsonl_metrics(tracking, run_id, metrics_file)
@@ -411,7 +416,8 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
         tracking.set_tags(baseline_run_id, {"started_from": f"shared checkpoint at step {start}"})
     with StageProgress("baseline") as progress:
         if train_processes(cfg) > 1:
-            summary = _train_under_torchrun(cfg, out, tracking=tracking, run_id=baseline_run_id, progress=progress)
+            summary = _train_under_torchrun(cfg, out, tracking=tracking, run_id=baseline_run_id, progress=progress,
+                                            snapshot_steps=baseline_snapshot_steps(config, steps=steps))
         else:
             with MlflowReporter(tracking, baseline_run_id) as reporter:
                 summary = TrainSummary.of(baseline_stage(config, RunLayout(Path(run_dir)), steps=steps,
@@ -434,6 +440,9 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     with StageProgress("evaluation") as progress:
         c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint), device=device,
                         reporter=progress)
+        curve = single_model_curve(config, layout, c, device=device, reporter=progress)
+    save_record(layout.curve_json, curve)
+    plot_curve(curve, layout.curve_png, title=f"Single model vs TDC — {layout.root.name}")
     _log_peak_memory(tracking, tracking.parent_run_id, device, name="eval_peak_gpu_memory_gib")
     # eval.* are tags, not params: MLflow params cannot change, and a re-evaluation changes them.
     eval_tags = {f"eval.{k}": v for k, v in flatten(config.eval).items()}
@@ -446,8 +455,9 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
         f"tdc_minus_{d.b}_{d.metric}{suffix}": value for d in (*c.heldout_differences, *c.likelihood_differences)
         for suffix, value in (("", d.difference), ("_ci_low", d.ci_low), ("_ci_high", d.ci_high))
     })
-    for p in (c.markdown_path, c.json_path, c.plot_path):
+    for p in (c.markdown_path, c.json_path, c.plot_path, layout.curve_json, layout.curve_png):
         tracking.log_artifact(tracking.parent_run_id, p, artifact_path="comparison")
+    _log_curve(curve, tracking, baseline_run_id=baseline_run_id)
     say(f"FID ({c.comparability}): TDC {c.tdc.eval.fid_mean:.4f} ± {c.tdc.eval.fid_std:.4f}, "
         f"baseline {c.baseline.eval.fid_mean:.4f} ± {c.baseline.eval.fid_std:.4f}")
     for d in (*c.heldout_differences, *c.likelihood_differences):
@@ -455,6 +465,23 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
             say(f"TDC − baseline {d.metric}: {d.difference:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}] (95 %, "
                 f"{d.n} held-out images)")
     return c
+
+
+def _log_curve(curve: Curve, tracking: TrackingRef, *, baseline_run_id: str) -> None:
+    """The single model's points on the baseline's run (MLflow step = optimizer steps, so the UI
+    draws the curve), and where TDC sits against it, on both runs."""
+    tracking.log_points(baseline_run_id, [
+        (k, v, p.step) for p in curve.single if p.step is not None
+        for k, v in (("curve_bits_per_dim", p.bits_per_dim), ("curve_heldout_eps_mse", p.eps_mse),
+                     ("curve_training_flops", p.training_flops))])
+    matched = curve.single_at(curve.tdc.training_flops)
+    if matched is not None:
+        gap = {"tdc_minus_single_at_equal_flops_bits_per_dim": curve.tdc.bits_per_dim - matched.bits_per_dim}
+        tracking.log_metrics(tracking.parent_run_id, gap)
+    pts = ", ".join(f"{p.bits_per_dim:.3f}" for p in curve.single)
+    say(f"single model along its training ({len(curve.single)} points, {curve.single[0].step}→"
+        f"{curve.single[-1].step} steps): bits/dim {pts}; TDC {curve.tdc.bits_per_dim:.3f} at "
+        f"{curve.tdc.training_flops / curve.single[-1].training_flops:.0%} of the last point's training FLOPs")
 
 
 def _log_evaluation(c: Comparison, tracking: TrackingRef, *, runs: dict[str, str]) -> None:

@@ -170,3 +170,31 @@ def test_killed_pipeline_resumes_shared_training(tmp_path):
     assert shared.info.status == "FINISHED" and shared.data.metrics["steps"] == 400
     history = c.get_metric_history(shared.info.run_id, "loss")
     assert max(m.step for m in history) == 400
+
+
+def test_single_model_curve_places_tdc_against_its_dense_run(flow_run):
+    """The curve: the dense run's snapshots (stage 1, then the baseline continuing it) on the
+    comparison's held-out set, the shared model and the baseline with the comparison's own
+    numbers, TDC at its training FLOPs; in the report and on the baseline's MLflow run."""
+    from tdc_core.evaluation.curves import Curve
+    from tdc_core.records import load_record
+    from tdc_core.run.layout import RunLayout
+
+    cfg, summary, uri, _ = flow_run
+    layout = RunLayout(Path(summary.run_dir))
+    curve = load_record(layout.curve_json, Curve, what="curve")
+    c = summary.comparison
+    steps = [p.step for p in curve.single]
+    base_steps = summary.costs.training.baseline_steps
+    assert steps[:4] == [3, 6, 9, 12] and steps[-1] == base_steps and steps == sorted(steps)
+    assert [p.name for p in curve.single][3] == "shared" and curve.single[-1].name == "baseline"
+    lk = {s.name: s.bpd for s in c.likelihood}
+    assert curve.single[3].bits_per_dim == lk["shared"] and curve.single[-1].bits_per_dim == lk["baseline"]
+    assert curve.tdc.bits_per_dim == lk["tdc"] and curve.tdc.training_flops == summary.costs.training.tdc_flops
+    per_step = curve.single[-1].training_flops / base_steps
+    assert all(p.training_flops == pytest.approx(p.step * per_step) for p in curve.single)
+    assert curve.num_images == c.heldout[0].num_images and layout.curve_png.stat().st_size > 10_000
+    assert "## Single model along its training" in layout.report_md.read_text()
+    client = MlflowClient(uri)
+    history = client.get_metric_history(summary.baseline_run_id, "curve_bits_per_dim")
+    assert sorted(m.step for m in history) == steps

@@ -107,8 +107,10 @@ def test_pipeline_dense_training_runs_under_torchrun_and_continues_the_probe(tmp
     tracking = open_tracking(config=cfg, run_key="ddp", run_dir=tmp_path, tracking_uri=uri)
     progress = RecordingReporter()
     summary = _train_under_torchrun(cfg, tmp_path, tracking=tracking, run_id=tracking.parent_run_id,
-                                    progress=progress)
+                                    progress=progress, snapshot_steps=[7])
     assert summary.step == 10 and summary.resumed_from == 4
+    snap = load_checkpoint(tmp_path / "snapshots" / "step-7.pt")  # rank 0 keeps the EMA weights on the way
+    assert snap["kind"] == "snapshot" and snap["step"] == 7 and "optimizer" not in snap
     # Rank 0's progress reached this process while the job ran (or at its end): up to step 10.
     assert progress.steps and progress.steps[-1] == (10, 10) and progress.steps[0][0] >= 4
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")

@@ -122,3 +122,26 @@ def test_a_second_run_waits_for_the_stage1_folder_and_gives_the_outer_token_back
 def test_no_lock_to_take_when_stage1_lives_in_the_run_folder(tmp_path):
     with hold_stage1(RunLayout(tmp_path / "plain"), command="x") as lock:
         assert lock is None
+
+
+def test_snapshots_hold_the_ema_weights_the_run_had_at_those_steps(tmp_path):
+    """The curve's points: stage 1 keeps 25/50/75 % of its steps, the baseline 25/50/75 % of the
+    way beyond stage 1; each equals the EMA of a run stopped at that step."""
+    from tdc_core.run.stages import baseline_snapshot_steps, stage1_snapshot_steps
+    from tdc_core.training.trainer import load_model, snapshot_path
+
+    cfg, layout = _cfg(), RunLayout(tmp_path / "runs" / "r")
+    assert stage1_snapshot_steps(cfg) == [2, 4, 6] and baseline_snapshot_steps(cfg, steps=16) == [10, 12, 14]
+    assert baseline_snapshot_steps(cfg, steps=5) == [1, 2, 4]  # not beyond stage 1: its whole length
+    attach_stage1(layout, cfg)
+    profile_stage(cfg, layout)  # the probe (4 steps) keeps steps 2 and 4, shared training step 6
+    shared_stage(cfg, layout)
+    baseline_stage(cfg, layout, steps=16)
+    stage1 = RunLayout(layout.stage1_root).snapshots_dir
+    base = RunLayout(layout.baseline_dir).snapshots_dir
+    assert sorted(p.name for p in stage1.iterdir()) == ["step-2.pt", "step-4.pt", "step-6.pt"]
+    assert sorted(p.name for p in base.iterdir()) == ["step-10.pt", "step-12.pt", "step-14.pt"]
+    stopped = run_training(cfg, run_dir=tmp_path / "stopped", steps=12)
+    a = load_model(snapshot_path(base, 12)).model.state_dict()
+    b = load_checkpoint(stopped.checkpoint)["ema"]
+    assert all(torch.equal(a[k], b[k]) for k in b) and load_model(snapshot_path(base, 12)).step == 12

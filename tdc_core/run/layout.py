@@ -11,7 +11,9 @@
     <root>/groups/group-<g>/prune/         its pruning rounds (memory.json, prune.png)
     <root>/costs.json                      sampling and training cost of the run
     <root>/baseline/                       the single-model baseline (its own training folder)
-    <root>/eval/                           the comparison (comparison.md/.json/.png, sample grids)
+    <root>/eval/                           the comparison (comparison.md/.json/.png, sample grids),
+                                           the single-model curve (curve.json/.png)
+    <stage1>/snapshots/, <root>/baseline/snapshots/   EMA weights on the way (the curve's points)
     <root>/report.md                       the run report
 
 ``<stage1>`` is the stage-1 folder: ``<runs>/stage1-<stage-1 key>`` beside the run folder, shared
@@ -185,6 +187,15 @@ class RunLayout:
         return self.eval_dir / "comparison.json"
 
     @property
+    def curve_json(self) -> Path:
+        """The single model's quality vs training compute, TDC beside it (``curve.png`` beside)."""
+        return self.eval_dir / "curve.json"
+
+    @property
+    def curve_png(self) -> Path:
+        return self.eval_dir / "curve.png"
+
+    @property
     def report_md(self) -> Path:
         return self.root / "report.md"
 
@@ -201,6 +212,12 @@ class RunLayout:
     @property
     def train_result(self) -> Path:
         return self.root / "train-result.json"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """EMA weights of a dense run at a few steps on the way (``step-<n>.pt``): the points of
+        the single-model quality-vs-compute curve (``tdc_core.run.curve``)."""
+        return self.root / "snapshots"
 
     @property
     def samples_png(self) -> Path:

@@ -60,7 +60,9 @@ from tdc_core.training.trainer import (
 __all__ = [
     "CostReport",
     "baseline_config",
+    "baseline_snapshot_steps",
     "baseline_stage",
+    "stage1_snapshot_steps",
     "start_baseline_from_shared",
     "GroupResult",
     "GroupingResult",
@@ -113,6 +115,27 @@ class CostReport(BaseModel):
     budgets_met: bool
 
 
+# Where a dense run keeps its EMA weights on the way (the single-model quality-vs-compute curve,
+# tdc_core.run.curve): at these fractions of stage 1, and of the baseline's steps beyond stage 1.
+CURVE_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def _fractions_of(lo: int, hi: int) -> list[int]:
+    return sorted({lo + round(f * (hi - lo)) for f in CURVE_FRACTIONS} - {lo, hi})
+
+
+def stage1_snapshot_steps(config: PipelineConfig) -> list[int]:
+    """Steps of the shared run whose EMA weights are kept: 25/50/75 % of ``train.steps``."""
+    return _fractions_of(0, config.train.steps)
+
+
+def baseline_snapshot_steps(config: PipelineConfig, *, steps: int) -> list[int]:
+    """Steps of the baseline kept beyond the shared run's end: 25/50/75 % of the way from
+    ``train.steps`` to ``steps`` (all of its length when it is not longer than stage 1)."""
+    lo = config.train.steps if steps > config.train.steps else 0
+    return _fractions_of(lo, steps)
+
+
 def profile_stage(
     config: PipelineConfig, layout: RunLayout, *, reporter: Reporter | None = None,
     device: torch.device | None = None, reuse: bool = False,
@@ -129,7 +152,7 @@ def profile_stage(
     if (reuse or layout.shares_stage1) and layout.profile_json.is_file():
         return DifficultyProfile.load(layout.profile_json)
     run_training(config, run_dir=layout.stage1_root, reporter=reporter, steps=config.profile.profile_steps,
-                 device=device)
+                 device=device, snapshot_steps=stage1_snapshot_steps(config))
     loaded = load_model(layout.shared_checkpoint, device=device or "cpu")
     _, heldout = prepare_data(config)
     profile = profile_difficulty(
@@ -167,7 +190,8 @@ def shared_stage(
 ) -> TrainResult:
     """Continue the probe's run to ``train.steps`` (stage 1, in the stage-1 folder; resumes from
     its checkpoint, and returns at once when another run sharing the folder finished it)."""
-    return run_training(config, run_dir=layout.stage1_root, reporter=reporter, device=device)
+    return run_training(config, run_dir=layout.stage1_root, reporter=reporter, device=device,
+                        snapshot_steps=stage1_snapshot_steps(config))
 
 
 def load_plan(layout: RunLayout) -> BudgetPlan:
@@ -326,4 +350,4 @@ def baseline_stage(
     (:func:`start_baseline_from_shared`) and resumes from its own checkpoint."""
     start_baseline_from_shared(layout, steps=steps)
     return run_training(baseline_config(config, steps=steps), run_dir=layout.baseline_dir, reporter=reporter,
-                        device=device)
+                        device=device, snapshot_steps=baseline_snapshot_steps(config, steps=steps))

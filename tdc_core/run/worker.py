@@ -50,10 +50,11 @@ def finetune_group_command(*, run_dir: Path, group: int, metrics_file: Path) -> 
             "--metrics-file", str(metrics_file)]
 
 
-def train_command(*, out_dir: Path, metrics_file: Path, result_file: Path) -> list[str]:
+def train_command(*, out_dir: Path, metrics_file: Path, result_file: Path,
+                  snapshot_steps: Sequence[int] = ()) -> list[str]:
     """The argv (after ``torchrun`` or ``python``) of a dense-training worker."""
     return ["-m", MODULE, "train", "--out-dir", str(out_dir), "--metrics-file", str(metrics_file),
-            "--result-file", str(result_file)]
+            "--result-file", str(result_file), "--snapshot-steps", ",".join(str(int(n)) for n in snapshot_steps)]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out-dir", type=Path, required=True)
     tr.add_argument("--metrics-file", type=Path, required=True)
     tr.add_argument("--result-file", type=Path, required=True)
+    tr.add_argument("--snapshot-steps", type=lambda s: [int(n) for n in s.split(",") if n], default=[])
     return p
 
 
@@ -91,12 +93,13 @@ def _train(args: argparse.Namespace) -> None:
     layout = RunLayout(args.out_dir)
     config = read_run_config(layout)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 holds the folder and speaks for the job
-        run_training(config, run_dir=layout.root, device=_device(config))
+        run_training(config, run_dir=layout.root, device=_device(config), snapshot_steps=args.snapshot_steps)
         return
     with hold_run_folder(layout.root, command="worker train"):
         reporter = JsonlReporter(args.metrics_file)
         try:
-            result = run_training(config, run_dir=layout.root, reporter=reporter, device=_device(config))
+            result = run_training(config, run_dir=layout.root, reporter=reporter, device=_device(config),
+                                  snapshot_steps=args.snapshot_steps)
         finally:
             reporter.close()
     record = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}

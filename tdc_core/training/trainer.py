@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,13 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(path, state)
 
+    def save_snapshot(self, path: str | Path) -> None:
+        """Keep the EMA weights alone (no optimiser or RNG state: a point to evaluate, not to
+        resume), loadable with :func:`load_model`."""
+        save_checkpoint(path, {"kind": "snapshot", "config": self.config.model_dump(mode="json"),
+                               "spec": self.spec.to_dict(), "t_range": list(self.plan.t_range), "step": self.step,
+                               "ema": self.ema.state_dict()})
+
     def resume(self, path: str | Path) -> None:
         """Restore everything (weights, EMA, optimizer, step, RNG states) from ``path``.
 
@@ -350,9 +358,12 @@ class Trainer:
         ema_p = list(self.ema.parameters())
         torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - self.config.train.ema_decay)
 
-    def fit(self, *, until_step: int, checkpoint_path: str | Path, reporter: Reporter | None = None) -> TrainResult:
+    def fit(self, *, until_step: int, checkpoint_path: str | Path, reporter: Reporter | None = None,
+            snapshot_steps: Sequence[int] = (), snapshot_dir: str | Path | None = None) -> TrainResult:
         """Train until ``self.step == until_step``, checkpointing every ``checkpoint_every``
-        steps and at the end (atomically).
+        steps and at the end (atomically). At each of ``snapshot_steps`` passed on the way, the
+        EMA weights are also kept as ``<snapshot_dir>/step-<n>.pt`` (:func:`snapshot_path`), a
+        point of the run's quality-vs-compute curve.
 
         Raises:
             TrainingError: the loss became NaN/inf; names the steps and the last good checkpoint.
@@ -361,13 +372,15 @@ class Trainer:
             self._enter_global_rng()
             self._in_fit = True
             try:
+                snapshots = ({int(n) for n in snapshot_steps}, Path(snapshot_dir)) if snapshot_dir else (set(), None)
                 return self._fit(until_step=until_step, checkpoint_path=Path(checkpoint_path),
-                                 reporter=reporter or NullReporter())
+                                 reporter=reporter or NullReporter(), snapshots=snapshots)
             finally:
                 self._global_rng = self._capture_global_rng()
                 self._in_fit = False
 
-    def _fit(self, *, until_step: int, checkpoint_path: Path, reporter: Reporter) -> TrainResult:
+    def _fit(self, *, until_step: int, checkpoint_path: Path, reporter: Reporter,
+             snapshots: tuple[set[int], Path | None]) -> TrainResult:
         start, t0 = self.step, time.perf_counter()
         reset_peak_memory(self.device)
         initial_heldout = self.heldout_loss()
@@ -381,6 +394,8 @@ class Trainer:
         while self.step < until_step:
             window.add(self._train_step())
             reporter.progress(step=self.step, total=until_step)
+            if self.step in snapshots[0] and self.dist.is_main:
+                self.save_snapshot(snapshot_path(snapshots[1], self.step))
             if (due.log(self.step) or due.checkpoint(self.step)) and window.steps:
                 metrics = self._close_window(window, last_good=last_good)
                 reporter.log_metrics(metrics, step=self.step)
@@ -496,12 +511,18 @@ def prepare_data(config: PipelineConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return split_heldout(images, fraction=config.data.heldout_fraction, seed=config.data.split_seed)
 
 
+def snapshot_path(folder: str | Path, step: int) -> Path:
+    """``<folder>/step-<step>.pt``: the EMA weights of a run at ``step``."""
+    return Path(folder) / f"step-{int(step)}.pt"
+
+
 def run_training(
     config: PipelineConfig, *, run_dir: str | Path, reporter: Reporter | None = None, steps: int | None = None,
-    resume: bool = True, device: torch.device | None = None,
+    resume: bool = True, device: torch.device | None = None, snapshot_steps: Sequence[int] = (),
 ) -> TrainResult:
     """Train the dense model of ``config`` on all timesteps to ``steps`` (default
-    ``train.steps``), resuming from ``run_dir/checkpoints/last.pt`` when it exists."""
+    ``train.steps``), resuming from ``run_dir/checkpoints/last.pt`` when it exists; the EMA
+    weights at ``snapshot_steps`` go to ``run_dir/snapshots/``."""
     run_dir = Path(run_dir)
     train_images, heldout = prepare_data(config)
     trainer = Trainer(
@@ -512,7 +533,7 @@ def run_training(
     if resume and ckpt.exists():
         trainer.resume(ckpt)
     return trainer.fit(until_step=config.train.steps if steps is None else steps, checkpoint_path=ckpt,
-                       reporter=reporter)
+                       reporter=reporter, snapshot_steps=snapshot_steps, snapshot_dir=RunLayout(run_dir).snapshots_dir)
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""The run's single-model curve: its dense run scored at every kept step, TDC beside it
+(:mod:`tdc_core.evaluation.curves`).
+
+The dense run is stage 1 (snapshots at 25/50/75 % of ``train.steps``, then the shared model)
+continued by the baseline (snapshots at 25/50/75 % of the way beyond, then the baseline), so
+one run gives the single model's quality from a quarter of stage 1 up to TDC's total training
+compute. Snapshots are scored on the comparison's held-out triples and bits/dim draws (same
+seed, same images); the shared model, the baseline and TDC take their numbers from the
+comparison itself. Training FLOPs follow docs/METHOD.md: steps × F × batch × backward factor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tdc_core.config import PipelineConfig
+from tdc_core.diffusion.gaussian import Diffusion
+from tdc_core.evaluation.compare import score_heldout_models
+from tdc_core.evaluation.curves import Curve, CurvePoint
+from tdc_core.evaluation.heldout import HeldoutScore
+from tdc_core.evaluation.results import Comparison, LikelihoodScore
+from tdc_core.records import load_record
+from tdc_core.reporter import Reporter
+from tdc_core.run.layout import RunLayout
+from tdc_core.run.stages import CostReport
+from tdc_core.training.trainer import load_model, prepare_data
+
+__all__ = ["single_model_curve", "snapshot_steps"]
+
+
+def snapshot_steps(folder: Path) -> list[tuple[int, Path]]:
+    """``(step, file)`` of the snapshots in ``folder`` (``step-<n>.pt``), by step."""
+    found = []
+    for p in Path(folder).glob("step-*.pt"):
+        try:
+            found.append((int(p.stem.removeprefix("step-")), p))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def _point(name: str, *, kind: str, step: int | None, training_flops: float, sampling_flops: float,
+           h: HeldoutScore, lk: LikelihoodScore, fid: float | None = None) -> CurvePoint:
+    return CurvePoint(name=name, kind=kind, step=step, training_flops=training_flops,
+                      sampling_flops_per_image=sampling_flops, bits_per_dim=lk.bpd, bits_per_dim_se=lk.bpd_se,
+                      eps_mse=h.eps_mse, eps_mse_se=h.eps_mse_se, x0_mse=h.x0_mse,
+                      eps_mse_min_snr=h.eps_mse_min_snr, fid=fid)
+
+
+def single_model_curve(config: PipelineConfig, layout: RunLayout, comparison: Comparison, *,
+                       device: torch.device | str = "cpu", reporter: Reporter | None = None) -> Curve:
+    """Score the dense run's snapshots and place every point (see the module docstring).
+
+    Raises:
+        ValueError: the comparison has no held-out scores (it ran without held-out images).
+    """
+    if not comparison.heldout or not comparison.likelihood:
+        raise ValueError("the comparison has no held-out scores: the curve needs them")
+    cost = load_record(layout.costs_json, CostReport, what="cost report").training
+    per_step = cost.base_flops * cost.batch_size * cost.backward_factor
+    shared_step, base_step = cost.shared_steps, round(comparison.baseline.cost.training_flops / per_step)
+    snapshots = [(s, p) for s, p in snapshot_steps(RunLayout(layout.stage1_root).snapshots_dir) if s < shared_step]
+    snapshots += [(s, p) for s, p in snapshot_steps(RunLayout(layout.baseline_dir).snapshots_dir)
+                  if shared_step < s < base_step]
+    _, heldout = prepare_data(config)
+    models = [(f"single@{s}", load_model(p, device=device).model) for s, p in snapshots]
+    diffusion = Diffusion.from_config(config.diffusion)
+    boundaries = comparison.heldout[0].boundaries
+    scored_h, scored_lk = score_heldout_models(models, diffusion=diffusion, images=heldout, setup=comparison.setup,
+                                               boundaries=boundaries, device=device, reporter=reporter)
+    h = {s.name: s for s in (*comparison.heldout, *scored_h)}
+    lk = {s.name: s for s in (*comparison.likelihood, *scored_lk)}
+    dense_sampling = comparison.baseline.cost.sampling_flops_per_image
+    steps = [(s, f"single@{s}") for s, _ in snapshots] + [(shared_step, "shared"), (base_step, "baseline")]
+    single = [_point(name, kind="single", step=s, training_flops=s * per_step, sampling_flops=dense_sampling,
+                     h=h[name], lk=lk[name], fid=comparison.baseline.eval.fid_mean if name == "baseline" else None)
+              for s, name in sorted(steps) if name in h and name in lk]
+    tdc = _point("tdc", kind="tdc", step=None, training_flops=comparison.tdc.cost.training_flops or cost.tdc_flops,
+                 sampling_flops=comparison.tdc.cost.sampling_flops_per_image, h=h["tdc"], lk=lk["tdc"],
+                 fid=comparison.tdc.eval.fid_mean)
+    first = comparison.heldout[0]
+    return Curve(single=single, tdc=tdc, num_images=first.num_images, heldout_per_image=first.per_image,
+                 bpd_timesteps=comparison.setup.bpd_timesteps)
