@@ -479,7 +479,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
            else "KID not reported (< 2,000 images per seed)")
     print(f"FID {result.fid_mean:.4f} ± {result.fid_std:.4f}   {kid}   "
           f"(mean ± std over {len(result.per_seed)} seeds; {1e3 * result.seconds_per_image:.2f} ms per image)")
-    print(f"real held-out images ({real.num_images}) for scale: FID {real.fid:.4f}"
+    print(f"{real.name} images ({real.num_images}) for scale: FID {real.fid:.4f}"
           + (f", KID {real.kid:.5f}" if real.kid is not None else ""))
     print(f"  {result.grid_png}\n  {out / f'{name}-eval.json'}")
     return 0

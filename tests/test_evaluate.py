@@ -40,6 +40,7 @@ def _single_thread(one_thread):
 def env(tmp_path_factory):
     """A briefly trained smoke model, an untrained one, the digits extractor and the reference."""
     cache = tmp_path_factory.getbasetemp() / "tdc-cache"  # shared with test_fid: one CNN training
+    # eval.reference=auto picks the held-out split here (it holds more images than a seed's samples).
     cfg = load_config(preset="smoke", overrides=[*TRAIN_OVERRIDES, f"eval.cache_dir={cache}"])
     result = run_training(cfg, run_dir=tmp_path_factory.mktemp("trained"))
     trained = load_model(result.checkpoint).model
@@ -47,8 +48,9 @@ def env(tmp_path_factory):
         torch.manual_seed(123)
         untrained = UNet(spec_for(cfg)).eval()
     extractor = build_extractor(cfg.eval, cfg.data)
-    reference, heldout, _ = reference_for_config(cfg, extractor)
-    return {"cfg": cfg, "trained": trained, "untrained": untrained, "extractor": extractor, "reference": reference,
+    reference, heldout, train_images = reference_for_config(cfg, extractor)
+    assert reference.info.split == "heldout"
+    return {"train_images": train_images, "cfg": cfg, "trained": trained, "untrained": untrained, "extractor": extractor, "reference": reference,
             "heldout": heldout, "diffusion": Diffusion.from_config(cfg.diffusion), "setup": EvalSetup.from_config(cfg)}
 
 
@@ -94,8 +96,8 @@ def test_a_trained_model_scores_far_better_than_an_untrained_one_and_than_noise(
     # KID is not reported below 2,000 images per seed (it flips rankings there): no number to misread.
     assert trained_eval.kid_mean is None and untrained.kid_mean is None and noise_kid > 0
     assert all(s.kid is None for s in trained_eval.per_seed)
-    real = score_real(env["heldout"], extractor=env["extractor"], reference=env["reference"])
-    assert real.fid < trained_eval.fid_mean  # real held-out digits are the floor
+    real = score_real(env["train_images"], extractor=env["extractor"], reference=env["reference"])
+    assert real.fid < trained_eval.fid_mean  # real digits outside the reference are the floor
 
 
 def test_an_eval_result_lists_every_seed_and_its_provenance(env, trained_eval):
@@ -158,13 +160,14 @@ def test_compare_evaluates_both_identically_and_writes_table_json_and_plot(env, 
         assert e.comparability == DIGITS_LABEL and Path(e.grid_png).is_file()
     assert c.fid_difference == pytest.approx(c.tdc.eval.fid_mean - c.baseline.eval.fid_mean) and c.fid_difference < 0
     assert c.sampling_flops_ratio == pytest.approx(0.8) and c.training_flops_ratio == pytest.approx(0.75)
-    assert c.real_heldout is not None and c.real_heldout.num_images == env["heldout"].shape[0]
+    assert c.real_heldout is None  # the held-out split is the reference: the floor stands in for the real row
+    assert any("no real held-out row" in n for n in c.notes)
 
     markdown = Path(c.markdown_path).read_text()
     assert DIGITS_LABEL in markdown and c.feature_extractor in markdown and "digits-native" in markdown
     for row in (c.tdc, c.baseline):  # every seed's number is printed: nothing picked
         assert all(f"{s.fid:.3f}" in markdown for s in row.eval.per_seed)
-    assert "| tdc |" in markdown and "| baseline |" in markdown and "real held-out" in markdown
+    assert "| tdc |" in markdown and "| baseline |" in markdown and "real-vs-real floor" in markdown
     saved = json.loads(Path(c.json_path).read_text())
     assert Comparison.model_validate(saved) == c
     assert len(saved["tdc"]["eval"]["per_seed"]) == len(env["setup"].seeds)
@@ -220,3 +223,20 @@ def test_compare_run_over_a_run_folder(tmp_path, tmp_path_factory):
     wrong = run_training(other, run_dir=tmp_path / "other", steps=1)
     with pytest.raises(ConfigError, match="different diffusion config"):
         compare_run(cfg, layout, baseline_checkpoint=wrong.checkpoint)
+
+
+def test_with_the_training_split_as_reference_the_held_out_images_are_scored_as_real(env, tmp_path):
+    """The training split as the FID reference: the held-out images are real images it does not
+    hold, scored as the "real held-out" row (with the held-out split as reference there is none,
+    and a note says the floor stands in)."""
+    info = env["reference"].info.model_copy(update={"split": "train"})
+    reference = type(env["reference"])(info=info, stats=env["reference"].stats, features=env["reference"].features,
+                                       reused=True)
+    cost = ContenderCost(forward_flops=[1e6], sampling_flops_per_image=1e7, training_flops=1e12, training_detail="t")
+    setup = EvalSetup.from_config(env["cfg"], seeds=[0])
+    c = compare(tdc=Contender(name="tdc", model=env["trained"], cost=cost),
+                baseline=Contender(name="baseline", model=env["untrained"], cost=cost), diffusion=env["diffusion"],
+                setup=setup, image_shape=(1, 8, 8), extractor=env["extractor"], reference=reference, out_dir=tmp_path,
+                heldout_images=env["heldout"][:8], boundaries=[0, env["cfg"].diffusion.num_timesteps])
+    assert c.real_heldout is not None and c.real_heldout.num_images == 8
+    assert not any("no real held-out row" in n for n in c.notes)

@@ -114,8 +114,11 @@ def compare(
                                         reporter=reporter) for c in (tdc, baseline)}
     rows = {c.name: ComparisonRow(eval=sampled[c.name].result, cost=c.cost) for c in (tdc, baseline)}
     t, b = rows[tdc.name], rows[baseline.name]
+    # With the held-out split as the reference, a "real held-out" row would score the reference
+    # against itself (FID ≈ 0): the real-vs-real floor below is the real images' row then.
+    held_out_reference = reference.info.split == "heldout"
     real = (score_real(heldout_images, extractor=extractor, reference=reference, batch_size=setup.batch_size)
-            if heldout_images is not None else None)
+            if heldout_images is not None and not held_out_reference else None)
     pooled = setup.num_samples * len(setup.seeds)
     reporter.message(f"paired bootstrap of the FID difference ({BOOTSTRAP_REPLICATES} replicates, n = {pooled})")
     fid_ci = paired_bootstrap_fid(sampled[tdc.name].features, sampled[baseline.name].features, reference.stats,
@@ -135,7 +138,10 @@ def compare(
         fid_difference=t.eval.fid_mean - b.eval.fid_mean,
         sampling_flops_ratio=t.cost.sampling_flops_per_image / b.cost.sampling_flops_per_image,
         training_flops_ratio=_ratio(t.cost.training_flops, b.cost.training_flops),
-        notes=_notes(notes, extractor=extractor, real=real, setup=setup, floor_n=floor_n),
+        notes=_notes([*notes, *(["The FID reference is the held-out split, so no real held-out row is scored "
+                                 "(it would be the reference against itself); the real-vs-real floor stands in "
+                                 "for it."] if held_out_reference else [])],
+                     extractor=extractor, real=real, setup=setup, floor_n=floor_n),
         heldout=heldout,
         heldout_differences=[paired_difference(_by_name(heldout, tdc.name), _by_name(heldout, other), metric=m)
                              for other in others_for_diff for m in HELDOUT_METRICS] if heldout else [],

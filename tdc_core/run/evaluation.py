@@ -71,13 +71,17 @@ def evaluate_config(
     reporter: Reporter | None = None,
 ) -> tuple[EvalResult, RealScore]:
     """``tdc fid``: evaluate one model as ``config`` says (extractor, reference, setup); also
-    scores the real held-out split as the floor."""
+    scores real images that are not the reference, for scale: the held-out split, or the
+    training split when the held-out split is the reference."""
     extractor = build_extractor(config.eval, config.data, device=device)
-    reference, heldout, _ = reference_for_config(config, extractor)
+    reference, heldout, train_images = reference_for_config(config, extractor)
     setup = setup or EvalSetup.from_config(config)
     result = evaluate_model(model, Diffusion.from_config(config.diffusion), name=name, setup=setup,
                             image_shape=_image_shape(config), extractor=extractor, reference=reference,
                             device=device, out_dir=out_dir, reporter=reporter)
+    if reference.info.split == "heldout":
+        real = score_real(train_images, extractor=extractor, reference=reference, batch_size=setup.batch_size)
+        return result, real.model_copy(update={"name": "real training split"})
     return result, score_real(heldout, extractor=extractor, reference=reference, batch_size=setup.batch_size)
 
 
