@@ -50,7 +50,8 @@ def env(tmp_path_factory):
     extractor = build_extractor(cfg.eval, cfg.data)
     reference, heldout, train_images = reference_for_config(cfg, extractor)
     assert reference.info.split == "heldout"
-    return {"train_images": train_images, "cfg": cfg, "trained": trained, "untrained": untrained, "extractor": extractor, "reference": reference,
+    return {"train_images": train_images,
+            "cfg": cfg, "trained": trained, "untrained": untrained, "extractor": extractor, "reference": reference,
             "heldout": heldout, "diffusion": Diffusion.from_config(cfg.diffusion), "setup": EvalSetup.from_config(cfg)}
 
 
