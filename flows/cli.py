@@ -552,7 +552,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
     print()
     print(study_markdown(result))
     print(f"finished in {_fmt_seconds(time.perf_counter() - t0)}")
-    print(f"  {out / 'study.md'}\n  {out / 'study.json'}\n  {out / 'replicates.json'}")
+    for name in ("study.md", "study.json", "replicates.json", "study.png", "curves.png"):
+        if (out / name).is_file():
+            print(f"  {out / name}")
     if not args.verbose:
         _silence_teardown()
     return 0

@@ -2,11 +2,18 @@
 then the study's summary (:mod:`tdc_core.run.study`).
 
 Each replicate is the flow ``tdc`` run as a subflow over its own run folder (derived from its
-config, as ``tdc run`` derives it), so a killed study resumes: finished replicates are reused
-from their folders' caches, an unfinished one resumes from its checkpoints. Replicates run one
-after another; each uses the machine's cores or GPUs for its own parallel group fine-tunes.
-Writes ``<out>/study.json``, ``study.md`` and ``replicates.json`` (every replicate's numbers and
-run folder).
+config, as ``tdc run`` derives it). Replicates whose stage-1 settings are equal (arms that differ
+only in stage-2 settings, at one training seed) share one stage-1 folder: the first trains it,
+the others reuse it (:mod:`tdc_core.run.stage1`). A killed study resumes: finished replicates
+are reused from their folders' caches, an unfinished one resumes from its checkpoints.
+Replicates run one after another; each uses the machine's cores or GPUs for its own parallel
+group fine-tunes.
+
+Writes ``<out>/study.json``, ``study.md``, ``replicates.json`` (every replicate's numbers and
+run folder), ``study.png`` (each arm's paired differences with their intervals) and
+``curves.png`` (every replicate's single model along its training, its TDC beside it). One
+MLflow run ``study-<name>`` holds the study's numbers and files, with every pipeline and
+baseline run beneath it.
 """
 
 from __future__ import annotations
@@ -19,27 +26,61 @@ from prefect import flow
 
 from flows.pipeline import tdc
 from tasks.console import say
+from tasks.tracking import open_study_tracking
 from tdc_core.atomic import atomic_write_bytes
 from tdc_core.errors import ConfigError
+from tdc_core.evaluation.curves import Curve, plot_curves
+from tdc_core.evaluation.plots import plot_intervals
+from tdc_core.evaluation.units import fmt_flops
+from tdc_core.records import load_record
 from tdc_core.run.layout import RunLayout, default_run_dir
-from tdc_core.run.study import StudySpec, StudySummary, replicate_config, replicate_metrics, study_markdown, summarise
+from tdc_core.run.study import (
+    StudySpec,
+    StudySummary,
+    difference_panels,
+    estimate,
+    replicate_config,
+    replicate_metrics,
+    study_key,
+    study_markdown,
+    summarise,
+    summary_metrics,
+)
 
 __all__ = ["plan_lines", "tdc_study"]
 
 
 def plan_lines(spec: StudySpec) -> list[str]:
-    """What the study will run (``tdc study --dry-run``): every replicate, its run folder and
-    whether that folder already holds a finished comparison."""
-    lines = [f"study {spec.name}: {len(spec.arms)} arm(s) × {len(spec.seeds)} training seed(s) = "
-             f"{len(spec.arms) * len(spec.seeds)} pipeline runs, one after another"]
+    """What the study will run (``tdc study --dry-run``): every replicate, its run folder, the
+    stage-1 folder it shares, whether it is finished, and the planned compute."""
+    n = len(spec.arms) * len(spec.seeds)
+    lines = [f"study {spec.name}: {len(spec.arms)} arm(s) × {len(spec.seeds)} training seed(s) = {n} pipeline runs, "
+             f"one after another"]
+    first_with: dict[str, str] = {}
+    total = {"stage1": 0.0, "stage2": 0.0, "baseline": 0.0, "sampling": 0.0}
     for arm in spec.arms:
         for seed in spec.seeds:
             cfg = replicate_config(arm, seed=seed)
+            est = estimate(arm, seed=seed)
             folder = default_run_dir(cfg)
             done = RunLayout(folder).comparison_json.is_file()
+            shared = first_with.get(est.stage1_key)
+            if shared is None:
+                first_with[est.stage1_key] = f"{arm.name} seed {seed}"
+                total["stage1"] += est.stage1_flops
+            total["stage2"] += est.stage2_flops
+            total["baseline"] += est.baseline_extra_flops
+            total["sampling"] += est.eval_sampling_flops
+            stage1 = (f"stage 1 shared with {shared}" if shared
+                      else f"stage 1 trained here ({fmt_flops(est.stage1_flops)})")
             lines.append(f"  {arm.name} seed {seed}: {cfg.preset}, {cfg.train.steps} shared steps, "
                          f"{cfg.grouping.num_groups} groups × {cfg.finetune.steps} fine-tune steps, baseline at equal "
-                         f"training FLOPs → {folder}" + ("  (finished: reused)" if done else ""))
+                         f"training FLOPs; {stage1} → {folder}" + ("  (finished: reused)" if done else ""))
+    training = total["stage1"] + total["stage2"] + total["baseline"]
+    lines.append(f"planned compute: training {fmt_flops(training)} (stage 1 {fmt_flops(total['stage1'])} for "
+                 f"{len(first_with)} stage-1 folder(s), stage 2 {fmt_flops(total['stage2'])} at budget, baseline "
+                 f"beyond stage 1 {fmt_flops(total['baseline'])}); evaluation sampling ≤ "
+                 f"{fmt_flops(total['sampling'])}; pruning searches and held-out scoring come on top")
     return lines
 
 
@@ -49,23 +90,54 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
     (default ``studies/<name>``)."""
     out = Path(out_dir or Path("studies") / spec.name)
     t0 = time.perf_counter()
+    tracking = open_study_tracking(name=spec.name, study_key=study_key(spec), tracking_uri=tracking_uri, out_dir=out,
+                                   params={"arms": json.dumps([a.model_dump(mode="json") for a in spec.arms]),
+                                           "seeds": json.dumps(list(spec.seeds))})
     results: dict[str, dict[int, dict]] = {}
+    curves: dict[str, list[Curve]] = {}
     replicates = []
-    for arm in spec.arms:
-        for seed in spec.seeds:
-            cfg = replicate_config(arm, seed=seed)
-            if not cfg.baseline.enabled:
-                raise ConfigError(f"study arm {arm.name}: baseline.enabled=false leaves nothing to compare with")
-            say(f"study {spec.name}: arm {arm.name}, training seed {seed}")
-            summary = tdc(config=cfg, run_dir=str(default_run_dir(cfg)), tracking_uri=tracking_uri,
-                          workers=spec.workers)
-            metrics = replicate_metrics(summary.comparison)
-            results.setdefault(arm.name, {})[seed] = metrics
-            replicates.append({"arm": arm.name, "seed": seed, "run_dir": summary.run_dir,
-                               "mlflow_run_id": summary.mlflow_run_id, **metrics})
-    result = summarise(name=spec.name, arms=results, seconds=time.perf_counter() - t0)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "replicates.json", json.dumps(replicates, indent=1).encode())
-    atomic_write_bytes(out / "study.json", result.model_dump_json(indent=1).encode())
-    atomic_write_bytes(out / "study.md", study_markdown(result).encode())
+    try:
+        for arm in spec.arms:
+            for seed in spec.seeds:
+                cfg = replicate_config(arm, seed=seed)
+                if not cfg.baseline.enabled:
+                    raise ConfigError(f"study arm {arm.name}: baseline.enabled=false leaves nothing to compare with")
+                say(f"study {spec.name}: arm {arm.name}, training seed {seed}")
+                summary = tdc(config=cfg, run_dir=str(default_run_dir(cfg)), tracking_uri=tracking.tracking_uri,
+                              workers=spec.workers)
+                tracking.adopt([r for r in (summary.mlflow_run_id, summary.baseline_run_id) if r],
+                               tags={"tdc.study_arm": arm.name, "tdc.study_seed": str(seed)})
+                metrics = replicate_metrics(summary.comparison)
+                results.setdefault(arm.name, {})[seed] = metrics
+                curve_json = RunLayout(Path(summary.run_dir)).curve_json
+                if curve_json.is_file():
+                    curves.setdefault(arm.name, []).append(load_record(curve_json, Curve, what="curve"))
+                replicates.append({"arm": arm.name, "seed": seed, "run_dir": summary.run_dir,
+                                   "mlflow_run_id": summary.mlflow_run_id, **metrics})
+        result = summarise(name=spec.name, arms=results, seconds=time.perf_counter() - t0)
+        files = _write(out, result, replicates=replicates, curves=curves)
+        tracking.log_metrics(tracking.parent_run_id, summary_metrics(result))
+        for p in files:
+            tracking.log_artifact(tracking.parent_run_id, p, artifact_path="study")
+    except BaseException:
+        tracking.finish(tracking.parent_run_id, ok=False)
+        raise
+    tracking.finish(tracking.parent_run_id)
     return result
+
+
+def _write(out: Path, result: StudySummary, *, replicates: list[dict], curves: dict[str, list[Curve]]) -> list[Path]:
+    """The study's files (see the module docstring), each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "replicates.json", out / "study.json", out / "study.md"]
+    atomic_write_bytes(files[0], json.dumps(replicates, indent=1).encode())
+    atomic_write_bytes(files[1], result.model_dump_json(indent=1).encode())
+    atomic_write_bytes(files[2], study_markdown(result).encode())
+    panels = difference_panels(result)
+    if panels:
+        files.append(plot_intervals(panels, out / "study.png", title=f"Study {result.name}: TDC − baseline per "
+                                    f"arm (diamond = mean, bar = 95 % interval over training seeds, dots = seeds)"))
+    if curves:
+        files.append(plot_curves(curves, out / "curves.png", title=f"Study {result.name}: single model vs TDC, "
+                                 f"every training seed"))
+    return files

@@ -47,6 +47,7 @@ __all__ = [
     "TrackingError",
     "TrackingRef",
     "check_tracking",
+    "open_study_tracking",
     "default_tracking_uri",
     "open_tracking",
     "replay_backlog",
@@ -130,6 +131,12 @@ class TrackingRef(BaseModel):
         self.log_params(run_id, {**training_params(config), "train.steps": str(steps)})
         self.set_tags(self.parent_run_id, {"tdc.baseline_run_id": run_id})
         return run_id
+
+    def adopt(self, run_ids: Iterable[str], *, tags: Mapping[str, str] | None = None) -> None:
+        """Put existing runs beneath this ref's parent run (a study's pipeline and baseline runs),
+        so the UI nests them there."""
+        for run_id in run_ids:
+            self.set_tags(run_id, {"mlflow.parentRunId": self.parent_run_id, **(tags or {})})
 
     def finish(self, run_id: str, *, ok: bool = True) -> None:
         self.client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
@@ -273,19 +280,7 @@ def _store_lock(uri: str) -> Iterator[None]:
 
 def _open(*, config: PipelineConfig, run_key: str, run_dir: Path, uri: str,
           tags: Mapping[str, str] | None) -> TrackingRef:
-    with _CREATE_LOCK, _store_lock(uri):  # the store's first use and the experiment: one at a time
-        client = MlflowClient(tracking_uri=uri)  # opens (and on an empty file, creates) the store
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        if exp is None:
-            location = None
-            if uri.startswith("sqlite:///"):
-                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_TAGS)
-        else:
-            experiment_id = exp.experiment_id
-            for key, value in EXPERIMENT_TAGS.items():
-                if exp.tags.get(key) != value:
-                    client.set_experiment_tag(experiment_id, key, value)
+    client, experiment_id = _experiment(uri)
     found = client.search_runs([experiment_id], filter_string=f"tags.`tdc.run_key` = '{run_key}'", max_results=1)
     if found:
         parent = found[0].info.run_id
@@ -299,6 +294,49 @@ def _open(*, config: PipelineConfig, run_key: str, run_dir: Path, uri: str,
                       backlog_dir=str(Path(run_dir) / BACKLOG_DIR))
     ref.log_params(parent, training_params(config))
     return ref
+
+
+def open_study_tracking(*, name: str, study_key: str, tracking_uri: str | None, params: Mapping[str, str],
+                        out_dir: Path) -> TrackingRef:
+    """Find or create a study's MLflow run (keyed by ``study_key``, so a resumed study reuses it);
+    its pipeline runs are put beneath it with :meth:`TrackingRef.adopt`."""
+    uri = tracking_uri or default_tracking_uri()
+    check_tracking(uri)
+    try:
+        client, experiment_id = _experiment(uri)
+        found = client.search_runs([experiment_id], filter_string=f"tags.`tdc.study_key` = '{study_key}'",
+                                   max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = client.create_run(experiment_id, run_name=f"study-{name}", tags={
+                "tdc.study_key": study_key, "tdc.kind": "study", "tdc.study_dir": str(out_dir)}).info.run_id
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise TrackingError(f"MLflow tracking store {uri} failed while opening the study run: {_reason(exc)}") from exc
+    ref = TrackingRef(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=run_id)
+    ref.log_params(run_id, params)
+    return ref
+
+
+def _experiment(uri: str) -> tuple[MlflowClient, str]:
+    """The client and the experiment ``tdc``'s id, created on first use."""
+    with _CREATE_LOCK, _store_lock(uri):  # the store's first use and the experiment: one at a time
+        client = MlflowClient(tracking_uri=uri)  # opens (and on an empty file, creates) the store
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_TAGS)
+        else:
+            experiment_id = exp.experiment_id
+            for key, value in EXPERIMENT_TAGS.items():
+                if exp.tags.get(key) != value:
+                    client.set_experiment_tag(experiment_id, key, value)
+    return client, experiment_id
 
 
 def _read_journal(path: Path) -> Iterator[Metric]:

@@ -67,36 +67,91 @@ def test_replicates_differ_in_training_seed_only():
     assert a.data == b.data  # the same split: every replicate is scored on the same held-out images
 
 
+SMOKE = ["train.steps=12", "profile.profile_steps=6", "finetune.steps=4", "eval.num_samples=16",
+         "eval.heldout_per_image=10", "eval.bpd_timesteps=10"]
+
+
+def test_the_dry_run_lists_shared_stage1_folders_and_planned_compute(tmp_path):
+    from flows.study import plan_lines
+    from tdc_core.run.study import StudySpec, estimate
+
+    spec = StudySpec(name="s", seeds=(0, 1), arms=(Arm(name="a", preset="smoke", overrides=tuple(SMOKE)),
+                                                   Arm(name="b", preset="smoke", overrides=(*SMOKE, "budget.k=0.8"))))
+    lines = plan_lines(spec)
+    assert "stage 1 shared with a seed 0" in lines[3] and "stage 1 shared with a seed 1" in lines[4]
+    assert "stage 1 trained here" in lines[1] and "2 stage-1 folder(s)" in lines[-1]
+    a, b = estimate(spec.arms[0], seed=0), estimate(spec.arms[1], seed=0)
+    assert a.stage1_key == b.stage1_key and a.stage1_flops == b.stage1_flops > 0
+    # Stage 2 at budget: Σ_i (i + (N - i)·k)/N of F per fine-tune step; k = 0.8 costs more than k = 0.5.
+    n, f = 3, a.stage1_flops / 12  # smoke: 3 groups; stage 1 = 12 steps × F × batch × 3
+    assert a.stage2_flops == pytest.approx(sum((i + (n - i) * 0.5) / n for i in range(1, n + 1)) * 4 * f)
+    assert b.stage2_flops > a.stage2_flops
+
+
 @pytest.mark.slow
-def test_a_smoke_study_completes_and_a_rerun_reuses_its_replicates(tmp_path, monkeypatch):
-    """One arm × two training seeds through the real flow; the study's interval equals a hand
-    computation from its replicates; running it again recomputes nothing."""
+def test_a_two_arm_two_seed_study_is_killed_and_resumes_without_redoing_finished_replicates(tmp_path):
+    """``tdc study`` on two arms that differ only in budget.k × two training seeds: killed after
+    its first replicate, then run again. The finished replicate is not recomputed; arms share
+    stage 1 per seed; the intervals equal a hand computation; MLflow holds one study run with
+    every pipeline and baseline run beneath it, none twice."""
     import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
 
-    monkeypatch.chdir(tmp_path)
-    os.environ["PREFECT_HOME"] = str(tmp_path / "prefect")
-    from prefect.testing.utilities import prefect_test_harness
+    from mlflow import MlflowClient
 
-    from flows.study import tdc_study
-    from tdc_core.run.study import StudySpec
-
-    spec = StudySpec(name="smoke", seeds=(0, 1), workers=2, arms=(Arm(name="smoke", preset="smoke", overrides=(
-        "train.steps=12", "profile.profile_steps=6", "finetune.steps=4", "eval.num_samples=16",
-        "eval.heldout_per_image=10", "eval.bpd_timesteps=10")),))
+    root = Path(__file__).resolve().parents[1]
+    study = tmp_path / "s.yaml"
+    study.write_text(json.dumps({"name": "s", "seeds": [0, 1], "workers": 2, "arms": [
+        {"name": "a", "preset": "smoke", "overrides": SMOKE},
+        {"name": "b", "preset": "smoke", "overrides": [*SMOKE, "budget.k=0.8"]}]}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with prefect_test_harness(server_startup_timeout=120):
-        result = tdc_study(spec, out_dir=str(tmp_path / "out"), tracking_uri=uri)
-        replicates = json.loads((tmp_path / "out" / "replicates.json").read_text())
-        assert [r["seed"] for r in replicates] == [0, 1]
-        m = next(m for m in result.arms[0].metrics if m.metric == "bits_per_dim")
-        d = [r["tdc"]["bits_per_dim"] - r["baseline"]["bits_per_dim"] for r in replicates]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": uri,
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    args = [sys.executable, "-m", "flows.cli", "study", str(study), "--out-dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600  # a guard against a hang, not a speed limit
+    try:
+        # The second replicate's run folder appears once the first replicate's flow has returned.
+        while len(list(tmp_path.glob("runs/tdc-*"))) < 2:
+            assert proc.poll() is None and time.time() < deadline, "the first replicate never finished"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    (first,) = [p.parents[1] for p in tmp_path.glob("runs/*/eval/comparison.json")]
+    finished = [*first.glob("groups/group-*/checkpoints/last.pt"), first / "baseline" / "checkpoints" / "last.pt",
+                first / "eval" / "comparison.json", *tmp_path.glob("runs/stage1-*/checkpoints/last.pt")]
+    stamps = {p: p.stat().st_mtime_ns for p in finished}
+
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in finished} == stamps  # the finished replicate was not redone
+    assert len(list(tmp_path.glob("runs/stage1-*/checkpoints/last.pt"))) == 2  # one stage 1 per seed, both arms
+
+    replicates = json.loads((tmp_path / "out" / "replicates.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in replicates] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    result = json.loads((tmp_path / "out" / "study.json").read_text())
+    for arm in ("a", "b"):
+        d = [r["tdc"]["bits_per_dim"] - r["baseline"]["bits_per_dim"] for r in replicates if r["arm"] == arm]
         half = stats.t.ppf(0.975, 1) * np.std(d, ddof=1) / math.sqrt(2)
-        assert (m.difference.low, m.difference.high) == pytest.approx((np.mean(d) - half, np.mean(d) + half))
-        assert replicates[0]["tdc"]["bits_per_dim"] != replicates[1]["tdc"]["bits_per_dim"]  # different seeds
-        checkpoints = sorted(tmp_path.glob("runs/*/checkpoints/last.pt"))
-        assert len(checkpoints) == 2
-        stamps = {p: p.stat().st_mtime_ns for p in checkpoints}
-        again = tdc_study(spec, out_dir=str(tmp_path / "out"), tracking_uri=uri)
-    assert {p: p.stat().st_mtime_ns for p in checkpoints} == stamps
-    assert again.arms == result.arms
-    assert "TDC − baseline" in (tmp_path / "out" / "study.md").read_text()
+        m = next(m for a in result["arms"] if a["arm"] == arm for m in a["metrics"] if m["metric"] == "bits_per_dim")
+        ci = (m["difference"]["low"], m["difference"]["high"])
+        assert ci == pytest.approx((np.mean(d) - half, np.mean(d) + half))
+    for name in ("study.md", "study.png", "curves.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tdc").experiment_id], max_results=1000)
+    kinds = [r.data.tags.get("tdc.kind") for r in runs]
+    assert kinds.count("study") == 1 and kinds.count("pipeline") == 4 and kinds.count("baseline") == 4
+    (study_run,) = [r for r in runs if r.data.tags.get("tdc.kind") == "study"]
+    beneath = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study_run.info.run_id]
+    assert sorted(r.data.tags["tdc.kind"] for r in beneath) == ["baseline"] * 4 + ["pipeline"] * 4
+    assert study_run.info.status == "FINISHED"
+    m = next(m for a in result["arms"] if a["arm"] == "b" for m in a["metrics"] if m["metric"] == "bits_per_dim")
+    assert study_run.data.metrics["b.bits_per_dim.difference"] == pytest.approx(m["difference"]["mean"])

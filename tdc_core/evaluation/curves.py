@@ -12,10 +12,10 @@ Plot: :func:`plot_curve` (bits/dim and ε-MSE vs training FLOPs, bits/dim vs sam
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from tdc_core.atomic import atomic_write_bytes
 from tdc_core.evaluation.units import flops_unit
 
-__all__ = ["Curve", "CurvePoint", "plot_curve"]
+__all__ = ["Curve", "CurvePoint", "plot_curve", "plot_curves"]
 
 _TDC_COLOUR, _SINGLE_COLOUR = "tab:orange", "tab:blue"
 
@@ -64,42 +64,88 @@ class Curve(BaseModel):
 
 def plot_curve(curve: Curve, path: str | Path, *, title: str = "") -> Path:
     """Three panels: bits/dim vs training FLOPs, held-out ε-MSE vs training FLOPs (single model:
-    line through its snapshots, bars ±1.96 SE over held-out images; TDC: a star), and bits/dim vs
-    sampling FLOPs per image."""
+    a line through its snapshots; TDC: a star), and bits/dim vs sampling FLOPs per image.
+
+    No error bars: every point is scored on the same held-out draws, so the spread between
+    images (large) says nothing about the differences between points, which are paired; their
+    intervals are in the comparison (``comparison.md``)."""
     fig = Figure(figsize=(15.0, 4.4), layout="constrained")
     ax_bpd, ax_eps, ax_samp = fig.subplots(1, 3)
     xs = [p.training_flops for p in curve.single] + [curve.tdc.training_flops]
     scale, unit = flops_unit(max(xs))
-    for ax, (metric, se, label) in ((ax_bpd, ("bits_per_dim", "bits_per_dim_se", "held-out bits/dim")),
-                                    (ax_eps, ("eps_mse", "eps_mse_se", "held-out ε-MSE (uniform t)"))):
-        x = np.array([p.training_flops for p in curve.single]) / scale
-        y = np.array([getattr(p, metric) for p in curve.single])
-        e = 1.96 * np.array([getattr(p, se) for p in curve.single])
-        ax.errorbar(x, y, yerr=e, fmt="o-", color=_SINGLE_COLOUR, capsize=3, label="single model (snapshots)")
+    for ax, metric, label in ((ax_bpd, "bits_per_dim", "held-out bits/dim"),
+                              (ax_eps, "eps_mse", "held-out ε-MSE (uniform t)")):
+        x = [p.training_flops / scale for p in curve.single]
+        y = [getattr(p, metric) for p in curve.single]
+        ax.plot(x, y, "o-", color=_SINGLE_COLOUR, label="single model (snapshots of one run)")
         for p, xi, yi in zip(curve.single, x, y):
             if p.name in ("shared", "baseline"):
                 ax.annotate(p.name, (xi, yi), textcoords="offset points", xytext=(4, 6), fontsize=8)
         t = curve.tdc
-        ax.errorbar([t.training_flops / scale], [getattr(t, metric)], yerr=[1.96 * getattr(t, se)], fmt="*",
-                    color=_TDC_COLOUR, markersize=14, capsize=3, label="TDC")
+        ax.plot([t.training_flops / scale], [getattr(t, metric)], "*", color=_TDC_COLOUR, markersize=15,
+                markeredgecolor="black", label="TDC")
         ax.set_xlabel(f"training {unit} (total)")
         ax.set_ylabel(f"{label} (lower is better)")
         ax.legend(fontsize=8)
     ax_bpd.set_title("Quality vs training compute", fontsize=10)
-    ax_eps.set_title(f"{curve.num_images} held-out images × {curve.heldout_per_image} timesteps", fontsize=10)
+    ax_eps.set_title(f"same {curve.num_images} held-out images × {curve.heldout_per_image} timesteps for every point",
+                     fontsize=10)
     s_scale, s_unit = flops_unit(max(p.sampling_flops_per_image for p in (*curve.single, curve.tdc)))
     final = curve.single[-1]
-    for p, colour, marker in ((final, _SINGLE_COLOUR, "o"), (curve.tdc, _TDC_COLOUR, "*")):
-        ax_samp.errorbar([p.sampling_flops_per_image / s_scale], [p.bits_per_dim], yerr=[1.96 * p.bits_per_dim_se],
-                         fmt=marker, color=colour, markersize=12 if marker == "*" else 7, capsize=3,
-                         label="TDC" if p is curve.tdc else f"single model ({p.name})")
+    ax_samp.plot([final.sampling_flops_per_image / s_scale], [final.bits_per_dim], "o", color=_SINGLE_COLOUR,
+                 markersize=8, label=f"single model ({final.name})")
+    ax_samp.plot([curve.tdc.sampling_flops_per_image / s_scale], [curve.tdc.bits_per_dim], "*", color=_TDC_COLOUR,
+                 markersize=15, markeredgecolor="black", label="TDC")
+    ax_samp.set_xlabel(f"sampling {s_unit} per image")
+    ax_samp.set_ylabel("held-out bits/dim (lower is better)")
+    ax_samp.set_title("Quality vs sampling compute", fontsize=10)
+    ax_samp.margins(x=0.3, y=0.3)
+    ax_samp.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _render(fig, path)
+
+
+_ARM_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red")
+
+
+def plot_curves(curves: Mapping[str, Sequence[Curve]], path: str | Path, *, title: str = "") -> Path:
+    """Every replicate of every arm (a study): bits/dim vs training FLOPs and vs sampling FLOPs.
+    One colour per arm; thin lines = each training seed's single model along its run, stars = its
+    TDC, so TDC's points sit against the single model's curves at every seed."""
+    fig = Figure(figsize=(12.0, 4.6), layout="constrained")
+    ax_train, ax_samp = fig.subplots(1, 2)
+    every = [c for cs in curves.values() for c in cs]
+    scale, unit = flops_unit(max(p.training_flops for c in every for p in (*c.single, c.tdc)))
+    s_scale, s_unit = flops_unit(max(p.sampling_flops_per_image for c in every for p in (*c.single, c.tdc)))
+    for i, (arm, cs) in enumerate(curves.items()):
+        colour = _ARM_COLOURS[i % len(_ARM_COLOURS)]
+        for j, c in enumerate(cs):
+            ax_train.plot([p.training_flops / scale for p in c.single], [p.bits_per_dim for p in c.single], "o-",
+                          color=colour, alpha=0.45, markersize=3, linewidth=1,
+                          label=f"{arm}: single model, each seed" if j == 0 else None)
+            ax_train.plot([c.tdc.training_flops / scale], [c.tdc.bits_per_dim], "*", color=colour, markersize=13,
+                          markeredgecolor="black", label=f"{arm}: TDC, each seed" if j == 0 else None)
+            last = c.single[-1]
+            ax_samp.plot([last.sampling_flops_per_image / s_scale], [last.bits_per_dim], "o", color=colour,
+                         alpha=0.6, label=f"{arm}: single model (end)" if j == 0 else None)
+            ax_samp.plot([c.tdc.sampling_flops_per_image / s_scale], [c.tdc.bits_per_dim], "*", color=colour,
+                         markersize=13, markeredgecolor="black", label=f"{arm}: TDC" if j == 0 else None)
+    ax_train.set_xlabel(f"training {unit} (total)")
+    ax_train.set_ylabel("held-out bits/dim (lower is better)")
+    ax_train.set_title("Quality vs training compute", fontsize=10)
     ax_samp.set_xlabel(f"sampling {s_unit} per image")
     ax_samp.set_ylabel("held-out bits/dim")
     ax_samp.set_title("Quality vs sampling compute", fontsize=10)
     ax_samp.margins(x=0.3)
-    ax_samp.legend(fontsize=8)
+    for ax in (ax_train, ax_samp):
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
+    return _render(fig, path)
+
+
+def _render(fig: Figure, path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -24,7 +24,7 @@ from tdc_core.evaluation.units import flops_unit
 from tdc_core.method.grouping import Grouping
 from tdc_core.method.profiling import DifficultyProfile
 
-__all__ = ["plot_comparison", "plot_grouping", "plot_profile"]
+__all__ = ["IntervalRow", "plot_comparison", "plot_grouping", "plot_intervals", "plot_profile"]
 
 _LOSS_COLOUR = "tab:blue"
 _SNR_COLOUR = "tab:red"
@@ -263,3 +263,39 @@ def _plot_group_errors(ax: Axes, c: Comparison) -> None:
     ax.set_ylabel("held-out ε-MSE / baseline's (below 1: better)")
     ax.set_title(f"Held-out ε-MSE by group ({base.num_images} images × {base.per_image} t)", fontsize=10)
     ax.legend(fontsize=8)
+
+
+class IntervalRow(Protocol):
+    label: str                 # e.g. "arm a"
+    mean: float
+    low: float | None          # 95 % interval; None: no interval (one seed)
+    high: float | None
+    values: Sequence[float]    # the per-seed values behind it
+
+
+def plot_intervals(panels: Sequence[tuple[str, Sequence[IntervalRow]]], path: str | Path, *, title: str = "",
+                   zero_label: str = "no difference") -> Path:
+    """Forest plot, one panel per metric: each row's mean with its 95 % interval (bar) and every
+    value behind it (dots), against a zero line."""
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.6 * cols, 0.9 + 1.0 * max(len(r) for _, r in panels) * rows + 1.2 * rows),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, (name, items) in zip(axes, panels):
+        y = np.arange(len(items))[::-1]
+        for yi, it in zip(y, items):
+            ax.plot(list(it.values), np.full(len(it.values), yi), "o", color="0.45", markersize=4)
+            if it.low is not None:
+                ax.plot([it.low, it.high], [yi, yi], "-", color="black", linewidth=2)
+            ax.plot([it.mean], [yi], "D", color="tab:orange", markersize=7)
+        ax.axvline(0.0, color="tab:red", linewidth=1, linestyle="--", label=zero_label)
+        ax.set_yticks(y, [it.label for it in items])
+        ax.set_title(name, fontsize=10)
+        ax.margins(y=0.4)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _render(fig, path)

@@ -17,8 +17,10 @@ Pure: reading the study file and aggregating records; running the pipelines is t
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +28,32 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy import stats
 
-from tdc_core.config import PipelineConfig, Seed, load_config
+from tdc_core.config import PipelineConfig, Seed, load_config, stage1_key
 from tdc_core.errors import ConfigError
 from tdc_core.evaluation.results import Comparison
+from tdc_core.method.budgets import budget_fractions
+from tdc_core.method.pruning.space import count_spec_flops
+from tdc_core.training.trainer import spec_for
 
-__all__ = ["Arm", "ArmSummary", "MetricSummary", "StudySpec", "StudySummary", "Interval", "load_study",
-           "replicate_config", "replicate_metrics", "study_markdown", "summarise"]
+__all__ = [
+    "Arm",
+    "ArmSummary",
+    "DifferenceRow",
+    "Interval",
+    "MetricSummary",
+    "ReplicateEstimate",
+    "StudySpec",
+    "StudySummary",
+    "difference_panels",
+    "estimate",
+    "load_study",
+    "replicate_config",
+    "replicate_metrics",
+    "study_key",
+    "study_markdown",
+    "summarise",
+    "summary_metrics",
+]
 
 # Metrics taken from each replicate's comparison (lower is better for all but precision/recall).
 METRICS: dict[str, str] = {
@@ -111,6 +133,48 @@ def load_study(path: str | Path) -> StudySpec:
 def replicate_config(arm: Arm, *, seed: int) -> PipelineConfig:
     """The pipeline config of one replicate: the arm's preset and overrides, ``train.seed = seed``."""
     return load_config(preset=arm.preset, overrides=[*arm.overrides, f"train.seed={seed}"])
+
+
+def study_key(spec: StudySpec) -> str:
+    """Short hash of what the study runs (arms and seeds): keys its MLflow run, so a resumed
+    study logs into the same one."""
+    body = spec.model_dump_json(include={"name", "arms", "seeds"})
+    return hashlib.sha256(body.encode()).hexdigest()[:10]
+
+
+class ReplicateEstimate(BaseModel):
+    """Planned training compute of one replicate, before it runs (FLOPs; see :func:`estimate`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    arm: str
+    seed: int
+    stage1_key: str
+    stage1_flops: float          # probe + shared model (once per stage-1 folder)
+    stage2_flops: float          # group fine-tunes at their budgets (pruning search not included)
+    baseline_extra_flops: float  # the baseline's steps beyond the shared run it continues
+    eval_sampling_flops: float   # sampling the evaluation's images, TDC and baseline (upper bound)
+
+
+def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
+    """What one replicate will cost, from its config alone (nothing runs; FLOPs counted on the
+    meta device). Stage 2 assumes every group meets its budget, whose fractions do not depend
+    on the profile (docs/METHOD.md step 3); the baseline is charged TDC's total but continues
+    stage 1, so only its steps beyond stage 1 are new compute."""
+    cfg = replicate_config(arm, seed=seed)
+    base = float(count_spec_flops(spec_for(cfg)))
+    factor = 3.0  # forward + backward ≈ 3 × forward, as the cost report counts
+    stage1 = cfg.train.steps * cfg.train.batch_size * base * factor
+    fractions = budget_fractions(num_groups=cfg.grouping.num_groups, k=cfg.budget.k)
+    ft_batch = cfg.finetune.batch_size or cfg.train.batch_size
+    stage2 = math.fsum(fractions) * cfg.finetune.steps * ft_batch * base * factor
+    per_step = cfg.train.batch_size * base * factor
+    baseline_steps = cfg.baseline.steps or math.ceil((stage1 + stage2) / per_step)
+    baseline_extra = max(0, baseline_steps - cfg.train.steps) * per_step if cfg.baseline.enabled else 0.0
+    steps = cfg.sample.steps or cfg.diffusion.num_timesteps
+    sampling = 2 * cfg.eval.num_samples * len(cfg.eval.seeds) * steps * base
+    return ReplicateEstimate(arm=arm.name, seed=seed, stage1_key=stage1_key(cfg), stage1_flops=stage1,
+                             stage2_flops=stage2, baseline_extra_flops=baseline_extra, eval_sampling_flops=sampling)
 
 
 def replicate_metrics(c: Comparison) -> dict[str, dict[str, float]]:
@@ -239,3 +303,42 @@ def study_markdown(s: StudySummary) -> str:
             lines.append(f"- {m.metric}: {per_seed}")
         lines.append("")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DifferenceRow:
+    """One arm's paired difference on one metric (drawn by ``plot_intervals``)."""
+
+    label: str
+    mean: float
+    low: float | None
+    high: float | None
+    values: tuple[float, ...]
+
+
+def difference_panels(s: StudySummary) -> list[tuple[str, list[DifferenceRow]]]:
+    """Per outcome metric (costs left out), each arm's TDC − baseline: mean, 95 % interval and
+    the per-seed differences."""
+    panels: dict[str, list[DifferenceRow]] = {}
+    for arm in s.arms:
+        for m in arm.metrics:
+            if m.metric in COSTS:
+                continue
+            d = m.difference
+            panels.setdefault(m.metric, []).append(
+                DifferenceRow(label=arm.arm, mean=d.mean, low=d.low, high=d.high, values=tuple(d.values)))
+    return [(f"{METRICS[k]}: TDC − baseline", v) for k, v in panels.items()]
+
+
+def summary_metrics(s: StudySummary) -> dict[str, float]:
+    """The study's numbers as flat MLflow metrics: ``<arm>.<metric>.{tdc,baseline,difference}``
+    means, and the difference's interval where there is one."""
+    out: dict[str, float] = {}
+    for arm in s.arms:
+        for m in arm.metrics:
+            key = f"{arm.arm}.{m.metric}"
+            out |= {f"{key}.tdc": m.tdc.mean, f"{key}.baseline": m.baseline.mean,
+                    f"{key}.difference": m.difference.mean}
+            if m.difference.low is not None:
+                out |= {f"{key}.difference_ci_low": m.difference.low, f"{key}.difference_ci_high": m.difference.high}
+    return out
