@@ -86,6 +86,8 @@ def test_the_dry_run_lists_shared_stage1_folders_and_planned_compute(tmp_path):
     n, f = 3, a.stage1_flops / 12  # smoke: 3 groups; stage 1 = 12 steps × F × batch × 3
     assert a.stage2_flops == pytest.approx(sum((i + (n - i) * 0.5) / n for i in range(1, n + 1)) * 4 * f)
     assert b.stage2_flops > a.stage2_flops
+    unpruned = estimate(Arm(name="c", preset="smoke", overrides=(*SMOKE, "prune.enabled=false")), seed=0)
+    assert unpruned.stage2_flops == pytest.approx(n * 4 * f)  # every expert at full width
 
 
 @pytest.mark.slow

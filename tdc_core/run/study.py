@@ -158,14 +158,15 @@ class ReplicateEstimate(BaseModel):
 
 def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
     """What one replicate will cost, from its config alone (nothing runs; FLOPs counted on the
-    meta device). Stage 2 assumes every group meets its budget, whose fractions do not depend
-    on the profile (docs/METHOD.md step 3); the baseline is charged TDC's total but continues
+    meta device). Stage 2 assumes every group meets its budget (full width with
+    ``prune.enabled=false``), whose fractions do not depend on the profile (docs/METHOD.md step 3); the baseline is charged TDC's total but continues
     stage 1, so only its steps beyond stage 1 are new compute."""
     cfg = replicate_config(arm, seed=seed)
     base = float(count_spec_flops(spec_for(cfg)))
     factor = 3.0  # forward + backward ≈ 3 × forward, as the cost report counts
     stage1 = cfg.train.steps * cfg.train.batch_size * base * factor
-    fractions = budget_fractions(num_groups=cfg.grouping.num_groups, k=cfg.budget.k)
+    fractions = (budget_fractions(num_groups=cfg.grouping.num_groups, k=cfg.budget.k) if cfg.prune.enabled
+                 else [1.0] * cfg.grouping.num_groups)  # unpruned experts keep the full width
     ft_batch = cfg.finetune.batch_size or cfg.train.batch_size
     stage2 = math.fsum(fractions) * cfg.finetune.steps * ft_batch * base * factor
     per_step = cfg.train.batch_size * base * factor
