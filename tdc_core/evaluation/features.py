@@ -50,7 +50,7 @@ from torch import nn
 from tdc_core.atomic import atomic_write_bytes
 from tdc_core.config import DataConfig, EvalConfig
 from tdc_core.errors import CheckpointError, ConfigError, first_line
-from tdc_core.evaluation.fid import ReferenceSplit, choose_reference
+from tdc_core.evaluation.reference import ReferenceSplit, choose_reference
 from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.training.data import split_heldout
 
