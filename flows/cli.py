@@ -502,6 +502,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print()
     print(comparison_markdown(c))
     print(f"  {c.markdown_path}\n  {c.json_path}\n  {c.plot_path}")
+    if args.baseline is None and c.heldout:  # the run's own dense run: its curve, TDC beside it
+        from tdc_core.evaluation.curves import plot_curve
+        from tdc_core.records import save_record
+        from tdc_core.run.curve import single_model_curve
+
+        curve = single_model_curve(cfg, layout, c, device=device, reporter=_LineReporter())
+        out = Path(c.json_path).parent
+        save_record(out / "curve.json", curve)
+        plot_curve(curve, out / "curve.png", title=f"Single model vs TDC — {layout.root.name}")
+        print(f"  {out / 'curve.json'}\n  {out / 'curve.png'}")
     return 0
 
 

@@ -36,7 +36,8 @@ def test_compare_and_fid_print_scores_and_write_the_table(tmp_path, capsys):
     assert main(["compare", "--run-dir", str(layout.root), "--num", "8", "--seeds", "0,1", "--steps", "4"]) == 0
     out = capsys.readouterr().out
     assert "| tdc |" in out and "| baseline |" in out and "not comparable with Inception FID" in out
-    for name in ("comparison.md", "comparison.json", "comparison.png", "tdc-samples.png", "baseline-samples.png"):
+    for name in ("comparison.md", "comparison.json", "comparison.png", "tdc-samples.png", "baseline-samples.png",
+                 "curve.json", "curve.png"):
         assert (layout.root / "eval" / name).is_file(), name
     ckpt = layout.root / "baseline" / "checkpoints" / "last.pt"
     assert main(["fid", "--checkpoint", str(ckpt), "--num", "8", "--seeds", "3", "--steps", "4"]) == 0
