@@ -38,6 +38,7 @@ from tdc_core.run.study import (
     StudySpec,
     StudySummary,
     difference_panels,
+    equivalence,
     estimate,
     replicate_config,
     replicate_metrics,
@@ -115,8 +116,11 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
                 replicates.append({"arm": arm.name, "seed": seed, "run_dir": summary.run_dir,
                                    "mlflow_run_id": summary.mlflow_run_id, **metrics})
         result = summarise(name=spec.name, arms=results, seconds=time.perf_counter() - t0)
+        result = result.model_copy(update={"equivalence": equivalence(curves)})
         files = _write(out, result, replicates=replicates, curves=curves)
-        tracking.log_metrics(tracking.parent_run_id, summary_metrics(result))
+        tracking.log_metrics(tracking.parent_run_id, {
+            **summary_metrics(result),
+            **{f"{e.arm}.equivalent_training_flops_ratio": e.ratio.mean for e in result.equivalence if e.ratio}})
         for p in files:
             tracking.log_artifact(tracking.parent_run_id, p, artifact_path="study")
     except BaseException:

@@ -145,3 +145,19 @@ def test_snapshots_hold_the_ema_weights_the_run_had_at_those_steps(tmp_path):
     a = load_model(snapshot_path(base, 12)).model.state_dict()
     b = load_checkpoint(stopped.checkpoint)["ema"]
     assert all(torch.equal(a[k], b[k]) for k in b) and load_model(snapshot_path(base, 12)).step == 12
+
+
+def test_the_curve_says_what_tdcs_quality_costs_a_single_model():
+    from tdc_core.evaluation.curves import Curve, CurvePoint
+
+    def pt(name, flops, bpd, kind="single"):
+        return CurvePoint(name=name, kind=kind, step=None, training_flops=flops, sampling_flops_per_image=1.0,
+                          bits_per_dim=bpd, bits_per_dim_se=0.1, eps_mse=0.1, eps_mse_se=0.01, x0_mse=0.1,
+                          eps_mse_min_snr=0.1)
+
+    single = [pt("a", 1.0, 5.0), pt("b", 2.0, 4.0), pt("c", 4.0, 3.0)]
+    curve = Curve(single=single, tdc=pt("tdc", 4.0, 3.5, kind="tdc"), num_images=1, heldout_per_image=1,
+                  bpd_timesteps=None)
+    assert curve.matching_flops() == 3.0  # halfway from (2, 4.0) to (4, 3.0)
+    better = curve.model_copy(update={"tdc": pt("tdc", 4.0, 2.9, kind="tdc")})
+    assert better.matching_flops() is None  # the single model never gets there

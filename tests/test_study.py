@@ -157,3 +157,24 @@ def test_a_two_arm_two_seed_study_is_killed_and_resumes_without_redoing_finished
     assert study_run.info.status == "FINISHED"
     m = next(m for a in result["arms"] if a["arm"] == "b" for m in a["metrics"] if m["metric"] == "bits_per_dim")
     assert study_run.data.metrics["b.bits_per_dim.difference"] == pytest.approx(m["difference"]["mean"])
+    # What TDC's bits/dim costs the single model: one entry per seed, from each replicate's curve.
+    assert [len(e["per_seed"]) for e in result["equivalence"]] == [2, 2]
+    assert "What TDC's quality costs a single model" in (tmp_path / "out" / "study.md").read_text()
+
+
+def test_equivalence_is_the_matching_single_model_flops_over_tdcs_per_seed():
+    from tdc_core.evaluation.curves import Curve, CurvePoint
+    from tdc_core.run.study import equivalence
+
+    def pt(flops, bpd, kind="single"):
+        return CurvePoint(name="x", kind=kind, step=None, training_flops=flops, sampling_flops_per_image=1.0,
+                          bits_per_dim=bpd, bits_per_dim_se=0.1, eps_mse=0.1, eps_mse_se=0.01, x0_mse=0.1,
+                          eps_mse_min_snr=0.1)
+
+    def curve(tdc_bpd):
+        return Curve(single=[pt(1.0, 5.0), pt(2.0, 4.0), pt(4.0, 3.0)], tdc=pt(4.0, tdc_bpd, kind="tdc"),
+                     num_images=1, heldout_per_image=1, bpd_timesteps=None)
+
+    (e,) = equivalence({"a": [curve(3.5), curve(3.0), curve(2.5)]})
+    assert e.per_seed == [0.75, 1.0, None]  # 3 of 4 FLOPs, all 4, beyond the curve
+    assert e.ratio.values == [0.75, 1.0] and e.ratio.mean == pytest.approx(0.875)

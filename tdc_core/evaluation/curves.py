@@ -56,6 +56,20 @@ class Curve(BaseModel):
     heldout_per_image: int
     bpd_timesteps: int | None
 
+    def matching_flops(self, metric: str = "bits_per_dim") -> float | None:
+        """The training FLOPs at which the single model first reaches TDC's ``metric`` (lower is
+        better), linear between its points: what TDC's quality costs a single model. None when
+        the single model never gets there (TDC is better than its last point) or starts below it.
+        """
+        target = getattr(self.tdc, metric)
+        pts = [(p.training_flops, getattr(p, metric)) for p in self.single]
+        if not pts or pts[0][1] <= target:
+            return None
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if y1 <= target:
+                return x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
+        return None
+
     def single_at(self, training_flops: float) -> CurvePoint | None:
         """The single-model point with the fewest training FLOPs at least ``training_flops``."""
         above = [p for p in self.single if p.training_flops >= training_flops]

@@ -30,6 +30,7 @@ from scipy import stats
 
 from tdc_core.config import PipelineConfig, Seed, load_config, stage1_key
 from tdc_core.errors import ConfigError
+from tdc_core.evaluation.curves import Curve
 from tdc_core.evaluation.results import Comparison
 from tdc_core.method.budgets import budget_fractions
 from tdc_core.method.pruning.space import count_spec_flops
@@ -39,12 +40,14 @@ __all__ = [
     "Arm",
     "ArmSummary",
     "DifferenceRow",
+    "Equivalence",
     "Interval",
     "MetricSummary",
     "ReplicateEstimate",
     "StudySpec",
     "StudySummary",
     "difference_panels",
+    "equivalence",
     "estimate",
     "load_study",
     "replicate_config",
@@ -159,8 +162,9 @@ class ReplicateEstimate(BaseModel):
 def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
     """What one replicate will cost, from its config alone (nothing runs; FLOPs counted on the
     meta device). Stage 2 assumes every group meets its budget (full width with
-    ``prune.enabled=false``), whose fractions do not depend on the profile (docs/METHOD.md step 3); the baseline is charged TDC's total but continues
-    stage 1, so only its steps beyond stage 1 are new compute."""
+    ``prune.enabled=false``), whose fractions do not depend on the profile (docs/METHOD.md
+    step 3); the baseline is charged TDC's total but continues stage 1, so only its steps beyond
+    stage 1 are new compute."""
     cfg = replicate_config(arm, seed=seed)
     base = float(count_spec_flops(spec_for(cfg)))
     factor = 3.0  # forward + backward ≈ 3 × forward, as the cost report counts
@@ -238,12 +242,37 @@ class ArmSummary(BaseModel):
     metrics: list[MetricSummary]
 
 
+class Equivalence(BaseModel):
+    """What TDC's quality would cost the single model, per arm: the training FLOPs at which the
+    single model's curve reaches TDC's value, as a share of TDC's own training FLOPs (below 1:
+    TDC is worth less than its compute; above: more)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    arm: str
+    metric: str
+    per_seed: list[float | None]   # None: the single model never reaches TDC there (TDC better)
+    ratio: Interval | None         # over the seeds with a ratio; None when no seed has one
+
+
 class StudySummary(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str
     arms: list[ArmSummary]
     seconds: float | None = None
+    equivalence: list[Equivalence] = []
+
+
+def equivalence(curves: Mapping[str, Sequence[Curve]], *, metric: str = "bits_per_dim") -> list[Equivalence]:
+    """Per arm, each seed's :meth:`Curve.matching_flops` over TDC's training FLOPs, with its mean
+    and 95 % interval over the seeds that have one."""
+    out = []
+    for arm, cs in curves.items():
+        ratios = [(m / c.tdc.training_flops) if (m := c.matching_flops(metric)) is not None else None for c in cs]
+        have = [r for r in ratios if r is not None]
+        out.append(Equivalence(arm=arm, metric=metric, per_seed=ratios, ratio=interval(have) if have else None))
+    return out
 
 
 def _verdict(metric: str, d: Interval, *, tdc: Interval, baseline: Interval) -> str:
@@ -302,6 +331,17 @@ def study_markdown(s: StudySummary) -> str:
         for m in arm.metrics:
             per_seed = ", ".join(f"{v:+.4g}" for v in m.difference.values)
             lines.append(f"- {m.metric}: {per_seed}")
+        lines.append("")
+    if s.equivalence:
+        lines += ["## What TDC's quality costs a single model", "",
+                  "Training FLOPs at which the single model (one dense run, scored at 8 points on the way) "
+                  "reaches TDC's held-out bits/dim, as a share of TDC's own training FLOPs: below 1, TDC's "
+                  "compute bought less than the single model gets from it; above 1, more. Mean [95 % t "
+                  "interval over training seeds].", "",
+                  "| arm | ratio | per seed |", "|---|---|---|"]
+        for e in s.equivalence:
+            per_seed = ", ".join("TDC beyond the curve" if r is None else f"{r:.3f}" for r in e.per_seed)
+            lines.append(f"| {e.arm} | {_fmt(e.ratio) if e.ratio else '—'} | {per_seed} |")
         lines.append("")
     return "\n".join(lines)
 
