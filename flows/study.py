@@ -94,6 +94,8 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
     tracking = open_study_tracking(name=spec.name, study_key=study_key(spec), tracking_uri=tracking_uri, out_dir=out,
                                    params={"arms": json.dumps([a.model_dump(mode="json") for a in spec.arms]),
                                            "seeds": json.dumps(list(spec.seeds))})
+    reused = sum(RunLayout(default_run_dir(replicate_config(a, seed=s))).comparison_json.is_file()
+                 for a in spec.arms for s in spec.seeds)
     results: dict[str, dict[int, dict]] = {}
     curves: dict[str, list[Curve]] = {}
     replicates = []
@@ -116,7 +118,7 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
                 replicates.append({"arm": arm.name, "seed": seed, "run_dir": summary.run_dir,
                                    "mlflow_run_id": summary.mlflow_run_id, **metrics})
         result = summarise(name=spec.name, arms=results, seconds=time.perf_counter() - t0)
-        result = result.model_copy(update={"equivalence": equivalence(curves)})
+        result = result.model_copy(update={"equivalence": equivalence(curves), "reused": reused})
         files = _write(out, result, replicates=replicates, curves=curves)
         tracking.log_metrics(tracking.parent_run_id, {
             **summary_metrics(result),

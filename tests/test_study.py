@@ -159,6 +159,8 @@ def test_a_two_arm_two_seed_study_is_killed_and_resumes_without_redoing_finished
     assert study_run.data.metrics["b.bits_per_dim.difference"] == pytest.approx(m["difference"]["mean"])
     # What TDC's bits/dim costs the single model: one entry per seed, from each replicate's curve.
     assert [len(e["per_seed"]) for e in result["equivalence"]] == [2, 2]
+    assert result["reused"] == 1  # the replicate finished before the kill
+    assert "(1 of 4 replicates were already finished and reused)" in (tmp_path / "out" / "study.md").read_text()
     assert "What TDC's quality costs a single model" in (tmp_path / "out" / "study.md").read_text()
 
 

@@ -260,7 +260,8 @@ class StudySummary(BaseModel):
 
     name: str
     arms: list[ArmSummary]
-    seconds: float | None = None
+    seconds: float | None = None   # wall time of the invocation that wrote it
+    reused: int = 0                # replicates that invocation found finished (their time is not in it)
     equivalence: list[Equivalence] = []
 
 
@@ -317,7 +318,9 @@ def study_markdown(s: StudySummary) -> str:
     """The study as Markdown: per arm, each metric's TDC, baseline and paired difference."""
     lines = [f"# Study `{s.name}`", ""]
     if s.seconds is not None:
-        lines += [f"Wall time: {s.seconds / 60:.1f} min.", ""]
+        n = sum(len(a.seeds) for a in s.arms)
+        reused = f" ({s.reused} of {n} replicates were already finished and reused)" if s.reused else ""
+        lines += [f"Wall time of this invocation: {s.seconds / 60:.1f} min{reused}.", ""]
     for arm in s.arms:
         lines += [f"## Arm `{arm.arm}`: {len(arm.seeds)} training seeds {arm.seeds}", "",
                   "Mean [95 % t interval over training seeds]; the difference is TDC − baseline, taken per seed.",
