@@ -337,7 +337,7 @@ def study_markdown(s: StudySummary) -> str:
         lines.append("")
     if s.equivalence:
         lines += ["## What TDC's quality costs a single model", "",
-                  "Training FLOPs at which the single model (one dense run, scored at 8 points on the way) "
+                  "Training FLOPs at which the single model (one dense run, scored at every step it kept) "
                   "reaches TDC's held-out bits/dim, as a share of TDC's own training FLOPs: below 1, TDC's "
                   "compute bought less than the single model gets from it; above 1, more. Mean [95 % t "
                   "interval over training seeds].", "",
