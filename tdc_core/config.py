@@ -209,9 +209,16 @@ class BudgetConfig(_Strict):
 
 
 class FinetuneConfig(_Strict):
+    """Stage 2's recipe: group fine-tunes and the pruning rounds' recovery fine-tunes."""
+
     steps: int = Field(500, ge=0)            # per-group fine-tuning steps
     lr: float = Field(1e-4, gt=0.0)
     batch_size: int | None = Field(None, ge=1)  # None = train.batch_size
+    # Stage 2's own schedule. None inherits train.* (what every run did before these fields
+    # existed; the "make TDC win" issue measures better values before any default changes).
+    warmup_steps: int | None = Field(None, ge=0)       # linear warm-up of each fine-tune
+    ema_decay: float | None = Field(None, ge=0.0, lt=1.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at the fine-tune's last step
 
 
 class PruneConfig(_Strict):

@@ -222,7 +222,8 @@ def finetune_group_stage(
         raise CheckpointError(f"shared checkpoint {layout.shared_checkpoint} does not exist; run shared training first")
     train_images, heldout = prepare_data(config)
     # A distinct data/noise stream per group, reproducible from the run's seed.
-    plan = TrainPlan.finetune(config, t_range=(budget.lo, budget.hi), seed=config.train.seed + 1000 * (group + 1))
+    plan = TrainPlan.finetune(config, t_range=(budget.lo, budget.hi), seed=config.train.seed + 1000 * (group + 1),
+                              steps=config.finetune.steps)
     diffusion = Diffusion.from_config(config.diffusion)
     device = device or resolve_device(config.train.device)
     ckpt = layout.group_checkpoint(group)

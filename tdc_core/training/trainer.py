@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class TrainPlan:
     # The ``train`` recipe on all timesteps (probe, shared model, baseline): its checkpoints
     # resume under any config that trains the same, whatever its length (``same_training``).
     is_dense: bool = False
+    warmup_steps: int = 0              # linear learning-rate warm-up
+    ema_decay: float = 0.999           # EMA of the weights, per step
+    cosine_steps: int | None = None    # cosine decay of the learning rate to 0 at this step; None: constant
 
     def __post_init__(self) -> None:
         lo, hi = self.t_range
@@ -94,15 +98,20 @@ class TrainPlan:
         """All timesteps with ``train``'s seed, learning rate and batch: the probe, the shared model
         and the baseline."""
         return cls(seed=config.train.seed, t_range=(0, config.diffusion.num_timesteps), lr=config.train.lr,
-                   batch_size=config.train.batch_size, random_flip=config.data.random_flip, is_dense=True)
+                   batch_size=config.train.batch_size, random_flip=config.data.random_flip, is_dense=True,
+                   warmup_steps=config.train.warmup_steps, ema_decay=config.train.ema_decay)
 
     @classmethod
-    def finetune(cls, config: PipelineConfig, *, t_range: tuple[int, int], seed: int) -> TrainPlan:
-        """A fine-tune on ``t_range`` (a group's, or a pruning round's recovery) with ``finetune``'s
-        learning rate and batch (default ``train.batch_size``)."""
-        return cls(seed=seed, t_range=t_range, lr=config.finetune.lr,
-                   batch_size=config.finetune.batch_size or config.train.batch_size,
-                   random_flip=config.data.random_flip)
+    def finetune(cls, config: PipelineConfig, *, t_range: tuple[int, int], seed: int, steps: int) -> TrainPlan:
+        """A fine-tune of ``steps`` steps on ``t_range`` (a group's, or a pruning round's recovery)
+        with stage 2's recipe: ``finetune``'s learning rate, batch (default ``train.batch_size``),
+        warm-up and EMA decay (default ``train``'s), and its schedule over those ``steps``."""
+        ft = config.finetune
+        return cls(seed=seed, t_range=t_range, lr=ft.lr, batch_size=ft.batch_size or config.train.batch_size,
+                   random_flip=config.data.random_flip,
+                   warmup_steps=config.train.warmup_steps if ft.warmup_steps is None else ft.warmup_steps,
+                   ema_decay=config.train.ema_decay if ft.ema_decay is None else ft.ema_decay,
+                   cosine_steps=steps if ft.lr_schedule == "cosine" else None)
 
     def replace(self, **changes: Any) -> TrainPlan:
         return dataclasses.replace(self, **changes)
@@ -314,8 +323,15 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
 
     def _lr_at(self, step: int) -> float:
-        warm, lr = self.config.train.warmup_steps, self.plan.lr
-        return lr * min(1.0, (step + 1) / warm) if warm else lr
+        """Learning rate of optimizer step ``step`` (0-based): linear warm-up over
+        ``plan.warmup_steps``, then constant or, with ``plan.cosine_steps``, a cosine to 0 there."""
+        warm, lr = self.plan.warmup_steps, self.plan.lr
+        if warm and step < warm:
+            return lr * (step + 1) / warm
+        if self.plan.cosine_steps:
+            span = max(1, self.plan.cosine_steps - warm)
+            return lr * 0.5 * (1.0 + math.cos(math.pi * min(step - warm, span) / span))
+        return lr
 
     def _train_step(self) -> dict[str, torch.Tensor] | None:
         """One optimizer step; the step's metrics as device tensors (no host sync), or None
@@ -356,7 +372,7 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         ema_p = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - self.config.train.ema_decay)
+        torch._foreach_lerp_(ema_p, list(self.model.parameters()), 1.0 - self.plan.ema_decay)
 
     def fit(self, *, until_step: int, checkpoint_path: str | Path, reporter: Reporter | None = None,
             snapshot_steps: Sequence[int] = (), snapshot_dir: str | Path | None = None) -> TrainResult:

@@ -257,7 +257,8 @@ def prune_to_budget(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if next(model.parameters()).device != device:
         model = copy.deepcopy(model).to(device)  # the caller's model stays where it is
-    plan = TrainPlan.finetune(config, t_range=t_range, seed=config.train.seed if seed is None else seed)
+    plan = TrainPlan.finetune(config, t_range=t_range, seed=config.train.seed if seed is None else seed,
+                              steps=max(config.prune.recovery_steps, candidate_recovery_steps))
     search = _GroupSearch(
         model=model, diffusion=diffusion, train_images=train_images, heldout_images=heldout_images,
         config=config, plan=plan, device=device, candidate_recovery_steps=candidate_recovery_steps,
@@ -394,7 +395,9 @@ class _GroupSearch:
         started from), and that score."""
         trainer = Trainer(
             model=copy.deepcopy(model), diffusion=self.diffusion, config=self.config,
-            plan=self.plan.replace(seed=self.plan.seed + 7919 * round + seed_offset),
+            # A cosine schedule spans this recovery's own steps.
+            plan=self.plan.replace(seed=self.plan.seed + 7919 * round + seed_offset,
+                                   cosine_steps=steps if self.plan.cosine_steps else None),
             train_images=self.train_images, heldout_images=self.heldout_images, device=self.device,
         )
         trainer.fit(until_step=steps, checkpoint_path=self.folder / "recovery.pt", reporter=NullReporter())
