@@ -11,17 +11,15 @@ Plot: :func:`plot_curve` (bits/dim and ε-MSE vs training FLOPs, bits/dim vs sam
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict
 
-from tdc_core.atomic import atomic_write_bytes
+from tdc_core.evaluation.plots import render_png
 from tdc_core.evaluation.units import flops_unit
 
 __all__ = ["Curve", "CurvePoint", "plot_curve", "plot_curves"]
@@ -119,7 +117,7 @@ def plot_curve(curve: Curve, path: str | Path, *, title: str = "") -> Path:
     ax_samp.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    return _render(fig, path)
+    return render_png(fig, path)
 
 
 def _zoom(ax: Axes, points: Sequence[tuple[float, float]]) -> None:
@@ -173,12 +171,4 @@ def plot_curves(curves: Mapping[str, Sequence[Curve]], path: str | Path, *, titl
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    return _render(fig, path)
-
-
-def _render(fig: Figure, path: str | Path) -> Path:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return render_png(fig, path)

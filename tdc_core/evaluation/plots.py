@@ -24,7 +24,7 @@ from tdc_core.evaluation.units import flops_unit
 from tdc_core.method.grouping import Grouping
 from tdc_core.method.profiling import DifficultyProfile
 
-__all__ = ["IntervalRow", "plot_comparison", "plot_grouping", "plot_intervals", "plot_profile"]
+__all__ = ["IntervalRow", "plot_comparison", "plot_grouping", "plot_intervals", "plot_profile", "render_png"]
 
 _LOSS_COLOUR = "tab:blue"
 _SNR_COLOUR = "tab:red"
@@ -79,7 +79,8 @@ def _draw_affinity(fig: Figure, ax: Axes, profile: DifficultyProfile) -> None:
     cbar.set_label("cosine similarity (1 = same direction)")
 
 
-def _render(fig: Figure, path: str | Path) -> Path:
+def render_png(fig: Figure, path: str | Path) -> Path:
+    """Render ``fig`` with Agg and write it to ``path`` atomically."""
     FigureCanvasAgg(fig)  # attach the Agg canvas explicitly; no pyplot involved
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI)
@@ -112,7 +113,7 @@ def plot_profile(profile: DifficultyProfile, path: str | Path) -> Path:
         f"(probe at step {profile.model_step})", fontsize=11,
     )
     _draw_affinity(fig, right, profile)
-    return _render(fig, path)
+    return render_png(fig, path)
 
 
 def plot_grouping(
@@ -174,7 +175,7 @@ def plot_grouping(
     for b in grouping.boundaries[1:-1]:
         right.axvline(b, color="black", linewidth=0.6, linestyle=":")
         right.axhline(b, color="black", linewidth=0.6, linestyle=":")
-    return _render(fig, path)
+    return render_png(fig, path)
 
 
 # --- the comparison ----------------------------------------------------------------------------
@@ -298,4 +299,4 @@ def plot_intervals(panels: Sequence[tuple[str, Sequence[IntervalRow]]], path: st
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    return _render(fig, path)
+    return render_png(fig, path)

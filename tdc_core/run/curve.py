@@ -11,8 +11,6 @@ comparison itself. Training FLOPs follow docs/METHOD.md: steps × F × batch × 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from tdc_core.config import PipelineConfig
@@ -25,20 +23,9 @@ from tdc_core.records import load_record
 from tdc_core.reporter import Reporter
 from tdc_core.run.layout import RunLayout
 from tdc_core.run.stages import CostReport
-from tdc_core.training.trainer import load_model, prepare_data
+from tdc_core.training.trainer import list_snapshots, load_model, prepare_data
 
-__all__ = ["single_model_curve", "snapshot_steps"]
-
-
-def snapshot_steps(folder: Path) -> list[tuple[int, Path]]:
-    """``(step, file)`` of the snapshots in ``folder`` (``step-<n>.pt``), by step."""
-    found = []
-    for p in Path(folder).glob("step-*.pt"):
-        try:
-            found.append((int(p.stem.removeprefix("step-")), p))
-        except ValueError:
-            continue
-    return sorted(found)
+__all__ = ["single_model_curve"]
 
 
 def _point(name: str, *, kind: str, step: int | None, training_flops: float, sampling_flops: float,
@@ -61,8 +48,8 @@ def single_model_curve(config: PipelineConfig, layout: RunLayout, comparison: Co
     cost = load_record(layout.costs_json, CostReport, what="cost report").training
     per_step = cost.base_flops * cost.batch_size * cost.backward_factor
     shared_step, base_step = cost.shared_steps, round(comparison.baseline.cost.training_flops / per_step)
-    snapshots = [(s, p) for s, p in snapshot_steps(RunLayout(layout.stage1_root).snapshots_dir) if s < shared_step]
-    snapshots += [(s, p) for s, p in snapshot_steps(RunLayout(layout.baseline_dir).snapshots_dir)
+    snapshots = [(s, p) for s, p in list_snapshots(RunLayout(layout.stage1_root).snapshots_dir) if s < shared_step]
+    snapshots += [(s, p) for s, p in list_snapshots(RunLayout(layout.baseline_dir).snapshots_dir)
                   if shared_step < s < base_step]
     _, heldout = prepare_data(config)
     models = [(f"single@{s}", load_model(p, device=device).model) for s, p in snapshots]

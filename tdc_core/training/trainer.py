@@ -532,6 +532,17 @@ def snapshot_path(folder: str | Path, step: int) -> Path:
     return Path(folder) / f"step-{int(step)}.pt"
 
 
+def list_snapshots(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(step, file)`` of the snapshots :func:`snapshot_path` named in ``folder``, by step."""
+    found = []
+    for p in Path(folder).glob("step-*.pt"):
+        try:
+            found.append((int(p.stem.removeprefix("step-")), p))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
 def run_training(
     config: PipelineConfig, *, run_dir: str | Path, reporter: Reporter | None = None, steps: int | None = None,
     resume: bool = True, device: torch.device | None = None, snapshot_steps: Sequence[int] = (),
