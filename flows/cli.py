@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("study", type=Path, help="the study file (YAML: name, arms, seeds)")
     st.add_argument("--dry-run", action="store_true", help="list the replicates and their run folders, run nothing")
     st.add_argument("--out-dir", type=Path, help="where study.{md,json} go (default: studies/<name>)")
+    st.add_argument("--summary-only", action="store_true",
+                    help="re-derive study.{md,json,png} from <out-dir>/replicates.json (e.g. after adding "
+                         "contrasts); runs nothing")
     st.add_argument("--verbose", action="store_true", help="show Prefect's own logs and full tracebacks")
 
     tr = sub.add_parser("train",
@@ -542,6 +545,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from flows.checks import check_before_run
     from flows.study import plan_lines
 
+    if args.summary_only:
+        from flows.study import resummarise
+
+        result = resummarise(spec, out_dir=args.out_dir)
+        print(study_markdown(result))
+        return 0
     print("\n".join(plan_lines(spec)))
     if args.dry_run:
         return 0

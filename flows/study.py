@@ -48,7 +48,7 @@ from tdc_core.run.study import (
     summary_metrics,
 )
 
-__all__ = ["plan_lines", "tdc_study"]
+__all__ = ["plan_lines", "resummarise", "tdc_study"]
 
 
 def plan_lines(spec: StudySpec) -> list[str]:
@@ -117,7 +117,7 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
                     curves.setdefault(arm.name, []).append(load_record(curve_json, Curve, what="curve"))
                 replicates.append({"arm": arm.name, "seed": seed, "run_dir": summary.run_dir,
                                    "mlflow_run_id": summary.mlflow_run_id, **metrics})
-        result = summarise(name=spec.name, arms=results, seconds=time.perf_counter() - t0)
+        result = summarise(name=spec.name, arms=results, seconds=time.perf_counter() - t0, contrasts=spec.contrasts)
         result = result.model_copy(update={"equivalence": equivalence(curves), "reused": reused})
         files = _write(out, result, replicates=replicates, curves=curves)
         tracking.log_metrics(tracking.parent_run_id, {
@@ -129,6 +129,55 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
         tracking.finish(tracking.parent_run_id, ok=False)
         raise
     tracking.finish(tracking.parent_run_id)
+    return result
+
+
+def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None) -> StudySummary:
+    """Re-derive a study's summary files from its ``replicates.json`` without running anything
+    (``tdc study --summary-only``): e.g. after adding ``contrasts`` to the study file. Curves are
+    read back from the replicates' run folders where those still exist; the wall time recorded by
+    the invocation that ran the replicates is kept.
+
+    Raises:
+        ConfigError: ``replicates.json`` is missing or unreadable, or lacks an arm × seed of ``spec``.
+    """
+    out = Path(out_dir or Path("studies") / spec.name)
+    path = out / "replicates.json"
+    try:
+        replicates = json.loads(path.read_text())
+        by_key = {(r["arm"], int(r["seed"])): r for r in replicates}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} cannot be read as a study's replicates ({exc}); run the study first") from None
+    missing = [f"{a.name} seed {s}" for a in spec.arms for s in spec.seeds if (a.name, s) not in by_key]
+    if missing:
+        raise ConfigError(f"{path} lacks {len(missing)} replicate(s) of the study file: {', '.join(missing[:5])}; "
+                          f"run the study (without --summary-only) to make them")
+    results: dict[str, dict[int, dict]] = {}
+    curves: dict[str, list[Curve]] = {}
+    kept = []
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            r = by_key[(arm.name, seed)]
+            kept.append(r)
+            results.setdefault(arm.name, {})[seed] = {"tdc": r["tdc"], "baseline": r["baseline"]}
+            curve_json = RunLayout(Path(r["run_dir"])).curve_json
+            if curve_json.is_file():
+                curves.setdefault(arm.name, []).append(load_record(curve_json, Curve, what="curve"))
+    previous = None
+    if (out / "study.json").is_file():
+        try:
+            previous = StudySummary.model_validate_json((out / "study.json").read_text())
+        except ValueError:
+            previous = None
+    result = summarise(name=spec.name, arms=results, seconds=previous.seconds if previous else None,
+                       contrasts=spec.contrasts)
+    update: dict = {"reused": previous.reused if previous else 0}
+    if curves and all(len(v) == len(spec.seeds) for v in curves.values()):
+        update["equivalence"] = equivalence(curves)
+    elif previous:
+        update["equivalence"] = previous.equivalence  # run folders gone: keep what was measured
+    result = result.model_copy(update=update)
+    _write(out, result, replicates=kept, curves=curves)
     return result
 
 

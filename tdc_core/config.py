@@ -151,6 +151,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)       # linear lr warm-up
     grad_clip: float | None = Field(1.0, gt=0.0)  # max global grad norm; None = off
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    # Per-sample weight of the ε-MSE: uniform, or Min-SNR-γ (min(SNR, γ)/SNR for ε-prediction).
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: float = Field(5.0, gt=0.0)
     log_every: int = Field(50, ge=1)         # steps between metric reports (host syncs)
     checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints
     heldout_every: int = Field(500, ge=1)    # steps between held-out loss evaluations
@@ -192,6 +195,9 @@ class ProfileConfig(_Strict):
     affinity_batches: int = Field(4, ge=1)   # batches averaged for gradient cosine similarity
     affinity_batch_size: int = Field(32, ge=1)
     param_subset: Literal["all", "output", "middle"] = "all"  # parameters whose gradients count
+    # Pruning sensitivity: the loss again with the probe pruned uniformly to this keep ratio
+    # (budget.difficulty=sensitivity ranks groups by it); None skips it.
+    sensitivity_keep: float | None = Field(0.5, gt=0.0, lt=1.0)
     seed: Seed = 0
 
 
@@ -205,7 +211,10 @@ class GroupingConfig(_Strict):
 
 class BudgetConfig(_Strict):
     k: float = Field(0.5, gt=0.0, le=1.0)    # FLOPs_g(i) = (i/N + (N-i)/N * k) * F
-    difficulty: Literal["loss", "snr"] = "loss"  # what ranks groups from easy to hard
+    # What ranks groups from easy to hard: measured ε-loss, SNR (low = hard), or the measured
+    # rise of the error when the probe is pruned (tdc_core.method.sensitivity).
+    difficulty: Literal["loss", "snr", "sensitivity"] = "loss"
+    reverse: bool = False                    # ablation: the hardest group gets the smallest budget
 
 
 class FinetuneConfig(_Strict):
@@ -219,6 +228,7 @@ class FinetuneConfig(_Strict):
     warmup_steps: int | None = Field(None, ge=0)       # linear warm-up of each fine-tune
     ema_decay: float | None = Field(None, ge=0.0, lt=1.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at the fine-tune's last step
+    loss_weighting: Literal["uniform", "min_snr"] | None = None  # None = train.loss_weighting (γ: train's)
 
 
 class PruneConfig(_Strict):
@@ -233,6 +243,7 @@ class PruneConfig(_Strict):
     score_batches: int = Field(2, ge=1)      # held-out batches that score one candidate
     tolerance: float = Field(0.02, ge=0.0, lt=0.5)  # final FLOPs ≤ budget·(1 + tolerance)
     min_keep: float = Field(0.1, gt=0.0, le=1.0)    # smallest keep ratio of any unit
+    width_multiple: int = Field(8, ge=1)     # pruned widths: multiples of this where the dense width allows
     prune_attention: bool = True             # also prune attention q/k/v channels (by heads)
     llm_url: str | None = None               # OpenAI-compatible endpoint for proxy=llm
     llm_model: str = "gpt-4o-mini"
@@ -334,6 +345,9 @@ class PipelineConfig(_Strict):
                 f"sample.steps={self.sample.steps} exceeds diffusion.num_timesteps="
                 f"{self.diffusion.num_timesteps}"
             )
+        if self.budget.difficulty == "sensitivity" and self.profile.sensitivity_keep is None:
+            raise ValueError("budget.difficulty=sensitivity needs profile.sensitivity_keep (a keep ratio in (0, 1)); "
+                             "allowed: set it, or budget.difficulty=loss or snr")
         if self.grouping.num_groups > self.profile.num_buckets:
             raise ValueError(
                 f"grouping.num_groups={self.grouping.num_groups} exceeds profile.num_buckets="

@@ -108,3 +108,52 @@ def test_mean_sampling_fraction_rejects_bad_steps_and_budgets() -> None:
         mean_sampling_fraction(budgets=budgets[1:], steps=np.array([600]))  # gap at [0, 500)
     with pytest.raises(ValueError, match="tile"):
         mean_sampling_fraction(budgets=[], steps=np.array([0]))
+
+
+# --- which group gets which budget, per difficulty measure (a synthetic profile) -------------
+
+
+def _synthetic_budgets(measure: str, *, reverse: bool = False) -> list[float]:
+    """Five equal groups over 10 buckets: ε-loss falls with t (highest at t ≈ 0, as measured),
+    SNR falls with t, and pruning hurts the middle buckets most."""
+    from tdc_core.config import GroupingConfig
+    from tdc_core.method.grouping import group_timesteps
+
+    edges = np.arange(0, 1001, 100)
+    sensitivity = np.array([0.1, 0.1, 0.3, 0.3, 0.9, 0.9, 0.5, 0.5, 0.2, 0.2])
+    grouping = group_timesteps(
+        bucket_edges=edges, snr_db=np.linspace(30.0, -30.0, 10), loss_mean=np.linspace(1.0, 0.1, 10),
+        affinity=np.eye(10), config=GroupingConfig(num_groups=5, cost="uniform"), difficulty=measure,
+        sensitivity=sensitivity if measure == "sensitivity" else None)
+    return [round(b.fraction, 6) for b in assign_budgets(grouping=grouping, k=0.5, base_flops=1.0, reverse=reverse)]
+
+
+def test_each_measure_puts_the_budgets_in_its_documented_order() -> None:
+    # loss: the low-noise groups (small t) are hardest and keep the full model.
+    assert _synthetic_budgets("loss") == [1.0, 0.9, 0.8, 0.7, 0.6]
+    # snr: low SNR (large t) is hardest: the opposite order.
+    assert _synthetic_budgets("snr") == [0.6, 0.7, 0.8, 0.9, 1.0]
+    # sensitivity: the group whose error rises most when pruned keeps the most.
+    assert _synthetic_budgets("sensitivity") == [0.6, 0.8, 1.0, 0.9, 0.7]
+
+
+def test_reverse_hands_the_same_budgets_out_in_the_opposite_order() -> None:
+    assert _synthetic_budgets("loss", reverse=True) == [0.6, 0.7, 0.8, 0.9, 1.0]
+    assert _synthetic_budgets("sensitivity", reverse=True) == [1.0, 0.8, 0.6, 0.7, 0.9]
+    grouping = make_grouping(rank=[2, 3, 1])
+    fwd = assign_budgets(grouping=grouping, k=0.4, base_flops=1.0)
+    rev = assign_budgets(grouping=grouping, k=0.4, base_flops=1.0, reverse=True)
+    assert sorted(b.fraction for b in fwd) == sorted(b.fraction for b in rev)  # the paper's set either way
+    assert [b.rank for b in rev] == [2, 3, 1] and rev[2].fraction == 1.0  # the easiest keeps F
+
+
+def test_sensitivity_without_a_measured_profile_is_refused_naming_the_fields() -> None:
+    from tdc_core.config import GroupingConfig, load_config
+    from tdc_core.method.grouping import group_timesteps
+
+    with pytest.raises(ConfigError, match="profile.sensitivity_keep"):
+        group_timesteps(bucket_edges=np.arange(0, 101, 10), snr_db=np.zeros(10), loss_mean=np.ones(10),
+                        affinity=np.eye(10), config=GroupingConfig(num_groups=2, cost="uniform"),
+                        difficulty="sensitivity")
+    with pytest.raises(ConfigError, match="budget.difficulty=sensitivity needs profile.sensitivity_keep"):
+        load_config(preset="smoke", overrides=["budget.difficulty=sensitivity", "profile.sensitivity_keep=null"])

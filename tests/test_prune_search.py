@@ -12,6 +12,7 @@ from tdc_core.diffusion.gaussian import Diffusion
 from tdc_core.errors import ConfigError
 from tdc_core.method.pruning.proxies.records import MemoryBank
 from tdc_core.method.pruning.search import plot_prune_rounds, prune_to_budget, round_targets
+from tdc_core.method.pruning.space import prune_space
 from tdc_core.model.flops import count_forward_flops
 from tdc_core.model.unet import UNet
 from tdc_core.reporter import RecordingReporter
@@ -124,3 +125,25 @@ def test_candidates_can_be_scored_after_a_short_recovery(setup):
     assert [e.widths for e in tuned.memory.entries] == [e.widths for e in plain.memory.entries]
     assert [e.score for e in tuned.memory.entries] != [e.score for e in plain.memory.entries]
     assert tuned.met and tuned.search_flops_by_part["recovery"] > 0 == plain.search_flops_by_part["recovery"]
+
+
+def test_widths_rounded_to_multiples_of_8_still_meet_the_budget(setup):
+    """prune.width_multiple=8: every pruned width is a multiple of 8 (the smoke model's dense
+    widths all are), and the FLOPs counted on the pruned model still meet the budget."""
+    cfg, _, _, _, dense = setup
+    fine = prune_space(spec_for(cfg), min_keep=0.1)
+    assert (fine.quanta % 8).any()  # without rounding some unit moves in steps below 8
+    result = run(setup, fraction=0.7, width_multiple=8)
+    res, attn = result.model.unit_widths()
+    assert all(w % 8 == 0 for w in [*res, *attn]), (res, attn)
+    counted = count_forward_flops(result.model, in_channels=1, image_size=8)
+    assert result.met and counted <= 0.7 * dense * (1 + cfg.prune.tolerance)
+
+
+def test_width_multiple_applies_only_where_the_dense_width_allows():
+    spec = spec_for(load_config(preset="digits"))
+    space = prune_space(spec, min_keep=0.1, width_multiple=8)
+    assert all(q % 8 == 0 for q in space.quanta)
+    odd = prune_space(spec, min_keep=0.1, width_multiple=48)  # 32-wide units cannot be multiples of 48
+    assert {u.dense_width: u.quantum for u in odd.units if u.kind == "res"}[32] == 8
+    assert all(u.quantum % 48 == 0 for u in odd.units if u.dense_width % 48 == 0)

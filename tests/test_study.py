@@ -180,3 +180,60 @@ def test_equivalence_is_the_matching_single_model_flops_over_tdcs_per_seed():
     (e,) = equivalence({"a": [curve(3.5), curve(3.0), curve(2.5)]})
     assert e.per_seed == [0.75, 1.0, None]  # 3 of 4 FLOPs, all 4, beyond the curve
     assert e.ratio.values == [0.75, 1.0] and e.ratio.mean == pytest.approx(0.875)
+
+
+def test_contrasts_pair_two_arms_models_by_seed():
+    from tdc_core.run.study import Contrast
+
+    arms = {"new": {s: _replicate(1.0 + 0.1 * s, 2.0) for s in (0, 1, 2)},
+            "old": {s: _replicate(1.05 + 0.1 * s + 0.01 * s, 1.5) for s in (0, 1, 2, 3)}}
+    contrasts = [Contrast(name="recipe", a="new.tdc", b="old.tdc"), Contrast(name="cross", a="new.tdc", b="old.baseline")]
+    s = summarise(name="x", arms=arms, contrasts=contrasts)
+    recipe = s.contrasts[0]
+    assert recipe.seeds == [0, 1, 2]  # only the seeds both arms ran
+    m = next(m for m in recipe.metrics if m.metric == "bits_per_dim")
+    assert m.difference.values == pytest.approx([-0.05, -0.06, -0.07])  # per seed, a − b
+    assert m.verdict == "a better"
+    cross = next(m for m in s.contrasts[1].metrics if m.metric == "bits_per_dim")
+    assert cross.difference.values == pytest.approx([-0.5, -0.4, -0.3]) and cross.verdict == "a better"
+    p = next(m for m in recipe.metrics if m.metric == "precision")
+    assert p.difference.mean == pytest.approx(0.0) and p.verdict == "no clear difference"
+    assert "## Contrasts between arms" in study_markdown(s) and "`recipe`" in study_markdown(s)
+
+
+def test_contrasts_must_name_arms_of_the_study(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: s\narms: [{name: a, preset: smoke}, {name: b, preset: smoke}]\nseeds: [0]\n"
+                   "contrasts: [{name: c, a: a.tdc, b: z.baseline}]\n")
+    with pytest.raises(ConfigError, match=r"b='z.baseline' names no arm"):
+        load_study(bad)
+    bad.write_text("name: s\narms: [{name: a, preset: smoke}]\nseeds: [0]\ncontrasts: [{name: c, a: a.tdc, b: a.shared}]\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_study(bad)
+
+
+def test_summary_only_rederives_the_study_from_its_replicates(tmp_path, capsys):
+    """`tdc study --summary-only`: from replicates.json alone (no run folders), nothing trained."""
+    import json
+
+    from flows.cli import main
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("name: s\narms: [{name: a, preset: smoke}, {name: b, preset: smoke, "
+                         "overrides: [finetune.steps=3]}]\nseeds: [0, 1]\n"
+                         "contrasts: [{name: ab, a: b.tdc, b: a.tdc}]\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    reps = [{"arm": arm, "seed": seed, "run_dir": str(tmp_path / "gone"), **_replicate(t, 2.0)}
+            for arm, seed, t in (("a", 0, 1.0), ("a", 1, 1.2), ("b", 0, 0.9), ("b", 1, 1.0))]
+    (out / "replicates.json").write_text(json.dumps(reps))
+    assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out)]) == 0
+    from tdc_core.run.study import StudySummary
+
+    s = StudySummary.model_validate_json((out / "study.json").read_text())
+    ab = next(m for m in s.contrasts[0].metrics if m.metric == "bits_per_dim")
+    assert ab.difference.values == pytest.approx([-0.1, -0.2])
+    assert "### `ab`" in (out / "study.md").read_text()
+    (out / "replicates.json").write_text(json.dumps(reps[:3]))
+    assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out)]) != 0
+    assert "lacks 1 replicate(s) of the study file: b seed 1" in capsys.readouterr().err

@@ -110,6 +110,7 @@ class Diffusion:
         self.posterior_mean_coef2 = f32((1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab))
         # "Fixed large" variance of DDPM ancestral sampling when Σ is not learned.
         self.fixed_large_log_var = f32(np.log(np.append(first, betas[1:])))
+        self._min_snr_weights: dict[tuple[float, torch.device], torch.Tensor] = {}
 
     # --- construction -----------------------------------------------------------------------
 
@@ -144,6 +145,21 @@ class Diffusion:
         """SNR in dB, 10·log10(ᾱ_t / (1 − ᾱ_t)), of step(s) ``t`` (float64, numpy)."""
         ab = self.alphas_cumprod_np[np.asarray(t)]
         return 10.0 * np.log10(ab / (1.0 - ab))
+
+    def min_snr_weight(self, t: torch.Tensor, *, gamma: float) -> torch.Tensor:
+        """Min-SNR-γ loss weight of the ε-MSE at steps ``t`` (int ``[N]``), float32 ``[N]``.
+
+        Hang et al. (2023) weight the x0-MSE by min(SNR, γ). ε-MSE is x0-MSE / SNR, so for an
+        ε-prediction model the same objective weights the ε-MSE by **min(SNR, γ)/SNR** (not
+        min(SNR, γ), the known trap): 1 where SNR ≤ γ (high noise), γ/SNR below it.
+        """
+        key = (float(gamma), t.device)
+        if key not in self._min_snr_weights:  # one table per γ and device, not one per step
+            ab = self.alphas_cumprod_np
+            snr = ab / (1.0 - ab)
+            self._min_snr_weights[key] = torch.as_tensor(np.minimum(snr, gamma) / snr,
+                                                         dtype=torch.float32).to(t.device)
+        return self._min_snr_weights[key][t]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε for ``x0, noise: [N x C x H x W]``, ``t: [N]``."""
@@ -192,22 +208,23 @@ class Diffusion:
 
     def training_losses(
         self, model_output: torch.Tensor, *, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-        noise: torch.Tensor,
+        noise: torch.Tensor, mse_weight: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses ``[N]`` (unreduced): ``mse`` = mean‖ε − ε̂‖², ``vb`` (hybrid only),
-        and ``loss`` = mse (+ λ·T·vb for L_hybrid, as IDDPM's rescaled objective).
+        and ``loss`` = w·mse (+ λ·T·vb for L_hybrid, as IDDPM's rescaled objective), with
+        ``mse_weight`` w ``[N]`` (e.g. :meth:`min_snr_weight`; default 1). ``mse`` stays unweighted.
 
         The caller draws ``t`` and ``noise``, so the loss is deterministic and testable.
         """
         channels = x0.shape[1]
         eps, v = self.split_output(model_output.float(), channels)
         mse = (noise - eps).pow(2).mean(dim=tuple(range(1, x0.ndim)))
-        out = {"mse": mse, "loss": mse}
+        out = {"mse": mse, "loss": mse if mse_weight is None else mse * mse_weight}
         if v is not None:
             # Stop the gradient of the mean through the VLB term: it trains Σ only (IDDPM).
             vb = self._vb_term(x0=x0, x_t=x_t, t=t, eps=eps.detach(), v=v)
             out["vb"] = vb
-            out["loss"] = mse + self.hybrid_vlb_weight * self.num_steps * vb
+            out["loss"] = out["loss"] + self.hybrid_vlb_weight * self.num_steps * vb
         return out
 
     def _vb_term(

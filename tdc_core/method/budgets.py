@@ -52,13 +52,16 @@ class GroupBudget(BaseModel):
     flops_budget: float    # fraction x base FLOPs of one forward pass
 
 
-def assign_budgets(*, grouping: Grouping, k: float, base_flops: float) -> list[GroupBudget]:
-    """One budget per group, in timestep order: the group with rank i gets fraction i.
+def assign_budgets(*, grouping: Grouping, k: float, base_flops: float, reverse: bool = False) -> list[GroupBudget]:
+    """One budget per group, in timestep order: the group with rank i gets fraction i (the
+    hardest the full model), or with ``reverse`` fraction N + 1 − i (the ablation: the easiest
+    gets the full model). The set of fractions is the paper's either way.
 
     Args:
         grouping: the groups and their difficulty ranks.
         k: smallest-budget parameter in (0, 1]; k = 1 gives every group the full model.
         base_flops: F, FLOPs of one forward pass of the base model (> 0).
+        reverse: hand the budgets out in reverse order of difficulty.
 
     Raises:
         ConfigError: bad ``k``.
@@ -71,7 +74,8 @@ def assign_budgets(*, grouping: Grouping, k: float, base_flops: float) -> list[G
     out = []
     for g in range(grouping.num_groups):
         lo, hi = grouping.interval(g)
-        frac = fractions[grouping.rank[g] - 1]
+        rank = grouping.rank[g]
+        frac = fractions[grouping.num_groups - rank if reverse else rank - 1]
         out.append(GroupBudget(group=g, lo=lo, hi=hi, rank=grouping.rank[g], fraction=frac,
                                flops_budget=frac * float(base_flops)))
     return out
@@ -113,6 +117,7 @@ class BudgetPlan(BaseModel):
     base_flops: float               # F: FLOPs of one forward pass of the dense base model
     k: float                        # budget.k
     difficulty_measure: str         # budget.difficulty
+    reverse: bool = False           # budget.reverse: the hardest group got the smallest budget
     budgets: list[GroupBudget]      # one per group, in timestep order
 
 
@@ -134,7 +139,7 @@ def check_budgets_reachable(config: PipelineConfig) -> None:
     if not prune.enabled or n == 1 or smallest >= 1.0:
         return  # nothing is pruned
     floor = _prune_floor_fraction(config.model.model_dump_json(), config.data.image_size, config.data.channels,
-                                  config.learn_sigma, prune.min_keep, prune.prune_attention)
+                                  config.learn_sigma, prune.min_keep, prune.prune_attention, prune.width_multiple)
     reachable = floor / (1 + prune.tolerance)  # as tdc_core.method.pruning.search accepts it
     if smallest < reachable:
         need = math.ceil(1000 * (n * reachable - 1) / (n - 1)) / 1000
@@ -148,12 +153,12 @@ def check_budgets_reachable(config: PipelineConfig) -> None:
 
 @functools.lru_cache(maxsize=32)
 def _prune_floor_fraction(model_json: str, image_size: int, channels: int, learn_sigma: bool, min_keep: float,
-                          prune_attention: bool) -> float:
+                          prune_attention: bool, width_multiple: int) -> float:
     """FLOPs of the narrowest prunable model / FLOPs of the dense one (the rule of
     :func:`tdc_core.method.pruning.search.prune_to_budget`: attention keeps its width unless pruned)."""
     spec = UNetSpec(model=ModelConfig.model_validate_json(model_json), image_size=image_size,
                     in_channels=channels, learn_sigma=learn_sigma)
-    space = prune_space(spec, min_keep=min_keep)
+    space = prune_space(spec, min_keep=min_keep, width_multiple=width_multiple)
     lower = [int(w) if prune_attention or u.kind != "attn" else u.dense_width
              for u, w in zip(space.units, space.min_widths)]
     return space.flops(lower) / space.dense_flops

@@ -58,9 +58,9 @@ __all__ = [
 ]
 
 CostKind = Literal["snr", "loss", "affinity", "uniform", "combined"]
-DifficultyMeasure = Literal["loss", "snr"]
+DifficultyMeasure = Literal["loss", "snr", "sensitivity"]
 _COST_KINDS: tuple[str, ...] = ("snr", "loss", "affinity", "uniform", "combined")
-_DIFFICULTY_MEASURES: tuple[str, ...] = ("loss", "snr")
+_DIFFICULTY_MEASURES: tuple[str, ...] = ("loss", "snr", "sensitivity")
 
 
 # --- dynamic programming -------------------------------------------------------------------
@@ -385,13 +385,16 @@ def group_difficulty(
     snr_db: np.ndarray,
     loss_mean: np.ndarray,
     measure: DifficultyMeasure,
+    sensitivity: np.ndarray | None = None,
 ) -> list[float]:
     """Difficulty score per group, higher = harder (docs/METHOD.md step 3).
 
     ``loss``: mean normalised eps-loss of the group's buckets; ``snr``: minus the mean SNR_dB
-    (low SNR = hard). Means are weighted by bucket width in timesteps. Which end of [0, T) is
-    harder differs between the two (eps-loss is usually highest at small t, i.e. high SNR), and
-    the literature disagrees, so the measure is a parameter and is logged.
+    (low SNR = hard); ``sensitivity``: the mean of ``sensitivity`` ``[B]``, the measured rise of
+    the buckets' weighted error per FLOP pruned (:mod:`tdc_core.method.sensitivity`). Means are
+    weighted by bucket width in timesteps. Which end of [0, T) is harder differs between loss
+    and SNR (eps-loss is usually highest at small t, i.e. high SNR), and the literature
+    disagrees, so the measure is a parameter and is logged.
 
     Returns:
         ``[N]`` plain floats.
@@ -403,7 +406,16 @@ def group_difficulty(
         )
     edges = np.asarray(bucket_edges)
     width = np.diff(edges).astype(np.float64)
-    score = normalised_loss(loss_mean) if measure == "loss" else -np.asarray(snr_db, dtype=np.float64)
+    if measure == "sensitivity":
+        if sensitivity is None:
+            raise ConfigError(
+                "budget.difficulty=sensitivity needs the profile's pruning sensitivity, and this profile "
+                "was made without it (profile.sensitivity_keep unset, or a profile from an older version); "
+                "allowed: budget.difficulty=loss or snr, or a new stage 1 with profile.sensitivity_keep set"
+            )
+        score = _vector("sensitivity", sensitivity, width.size)
+    else:
+        score = normalised_loss(loss_mean) if measure == "loss" else -np.asarray(snr_db, dtype=np.float64)
     out = []
     for lo, hi in zip(bucket_boundaries[:-1], bucket_boundaries[1:]):
         out.append(float(np.average(score[lo:hi], weights=width[lo:hi])))
@@ -436,6 +448,7 @@ def group_timesteps(
     affinity: np.ndarray,
     config: GroupingConfig,
     difficulty: DifficultyMeasure,
+    sensitivity: np.ndarray | None = None,
 ) -> Grouping:
     """Partition ``[0, T)`` into ``config.num_groups`` contiguous groups and rank them.
 
@@ -445,7 +458,9 @@ def group_timesteps(
         loss_mean: ``[B]`` mean held-out eps-loss per bucket.
         affinity: ``[B, B]`` gradient cosine similarity between buckets.
         config: cost kind, N, minimum group size in buckets, ``combined`` weights.
-        difficulty: ``loss`` or ``snr``, what ranks the groups (see :func:`group_difficulty`).
+        difficulty: ``loss``, ``snr`` or ``sensitivity``, what ranks the groups (see
+            :func:`group_difficulty`).
+        sensitivity: ``[B]`` per-bucket pruning sensitivity, for ``difficulty="sensitivity"``.
 
     Raises:
         ConfigError: ``num_groups x min_group_buckets > B`` or a bad cost/measure name.
@@ -478,7 +493,7 @@ def group_timesteps(
         bucket_bounds = optimal_partition(table, num_groups=n, min_size=min_size)
     scores = group_difficulty(
         bucket_edges=edges, bucket_boundaries=bucket_bounds, snr_db=snr, loss_mean=loss,
-        measure=difficulty,
+        measure=difficulty, sensitivity=sensitivity,
     )
     return Grouping(
         num_timesteps=int(edges[-1]),

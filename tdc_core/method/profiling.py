@@ -62,6 +62,7 @@ __all__ = [
     "ProfileArrays",
     "bucket_centres",
     "bucket_edges",
+    "bucket_losses",
     "profile_difficulty",
     "subset_parameters",
 ]
@@ -111,6 +112,8 @@ class ProfileArrays(NamedTuple):
     loss_mean: np.ndarray     # [B] float64, mean per-sample ε-MSE
     loss_std: np.ndarray      # [B] float64, its standard deviation over samples
     affinity: np.ndarray      # [B, B] float64, gradient cosine similarity
+    pruned_loss_mean: np.ndarray | None = None  # [B] float64, the same loss of the probe pruned uniformly
+    pruned_flops_fraction: float | None = None  # that pruned probe's FLOPs / the dense probe's
 
 
 class DifficultyProfile(BaseModel):
@@ -132,6 +135,11 @@ class DifficultyProfile(BaseModel):
     param_subset: str             # parameters whose gradients entered the affinity
     num_params: int               # how many scalar parameters that is (P)
     seconds: float                # wall time of the profiling
+    # Pruning sensitivity (tdc_core.method.sensitivity): the same per-bucket loss, on the same
+    # samples and noise, of the probe pruned uniformly to profile.sensitivity_keep. None in
+    # profiles made without it (budget.difficulty=sensitivity then refuses them).
+    pruned_loss_mean: list[float] | None = None   # [B]
+    pruned_flops_fraction: float | None = None    # FLOPs of that pruned probe / of the dense one, in (0, 1)
 
     @model_validator(mode="after")
     def _consistent(self) -> DifficultyProfile:
@@ -142,8 +150,10 @@ class DifficultyProfile(BaseModel):
             raise ValueError(
                 f"bucket_edges must rise strictly from 0 to num_timesteps={self.num_timesteps}"
             )
-        for name in ("snr_db", "loss_mean", "loss_std"):
+        for name in ("snr_db", "loss_mean", "loss_std", "pruned_loss_mean"):
             values = getattr(self, name)
+            if values is None:
+                continue
             if len(values) != b or not all(math.isfinite(v) for v in values):
                 raise ValueError(f"{name} must hold {b} finite values (one per bucket)")
         if len(self.affinity) != b or any(len(row) != b for row in self.affinity) or not all(
@@ -152,6 +162,10 @@ class DifficultyProfile(BaseModel):
             raise ValueError(f"affinity must be a {b}x{b} matrix of values in [-1, 1]")
         if self.param_subset not in _PARAM_SUBSETS:
             raise ValueError(f"param_subset={self.param_subset!r}; allowed: {', '.join(_PARAM_SUBSETS)}")
+        if (self.pruned_loss_mean is None) != (self.pruned_flops_fraction is None) or not (
+            self.pruned_flops_fraction is None or 0.0 < self.pruned_flops_fraction < 1.0
+        ):
+            raise ValueError("pruned_loss_mean and pruned_flops_fraction come together; the fraction lies in (0, 1)")
         if self.num_params < 1 or self.model_step < 0:
             raise ValueError("num_params must be >= 1 and model_step >= 0")
         return self
@@ -169,6 +183,9 @@ class DifficultyProfile(BaseModel):
             loss_mean=np.asarray(self.loss_mean, dtype=np.float64),
             loss_std=np.asarray(self.loss_std, dtype=np.float64),
             affinity=np.asarray(self.affinity, dtype=np.float64),
+            pruned_loss_mean=None if self.pruned_loss_mean is None else np.asarray(self.pruned_loss_mean,
+                                                                                 dtype=np.float64),
+            pruned_flops_fraction=self.pruned_flops_fraction,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -258,7 +275,7 @@ def _heldout_batch(heldout: torch.Tensor, start: int, size: int, device: torch.d
 
 
 @torch.no_grad()
-def _bucket_losses(
+def bucket_losses(
     *, model: nn.Module, diffusion: Diffusion, heldout: torch.Tensor, edges: np.ndarray,
     samples_per_bucket: int, seed: int, device: torch.device,
 ) -> torch.Tensor:
@@ -432,7 +449,7 @@ def profile_difficulty(
             f"profiling: held-out ε-loss in {config.num_buckets} buckets x "
             f"{config.loss_samples_per_bucket} samples"
         )
-        losses = _bucket_losses(
+        losses = bucket_losses(
             model=model, diffusion=diffusion, heldout=heldout, edges=edges,
             samples_per_bucket=config.loss_samples_per_bucket, seed=config.seed, device=device,
         )

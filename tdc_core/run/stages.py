@@ -39,10 +39,11 @@ from tdc_core.method.pruning.proxies.records import MemoryBank
 from tdc_core.method.pruning.search import plot_prune_rounds, prune_to_budget
 from tdc_core.method.pruning.space import count_spec_flops
 from tdc_core.method.routing import ExpertRouter, load_router
+from tdc_core.method.sensitivity import bucket_sensitivity, uniformly_pruned_losses
 from tdc_core.model.flops import count_forward_flops
 from tdc_core.model.unet import UNetSpec
 from tdc_core.records import load_record, save_record
-from tdc_core.reporter import Reporter
+from tdc_core.reporter import NullReporter, Reporter
 from tdc_core.run.layout import RunLayout
 from tdc_core.training.checkpoint import load_checkpoint
 from tdc_core.training.device import resolve_device
@@ -160,6 +161,14 @@ def profile_stage(
         config=config.profile, device=next(loaded.model.parameters()).device, model_step=loaded.step,
         reporter=reporter,
     )
+    keep = config.profile.sensitivity_keep
+    if keep is not None:
+        (reporter or NullReporter()).message(f"profiling: held-out ε-loss again with the probe pruned to {keep:g} "
+                                             f"of every width (pruning sensitivity)")
+        pruned_loss, fraction = uniformly_pruned_losses(
+            model=loaded.model, diffusion=Diffusion.from_config(config.diffusion), heldout_images=heldout,
+            config=config.profile, keep=keep, device=next(loaded.model.parameters()).device)
+        profile = profile.model_copy(update={"pruned_loss_mean": pruned_loss, "pruned_flops_fraction": fraction})
     profile.save(layout.profile_json)
     plot_profile(profile, layout.profile_png)
     return profile
@@ -169,14 +178,18 @@ def group_stage(config: PipelineConfig, layout: RunLayout) -> GroupingResult:
     """Partition [0, T) into groups from the saved profile and assign FLOPs budgets."""
     profile = DifficultyProfile.load(layout.profile_json)
     a = profile.arrays()
+    sensitivity = None if a.pruned_loss_mean is None else bucket_sensitivity(
+        loss_mean=a.loss_mean, pruned_loss_mean=a.pruned_loss_mean, pruned_flops_fraction=a.pruned_flops_fraction,
+        snr_db=a.snr_db)
     grouping = group_timesteps(
         bucket_edges=a.bucket_edges, snr_db=a.snr_db, loss_mean=a.loss_mean, affinity=a.affinity,
-        config=config.grouping, difficulty=config.budget.difficulty,
+        config=config.grouping, difficulty=config.budget.difficulty, sensitivity=sensitivity,
     )
     base_flops = count_spec_flops(spec_for(config))  # counted on the meta device: no weights
+    budget = config.budget
     plan = BudgetPlan(
-        base_flops=float(base_flops), k=config.budget.k, difficulty_measure=config.budget.difficulty,
-        budgets=assign_budgets(grouping=grouping, k=config.budget.k, base_flops=base_flops),
+        base_flops=float(base_flops), k=budget.k, difficulty_measure=budget.difficulty, reverse=budget.reverse,
+        budgets=assign_budgets(grouping=grouping, k=budget.k, base_flops=base_flops, reverse=budget.reverse),
     )
     save_record(layout.grouping_json, grouping)
     save_record(layout.budgets_json, plan)

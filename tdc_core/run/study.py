@@ -11,6 +11,11 @@ replicate share data, split and evaluation draws, so the difference is taken per
 with Student's t at n − 1 degrees of freedom. An interval needs two seeds; with one it is
 reported as missing, never as zero.
 
+**Contrasts** compare models of two arms, paired by training seed: ``a: cosine.tdc`` and
+``b: inherit.tdc`` gives, per metric, the interval of (a − b) over the seeds both arms ran. Arms
+that share a stage 1 differ only in what the contrast isolates (e.g. stage 2's recipe), and a
+model may be any arm's TDC or baseline (e.g. TDC against another arm's Min-SNR single model).
+
 Pure: reading the study file and aggregating records; running the pipelines is the caller's
 (``flows/study.py``).
 """
@@ -39,6 +44,9 @@ from tdc_core.training.trainer import spec_for
 __all__ = [
     "Arm",
     "ArmSummary",
+    "Contrast",
+    "ContrastMetric",
+    "ContrastSummary",
     "DifferenceRow",
     "Equivalence",
     "Interval",
@@ -55,6 +63,7 @@ __all__ = [
     "study_key",
     "study_markdown",
     "summarise",
+    "summarise_contrast",
     "summary_metrics",
 ]
 
@@ -84,8 +93,27 @@ class Arm(BaseModel):
     overrides: tuple[str, ...] = ()
 
 
+_MODELS = ("tdc", "baseline")
+
+
+class Contrast(BaseModel):
+    """Model ``a`` against model ``b``, each ``<arm>.tdc`` or ``<arm>.baseline``, paired by seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    a: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(tdc|baseline)$")
+    b: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(tdc|baseline)$")
+
+    def parts(self, which: str) -> tuple[str, str]:
+        """(arm, model) of ``a`` or ``b``."""
+        arm, _, model = getattr(self, which).rpartition(".")
+        return arm, model
+
+
 class StudySpec(BaseModel):
-    """A study file: ``name``, ``arms`` (each ``name``, ``preset``, ``overrides``) and ``seeds``."""
+    """A study file: ``name``, ``arms`` (each ``name``, ``preset``, ``overrides``), ``seeds`` and
+    optional ``contrasts`` between arms' models."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -93,6 +121,7 @@ class StudySpec(BaseModel):
     arms: tuple[Arm, ...] = Field(min_length=1)
     seeds: tuple[Seed, ...] = Field(min_length=1)
     workers: int | None = Field(None, ge=1)  # parallel group fine-tunes inside each pipeline run
+    contrasts: tuple[Contrast, ...] = ()
 
     @field_validator("arms")
     @classmethod
@@ -101,6 +130,22 @@ class StudySpec(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be distinct, got {names}")
         return arms
+
+    @field_validator("contrasts")
+    @classmethod
+    def _contrasts_name_arms(cls, contrasts: tuple[Contrast, ...], info) -> tuple[Contrast, ...]:
+        arms = {a.name for a in info.data.get("arms", ())}
+        for c in contrasts:
+            for which in ("a", "b"):
+                arm, _ = c.parts(which)
+                if arm not in arms:
+                    raise ValueError(f"contrast {c.name}: {which}={getattr(c, which)!r} names no arm; "
+                                     f"allowed arms: {sorted(arms)} (then .tdc or .baseline)")
+            if c.a == c.b:
+                raise ValueError(f"contrast {c.name}: a and b are the same model")
+        if len({c.name for c in contrasts}) != len(contrasts):
+            raise ValueError("contrast names must be distinct")
+        return contrasts
 
     @field_validator("seeds")
     @classmethod
@@ -255,11 +300,32 @@ class Equivalence(BaseModel):
     ratio: Interval | None         # over the seeds with a ratio; None when no seed has one
 
 
+class ContrastMetric(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    metric: str
+    a: Interval
+    b: Interval
+    difference: Interval     # a − b, paired by seed
+    verdict: str             # "a better", "b better", "no clear difference", or "—"
+
+
+class ContrastSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    a: str
+    b: str
+    seeds: list[int]         # the seeds both arms ran
+    metrics: list[ContrastMetric]
+
+
 class StudySummary(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str
     arms: list[ArmSummary]
+    contrasts: list[ContrastSummary] = []
     seconds: float | None = None   # wall time of the invocation that wrote it
     reused: int = 0                # replicates that invocation found finished (their time is not in it)
     equivalence: list[Equivalence] = []
@@ -289,9 +355,39 @@ def _verdict(metric: str, d: Interval, *, tdc: Interval, baseline: Interval) -> 
     return "no clear difference"
 
 
+def _contrast_verdict(metric: str, d: Interval) -> str:
+    if metric in COSTS:
+        return "cost"
+    if d.low is None:
+        return "— (one seed: no interval)"
+    if d.low <= 0 <= d.high:
+        return "no clear difference"
+    a_higher = d.low > 0
+    return "a better" if a_higher == (metric in HIGHER_IS_BETTER) else "b better"
+
+
+def summarise_contrast(contrast: Contrast, arms: Mapping[str, Mapping[int, dict[str, dict[str, float]]]]
+                       ) -> ContrastSummary:
+    """``contrast.a`` − ``contrast.b`` per metric, paired over the seeds both arms ran."""
+    (arm_a, model_a), (arm_b, model_b) = contrast.parts("a"), contrast.parts("b")
+    seeds = sorted(set(arms.get(arm_a, {})) & set(arms.get(arm_b, {})))
+    metrics = []
+    for metric in METRICS:
+        if not seeds or not all(metric in arms[arm_a][s][model_a] and metric in arms[arm_b][s][model_b]
+                                for s in seeds):
+            continue
+        a = [arms[arm_a][s][model_a][metric] for s in seeds]
+        b = [arms[arm_b][s][model_b][metric] for s in seeds]
+        diff = interval([x - y for x, y in zip(a, b)])
+        metrics.append(ContrastMetric(metric=metric, a=interval(a), b=interval(b), difference=diff,
+                                      verdict=_contrast_verdict(metric, diff)))
+    return ContrastSummary(name=contrast.name, a=contrast.a, b=contrast.b, seeds=seeds, metrics=metrics)
+
+
 def summarise(*, name: str, arms: Mapping[str, Mapping[int, dict[str, dict[str, float]]]],
-              seconds: float | None = None) -> StudySummary:
-    """Aggregate ``{arm: {seed: replicate_metrics(...)}}`` (see the module docstring)."""
+              seconds: float | None = None, contrasts: Sequence[Contrast] = ()) -> StudySummary:
+    """Aggregate ``{arm: {seed: replicate_metrics(...)}}`` (see the module docstring), and the
+    ``contrasts`` between arms."""
     out = []
     for arm, by_seed in arms.items():
         seeds = sorted(by_seed)
@@ -305,7 +401,8 @@ def summarise(*, name: str, arms: Mapping[str, Mapping[int, dict[str, dict[str, 
             metrics.append(MetricSummary(metric=metric, tdc=t_int, baseline=b_int, difference=diff,
                                          verdict=_verdict(metric, diff, tdc=t_int, baseline=b_int)))
         out.append(ArmSummary(arm=arm, seeds=seeds, metrics=metrics))
-    return StudySummary(name=name, arms=out, seconds=seconds)
+    return StudySummary(name=name, arms=out, seconds=seconds,
+                        contrasts=[summarise_contrast(c, arms) for c in contrasts])
 
 
 def _fmt(i: Interval, scale: float = 1.0) -> str:
@@ -335,6 +432,19 @@ def study_markdown(s: StudySummary) -> str:
             per_seed = ", ".join(f"{v:+.4g}" for v in m.difference.values)
             lines.append(f"- {m.metric}: {per_seed}")
         lines.append("")
+    if s.contrasts:
+        lines += ["## Contrasts between arms", "",
+                  "Model a against model b, each an arm's TDC or baseline, the difference a − b taken per "
+                  "training seed. Mean [95 % t interval over training seeds].", ""]
+        for c in s.contrasts:
+            lines += [f"### `{c.name}`: a = `{c.a}`, b = `{c.b}`, seeds {c.seeds}", "",
+                      "| metric | a | b | a − b | verdict |", "|---|---|---|---|---|"]
+            for m in c.metrics:
+                scale = 1e9 if "flops" in m.metric else 1.0
+                unit = " (GFLOP)" if scale != 1.0 else ""
+                lines.append(f"| {METRICS[m.metric]}{unit} | {_fmt(m.a, scale)} | {_fmt(m.b, scale)} | "
+                             f"{_fmt(m.difference, scale)} | {m.verdict} |")
+            lines.append("")
     if s.equivalence:
         lines += ["## What TDC's quality costs a single model", "",
                   "Training FLOPs at which the single model (one dense run, scored at every step it kept) "
@@ -383,6 +493,12 @@ def summary_metrics(s: StudySummary) -> dict[str, float]:
             key = f"{arm.arm}.{m.metric}"
             out |= {f"{key}.tdc": m.tdc.mean, f"{key}.baseline": m.baseline.mean,
                     f"{key}.difference": m.difference.mean}
+            if m.difference.low is not None:
+                out |= {f"{key}.difference_ci_low": m.difference.low, f"{key}.difference_ci_high": m.difference.high}
+    for c in s.contrasts:
+        for m in c.metrics:
+            key = f"contrast.{c.name}.{m.metric}"
+            out[f"{key}.difference"] = m.difference.mean
             if m.difference.low is not None:
                 out |= {f"{key}.difference_ci_low": m.difference.low, f"{key}.difference_ci_high": m.difference.high}
     return out

@@ -88,6 +88,7 @@ class TrainPlan:
     warmup_steps: int = 0              # linear learning-rate warm-up
     ema_decay: float = 0.999           # EMA of the weights, per step
     cosine_steps: int | None = None    # cosine decay of the learning rate to 0 at this step; None: constant
+    min_snr_gamma: float | None = None  # weight the ε-MSE by min(SNR, γ)/SNR; None: uniform
 
     def __post_init__(self) -> None:
         lo, hi = self.t_range
@@ -99,7 +100,8 @@ class TrainPlan:
         and the baseline."""
         return cls(seed=config.train.seed, t_range=(0, config.diffusion.num_timesteps), lr=config.train.lr,
                    batch_size=config.train.batch_size, random_flip=config.data.random_flip, is_dense=True,
-                   warmup_steps=config.train.warmup_steps, ema_decay=config.train.ema_decay)
+                   warmup_steps=config.train.warmup_steps, ema_decay=config.train.ema_decay,
+                   min_snr_gamma=_gamma(config.train.loss_weighting, config))
 
     @classmethod
     def finetune(cls, config: PipelineConfig, *, t_range: tuple[int, int], seed: int, steps: int) -> TrainPlan:
@@ -111,10 +113,15 @@ class TrainPlan:
                    random_flip=config.data.random_flip,
                    warmup_steps=config.train.warmup_steps if ft.warmup_steps is None else ft.warmup_steps,
                    ema_decay=config.train.ema_decay if ft.ema_decay is None else ft.ema_decay,
-                   cosine_steps=steps if ft.lr_schedule == "cosine" else None)
+                   cosine_steps=steps if ft.lr_schedule == "cosine" else None,
+                   min_snr_gamma=_gamma(ft.loss_weighting or config.train.loss_weighting, config))
 
     def replace(self, **changes: Any) -> TrainPlan:
         return dataclasses.replace(self, **changes)
+
+
+def _gamma(weighting: str, config: PipelineConfig) -> float | None:
+    return config.train.min_snr_gamma if weighting == "min_snr" else None
 
 
 class Trainer:
@@ -347,7 +354,9 @@ class Trainer:
                             enabled=self.amp_dtype is not None):
             x_t = self.diffusion.q_sample(x0, t, noise)
             out = self.train_model(x_t, self.diffusion.model_timesteps(t))
-        losses = self.diffusion.training_losses(out, x0=x0, x_t=x_t, t=t, noise=noise)
+        weight = None if self.plan.min_snr_gamma is None else self.diffusion.min_snr_weight(
+            t, gamma=self.plan.min_snr_gamma)
+        losses = self.diffusion.training_losses(out, x0=x0, x_t=x_t, t=t, noise=noise, mse_weight=weight)
         loss = losses["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

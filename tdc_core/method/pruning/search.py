@@ -325,7 +325,8 @@ class _GroupSearch:
         self.train_images, self.heldout_images = train_images, heldout_images
         self.prune = config.prune
         self.candidate_recovery_steps = candidate_recovery_steps
-        self.space = prune_space(model.spec, min_keep=self.prune.min_keep)
+        self.space = prune_space(model.spec, min_keep=self.prune.min_keep,
+                                 width_multiple=self.prune.width_multiple)
         self.amp = autocast_dtype(config.train.precision, device)
         self.batch_size = plan.batch_size
         # Fixed batches: the same (image, t, ε) for every candidate and round.

@@ -25,6 +25,10 @@ unchanged (identical outputs), pruned or not.
 * attention unit: the block's head count. The fused ``qkv`` is laid out ``(3, heads, d)``; the
   spec fixes the head count (it follows the block's outer width), so every head keeps the same
   number ``d' = width / heads`` of q/k pairs and of v channels.
+* ``width_multiple`` (``prune.width_multiple``, default 8): the quantum becomes the least
+  common multiple of the above and this, so pruned widths stay multiples of 8 (tensor-core
+  friendly matmuls and convolutions on GPUs); a unit whose dense width is not a multiple of that
+  keeps its own quantum. The search's FLOPs check sees the rounded widths, so budgets still hold.
 * every unit keeps at least ``max(quantum, ceil(min_keep · dense / quantum) · quantum)``.
 
 **FLOPs.** A unit's FLOPs (its convolutions, ``emb_proj``, ``qkv``/``proj`` and the attention
@@ -37,6 +41,7 @@ checked against a third count at construction. :func:`count_spec_flops` counts a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
@@ -219,8 +224,11 @@ def _count_by_module(spec: UNetSpec) -> tuple[int, dict[str, int]]:
     return int(counter.get_total_flops()), per_module
 
 
-def prune_space(spec: UNetSpec, *, min_keep: float) -> PruneSpace:
+def prune_space(spec: UNetSpec, *, min_keep: float, width_multiple: int = 1) -> PruneSpace:
     """Units of the (possibly pruned) UNet of ``spec`` with quanta and FLOPs slopes.
+
+    ``width_multiple``: widths are also multiples of this where the dense width allows (see the
+    module docstring, "Rounding").
 
     Counts FLOPs on the ``meta`` device three times: the dense model, the model one quantum wider
     in every unit (for each unit's slope from its own module's FLOPs) and, as a check, a mixed
@@ -235,12 +243,19 @@ def prune_space(spec: UNetSpec, *, min_keep: float) -> PruneSpace:
         model = UNet(dense)
     res_blocks, attn_blocks = unit_blocks(model)
     groups = dense.model.norm_groups
+    if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
+        raise ValueError(f"width_multiple={width_multiple!r} must be an int >= 1")
+
+    def quantum(width: int, own: int) -> int:
+        q = math.lcm(own, width_multiple)
+        return q if width % q == 0 else own
+
     units: list[tuple[str, UnitKind, int, int]] = []
     for name, b in res_blocks:
         w = b.in_conv.out_channels
-        units.append((name, "res", w, group_norm(w, groups).num_groups))
+        units.append((name, "res", w, quantum(w, group_norm(w, groups).num_groups)))
     for name, b in attn_blocks:
-        units.append((name, "attn", b.proj.in_channels, b.num_heads))
+        units.append((name, "attn", b.proj.in_channels, quantum(b.proj.in_channels, b.num_heads)))
     widths = np.array([u[2] for u in units], dtype=np.int64)
     quanta = np.array([u[3] for u in units], dtype=np.int64)
 
