@@ -229,6 +229,10 @@ class FinetuneConfig(_Strict):
     ema_decay: float | None = Field(None, ge=0.0, lt=1.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at the fine-tune's last step
     loss_weighting: Literal["uniform", "min_snr"] | None = None  # None = train.loss_weighting (γ: train's)
+    # shared: stage 2 starts from the shared model (TDC). scratch: the one-stage ablation, each
+    # group's model freshly initialised at its budget's widths (one keep ratio for every unit),
+    # trained on its timesteps alone; the cost then counts stage 1 up to the probe only.
+    init: Literal["shared", "scratch"] = "shared"
 
 
 class PruneConfig(_Strict):

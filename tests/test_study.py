@@ -187,7 +187,8 @@ def test_contrasts_pair_two_arms_models_by_seed():
 
     arms = {"new": {s: _replicate(1.0 + 0.1 * s, 2.0) for s in (0, 1, 2)},
             "old": {s: _replicate(1.05 + 0.1 * s + 0.01 * s, 1.5) for s in (0, 1, 2, 3)}}
-    contrasts = [Contrast(name="recipe", a="new.tdc", b="old.tdc"), Contrast(name="cross", a="new.tdc", b="old.baseline")]
+    contrasts = [Contrast(name="recipe", a="new.tdc", b="old.tdc"),
+                 Contrast(name="cross", a="new.tdc", b="old.baseline")]
     s = summarise(name="x", arms=arms, contrasts=contrasts)
     recipe = s.contrasts[0]
     assert recipe.seeds == [0, 1, 2]  # only the seeds both arms ran
@@ -207,7 +208,8 @@ def test_contrasts_must_name_arms_of_the_study(tmp_path):
                    "contrasts: [{name: c, a: a.tdc, b: z.baseline}]\n")
     with pytest.raises(ConfigError, match=r"b='z.baseline' names no arm"):
         load_study(bad)
-    bad.write_text("name: s\narms: [{name: a, preset: smoke}]\nseeds: [0]\ncontrasts: [{name: c, a: a.tdc, b: a.shared}]\n")
+    bad.write_text("name: s\narms: [{name: a, preset: smoke}]\nseeds: [0]\n"
+                   "contrasts: [{name: c, a: a.tdc, b: a.shared}]\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_study(bad)
 

@@ -18,6 +18,7 @@ fine-tuned at full width and its result says ``budget_met = False``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import shutil
 import time
@@ -37,7 +38,7 @@ from tdc_core.method.grouping import Grouping, group_timesteps
 from tdc_core.method.profiling import DifficultyProfile, profile_difficulty
 from tdc_core.method.pruning.proxies.records import MemoryBank
 from tdc_core.method.pruning.search import plot_prune_rounds, prune_to_budget
-from tdc_core.method.pruning.space import count_spec_flops
+from tdc_core.method.pruning.space import count_spec_flops, prune_space, uniform_widths
 from tdc_core.method.routing import ExpertRouter, load_router
 from tdc_core.method.sensitivity import bucket_sensitivity, uniformly_pruned_losses
 from tdc_core.model.flops import count_forward_flops
@@ -207,6 +208,18 @@ def shared_stage(
                         snapshot_steps=stage1_snapshot_steps(config))
 
 
+def one_stage_spec(config: PipelineConfig, *, flops_budget: float) -> UNetSpec:
+    """The one-stage ablation's expert for a budget: the dense UNet with one keep ratio for every
+    unit, the widest whose FLOPs meet the budget (within ``prune.tolerance``; the full model when
+    pruning is off); see :func:`uniform_widths`."""
+    dense = spec_for(config)
+    if not config.prune.enabled:
+        return dense
+    space = prune_space(dense, min_keep=config.prune.min_keep, width_multiple=config.prune.width_multiple)
+    res, attn = space.split(uniform_widths(space, budget_flops=flops_budget, tolerance=config.prune.tolerance))
+    return dataclasses.replace(dense, res_inner=list(res), attn_inner=list(attn))
+
+
 def load_plan(layout: RunLayout) -> BudgetPlan:
     return load_record(layout.budgets_json, BudgetPlan, what="budget plan")
 
@@ -225,6 +238,8 @@ def finetune_group_stage(
     Independent of the other groups (own folder, own seed), so groups can run in separate
     processes or on separate GPUs; resumes from the group's own checkpoint, which records the
     pruned widths (the search is not redone: a step-0 checkpoint is written right after it).
+    With ``finetune.init=scratch`` (the one-stage ablation) the expert is instead a fresh
+    initialisation at :func:`one_stage_spec`'s widths, trained on the group's timesteps alone.
     """
     started_at = time.time()
     plan = load_plan(layout)
@@ -240,10 +255,13 @@ def finetune_group_stage(
     diffusion = Diffusion.from_config(config.diffusion)
     device = device or resolve_device(config.train.device)
     ckpt = layout.group_checkpoint(group)
-    prune = config.prune.enabled and budget.fraction < 1.0
+    scratch = config.finetune.init == "scratch"
+    prune = config.prune.enabled and budget.fraction < 1.0 and not scratch
     shared = load_model(layout.shared_checkpoint, device=device).model  # loaded once: start and reference
     if ckpt.exists():
         spec, start = UNetSpec.from_dict(load_checkpoint(ckpt)["spec"]), None  # pruned widths live there
+    elif scratch:  # the one-stage ablation: no stage 1 in the expert, its budget's widths from the start
+        spec, start = one_stage_spec(config, flops_budget=budget.flops_budget), None
     else:
         start = shared  # prune_to_budget does not modify it
         if prune:
@@ -259,7 +277,7 @@ def finetune_group_stage(
     model = init_model(spec, seed=plan.seed) if start is None else copy.deepcopy(start)
     trainer = Trainer(model=model, diffusion=diffusion, config=config, plan=plan, train_images=train_images,
                       heldout_images=heldout, device=device)
-    if start is None:
+    if start is None and ckpt.exists():
         trainer.resume(ckpt)
     elif prune:
         trainer.save(layout.pruned_checkpoint(group))  # the pruned model before fine-tuning
@@ -309,7 +327,9 @@ def cost_stage(config: PipelineConfig, layout: RunLayout) -> CostReport:
     sampling = sampling_cost(visited_timesteps=sampling_timesteps(diffusion), boundaries=boundaries,
                              group_flops=group_flops, base_flops=plan.base_flops)
     ft_batch = config.finetune.batch_size or config.train.batch_size
-    kwargs = dict(shared_steps=config.train.steps, base_flops=plan.base_flops, batch_size=config.train.batch_size,
+    # One-stage experts use nothing of stage 1 but the probe that profiled the timesteps.
+    shared_steps = config.profile.profile_steps if config.finetune.init == "scratch" else config.train.steps
+    kwargs = dict(shared_steps=shared_steps, base_flops=plan.base_flops, batch_size=config.train.batch_size,
                   finetune_steps=[r.steps for r in results], group_flops=group_flops,
                   finetune_batch_size=ft_batch, baseline_batch_size=config.train.batch_size,
                   pruning_flops=math.fsum(r.pruning_flops for r in results))

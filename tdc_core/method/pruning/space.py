@@ -59,6 +59,7 @@ __all__ = [
     "count_spec_flops",
     "dense_spec",
     "prune_space",
+    "uniform_widths",
     "unit_blocks",
     "widths_for",
 ]
@@ -185,6 +186,26 @@ def widths_for(
     lo = q * np.maximum(1, np.ceil(min_keep * d / q - 1e-9)).astype(np.int64)
     w = q * np.floor(k * d / q + 0.5).astype(np.int64)
     return np.clip(w, np.minimum(lo, d), d).astype(int).tolist()
+
+
+def uniform_widths(space: PruneSpace, *, budget_flops: float, tolerance: float = 0.0) -> list[int]:
+    """The widest model with one keep ratio for every unit whose FLOPs are at most
+    ``budget_flops · (1 + tolerance)``: ``[U]`` widths (each unit's minimum if even that is over).
+
+    The one-stage ablation's architecture for a budget: no trained model is needed to choose it.
+    Rounding to quanta is monotone in the ratio, so a bisection on the ratio finds it.
+    """
+    limit = budget_flops * (1 + tolerance)
+    if space.dense_flops <= limit:
+        return space.dense_widths.tolist()
+    lo, hi = 0.0, 1.0  # flops(widths(lo)) <= limit < flops(widths(hi)), or lo gives the minimum
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if space.flops(space.widths([mid] * len(space.units))) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return space.widths([lo] * len(space.units))
 
 
 # --- units of a model ---------------------------------------------------------------------------
