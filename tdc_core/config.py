@@ -427,7 +427,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "affinity_batches": 2, "affinity_batch_size": 8},
         "grouping": {"num_groups": 3},
         "finetune": {"steps": 10},
-        "prune": {"rounds": 2, "candidates_per_round": 3, "recovery_steps": 2, "score_batches": 1},
+        # width_multiple 1: its 16-wide blocks would otherwise have two widths left (8 and 16).
+        "prune": {"rounds": 2, "candidates_per_round": 3, "recovery_steps": 2, "score_batches": 1,
+                  "width_multiple": 1},
         "eval": {"num_samples": 64, "seeds": [0, 1], "batch_size": 64},
     },
     # The embedded default: scikit-learn's 8x8 digits, a few minutes on 2 CPU cores.

@@ -125,7 +125,8 @@ def check_budgets_reachable(config: PipelineConfig) -> None:
     """Refuse FLOPs budgets that no pruning allowed by ``prune`` can reach, before any training.
 
     The easiest group's budget is ``(1 + (N-1)·k)/N · F``; pruning narrows each unit to no less
-    than ``prune.min_keep`` of its width (in whole GroupNorm groups / heads), which puts a floor
+    than ``prune.min_keep`` of its width (in whole GroupNorm groups / heads, and multiples of
+    ``prune.width_multiple`` where the width allows), which puts a floor
     under the FLOPs. Counting that floor builds the UNet on the meta device (about half a
     second), so this runs where a run starts (``tdc config``/``run``/``profile``) rather than on
     every validation; pruning itself refuses the same budgets, but only hours later.
@@ -145,9 +146,9 @@ def check_budgets_reachable(config: PipelineConfig) -> None:
         need = math.ceil(1000 * (n * reachable - 1) / (n - 1)) / 1000
         raise ConfigError(
             f"budget.k={k} gives the easiest of {n} groups {smallest:.3f} F, below the {floor:.3f} F of the "
-            f"narrowest model pruning may make (prune.min_keep={prune.min_keep}, prune.prune_attention="
-            f"{str(prune.prune_attention).lower()}); allowed: budget.k >= {need}, a smaller prune.min_keep, "
-            f"or prune.enabled=false"
+            f"narrowest model pruning may make (prune.min_keep={prune.min_keep}, prune.width_multiple="
+            f"{prune.width_multiple}, prune.prune_attention={str(prune.prune_attention).lower()}); allowed: "
+            f"budget.k >= {need}, a smaller prune.min_keep or prune.width_multiple, or prune.enabled=false"
         )
 
 

@@ -268,6 +268,9 @@ def test_unreachable_budget_is_refused_and_the_suggested_k_is_tight() -> None:
     with pytest.raises(ConfigError, match="prune.min_keep=0.5"):
         check_budgets_reachable(load_config(preset="smoke", overrides=["budget.k=0.2", "prune.min_keep=0.5"]))
     check_budgets_reachable(load_config(preset="smoke", overrides=["budget.k=0.2", "prune.min_keep=0.1"]))
+    # Widths in multiples of 8 leave the smoke model's 16-wide blocks at no less than half.
+    with pytest.raises(ConfigError, match="prune.width_multiple=8"):
+        check_budgets_reachable(load_config(preset="smoke", overrides=["budget.k=0.2", "prune.width_multiple=8"]))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
