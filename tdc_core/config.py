@@ -242,6 +242,7 @@ class PruneConfig(_Strict):
     rounds: int = Field(4, ge=1)             # R; round r targets F - (F - FLOPs_g)·r/R
     proxy: Literal["surrogate", "evolutionary", "random", "llm"] = "surrogate"
     candidates_per_round: int = Field(8, ge=1)  # proposals scored per round
+    memory: bool = True                      # the proxy sees earlier rounds' candidates (False: ablation)
     importance: Literal["magnitude", "taylor"] = "taylor"  # which channels go, within a unit
     recovery_steps: int = Field(50, ge=0)    # fine-tune steps on the group between rounds
     score_batches: int = Field(2, ge=1)      # held-out batches that score one candidate

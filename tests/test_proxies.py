@@ -301,3 +301,31 @@ def test_llm_refuses_non_http_urls(monkeypatch, tmp_path):
     proxy = LLMProxy(url=f"file://{tmp_path}", model="m", api_key_env="TDC_TEST_LLM_KEY", timeout_s=1.0)
     memory = run_search(proxy, space=synthetic_space(), rounds=1, candidates=2)
     assert all("http(s)" in e.fallback_reason for e in memory.entries)
+
+
+def test_memory_bank_off_hides_earlier_candidates_from_the_proxy_but_records_them():
+    """prune.memory=false (the paper's memory-bank ablation): every round's proxy call sees an
+    empty bank, while the search's own record still holds every candidate."""
+    from tdc_core.method.pruning.proxies.random_proxy import RandomProxy
+
+    seen: list[int] = []
+
+    class Spy(RandomProxy):
+        def propose(self, state, memory):
+            seen.append(len(memory.entries))
+            return super().propose(state, memory)
+
+    space = synthetic_space()
+    for remember, expected in ((True, [0, 4, 8]), (False, [0, 0, 0])):
+        seen.clear()
+        prune = PruneConfig(rounds=3, candidates_per_round=4, seed=0, tolerance=0.02, min_keep=0.1, memory=remember)
+        budget = 0.5 * space.dense_flops
+        memory = MemoryBank(units=space.units, dense_flops=space.dense_flops, budget_flops=budget, tolerance=0.02,
+                            proxy="random", importance="magnitude", seed=0)
+        search_rounds(
+            space=space, memory=memory, current_widths=[int(w) for w in space.dense_widths],
+            lower_widths=[int(w) for w in space.min_widths], budget_flops=budget, prune=prune, proxy=Spy(),
+            evaluate=lambda r, props: [known_score(p.keep) for p in props],
+            accept=lambda r, p: RecoveryOutcome(flops=p.flops, recovered_score=None, recovery_steps=0))
+        assert seen == expected
+        assert len(memory.entries) == 12 and len(memory.rounds) == 3

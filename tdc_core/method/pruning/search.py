@@ -117,7 +117,9 @@ def search_rounds(
             budget_flops=budget_flops, tolerance=prune.tolerance, num_candidates=prune.candidates_per_round,
             seed=prune.seed,
         )
-        proposals = proxy.propose(state, memory)
+        # prune.memory=false (ablation): the proxy sees no earlier candidate; the record still keeps all.
+        seen = memory if prune.memory else memory.model_copy(update={"entries": [], "rounds": []})
+        proposals = proxy.propose(state, seen)
         if not proposals:
             raise RuntimeError(f"proxy {proxy.name!r} proposed no candidate in round {r}")
         scores = [float(s) for s in evaluate(r, proposals)]
