@@ -112,9 +112,8 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
                                tags={"tdc.study_arm": arm.name, "tdc.study_seed": str(seed)})
                 metrics = replicate_metrics(summary.comparison)
                 results.setdefault(arm.name, {})[seed] = metrics
-                curve_json = RunLayout(Path(summary.run_dir)).curve_json
-                if curve_json.is_file():
-                    curves.setdefault(arm.name, []).append(load_record(curve_json, Curve, what="curve"))
+                if (curve := _curve_of(summary.run_dir)) is not None:
+                    curves.setdefault(arm.name, []).append(curve)
                 replicates.append({"arm": arm.name, "seed": seed, "run_dir": summary.run_dir,
                                    "mlflow_run_id": summary.mlflow_run_id, **metrics})
         result = summarise(name=spec.name, arms=results, seconds=time.perf_counter() - t0, contrasts=spec.contrasts)
@@ -130,6 +129,12 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
         raise
     tracking.finish(tracking.parent_run_id)
     return result
+
+
+def _curve_of(run_dir: str | Path) -> Curve | None:
+    """A replicate's single-model curve, when its run folder still holds one."""
+    path = RunLayout(Path(run_dir)).curve_json
+    return load_record(path, Curve, what="curve") if path.is_file() else None
 
 
 def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None) -> StudySummary:
@@ -160,9 +165,8 @@ def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None) -> StudyS
             r = by_key[(arm.name, seed)]
             kept.append(r)
             results.setdefault(arm.name, {})[seed] = {"tdc": r["tdc"], "baseline": r["baseline"]}
-            curve_json = RunLayout(Path(r["run_dir"])).curve_json
-            if curve_json.is_file():
-                curves.setdefault(arm.name, []).append(load_record(curve_json, Curve, what="curve"))
+            if (curve := _curve_of(r["run_dir"])) is not None:
+                curves.setdefault(arm.name, []).append(curve)
     previous = None
     if (out / "study.json").is_file():
         try:

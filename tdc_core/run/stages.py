@@ -157,8 +157,9 @@ def profile_stage(
                  device=device, snapshot_steps=stage1_snapshot_steps(config))
     loaded = load_model(layout.shared_checkpoint, device=device or "cpu")
     _, heldout = prepare_data(config)
+    diffusion = Diffusion.from_config(config.diffusion)
     profile = profile_difficulty(
-        model=loaded.model, diffusion=Diffusion.from_config(config.diffusion), heldout_images=heldout,
+        model=loaded.model, diffusion=diffusion, heldout_images=heldout,
         config=config.profile, device=next(loaded.model.parameters()).device, model_step=loaded.step,
         reporter=reporter,
     )
@@ -167,7 +168,7 @@ def profile_stage(
         (reporter or NullReporter()).message(f"profiling: held-out ε-loss again with the probe pruned to {keep:g} "
                                              f"of every width (pruning sensitivity)")
         pruned_loss, fraction = uniformly_pruned_losses(
-            model=loaded.model, diffusion=Diffusion.from_config(config.diffusion), heldout_images=heldout,
+            model=loaded.model, diffusion=diffusion, heldout_images=heldout,
             config=config.profile, keep=keep, device=next(loaded.model.parameters()).device)
         profile = profile.model_copy(update={"pruned_loss_mean": pruned_loss, "pruned_flops_fraction": fraction})
     profile.save(layout.profile_json)

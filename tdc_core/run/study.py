@@ -342,28 +342,34 @@ def equivalence(curves: Mapping[str, Sequence[Curve]], *, metric: str = "bits_pe
     return out
 
 
-def _verdict(metric: str, d: Interval, *, tdc: Interval, baseline: Interval) -> str:
-    if metric in COSTS:
-        return f"cost: TDC / baseline = {tdc.mean / baseline.mean:.3f}" if baseline.mean else "cost"
-    if d.low is None:
-        return "— (one seed: no interval)"
-    better_if_negative = metric not in HIGHER_IS_BETTER
-    if d.high < 0:
-        return "TDC better" if better_if_negative else "TDC worse"
-    if d.low > 0:
-        return "TDC worse" if better_if_negative else "TDC better"
-    return "no clear difference"
-
-
-def _contrast_verdict(metric: str, d: Interval) -> str:
-    if metric in COSTS:
-        return "cost"
-    if d.low is None:
-        return "— (one seed: no interval)"
+def _first_better(metric: str, d: Interval) -> bool | None:
+    """Whether the first model of a paired difference ``d`` (first − second) is the better one;
+    None when the 95 % interval includes 0."""
     if d.low <= 0 <= d.high:
+        return None
+    return (d.high < 0) != (metric in HIGHER_IS_BETTER)
+
+
+def _verdict(metric: str, d: Interval, *, first: str = "TDC", second: str | None = None) -> str:
+    """"<first> better/worse" (or "<second> better" when it is named), from the interval of
+    first − second; "no clear difference" when it includes 0."""
+    if d.low is None:
+        return "— (one seed: no interval)"
+    better = _first_better(metric, d)
+    if better is None:
         return "no clear difference"
-    a_higher = d.low > 0
-    return "a better" if a_higher == (metric in HIGHER_IS_BETTER) else "b better"
+    if second is None:
+        return f"{first} {'better' if better else 'worse'}"
+    return f"{first if better else second} better"
+
+
+def _cost_verdict(tdc: Interval, baseline: Interval) -> str:
+    return f"cost: TDC / baseline = {tdc.mean / baseline.mean:.3f}" if baseline.mean else "cost"
+
+
+def _paired(first: Sequence[float], second: Sequence[float]) -> tuple[Interval, Interval, Interval]:
+    """Intervals of ``first``, ``second`` and their per-seed difference (same seed order)."""
+    return interval(first), interval(second), interval([x - y for x, y in zip(first, second)])
 
 
 def summarise_contrast(contrast: Contrast, arms: Mapping[str, Mapping[int, dict[str, dict[str, float]]]]
@@ -376,11 +382,10 @@ def summarise_contrast(contrast: Contrast, arms: Mapping[str, Mapping[int, dict[
         if not seeds or not all(metric in arms[arm_a][s][model_a] and metric in arms[arm_b][s][model_b]
                                 for s in seeds):
             continue
-        a = [arms[arm_a][s][model_a][metric] for s in seeds]
-        b = [arms[arm_b][s][model_b][metric] for s in seeds]
-        diff = interval([x - y for x, y in zip(a, b)])
-        metrics.append(ContrastMetric(metric=metric, a=interval(a), b=interval(b), difference=diff,
-                                      verdict=_contrast_verdict(metric, diff)))
+        a, b, diff = _paired([arms[arm_a][s][model_a][metric] for s in seeds],
+                             [arms[arm_b][s][model_b][metric] for s in seeds])
+        verdict = "cost" if metric in COSTS else _verdict(metric, diff, first="a", second="b")
+        metrics.append(ContrastMetric(metric=metric, a=a, b=b, difference=diff, verdict=verdict))
     return ContrastSummary(name=contrast.name, a=contrast.a, b=contrast.b, seeds=seeds, metrics=metrics)
 
 
@@ -395,11 +400,10 @@ def summarise(*, name: str, arms: Mapping[str, Mapping[int, dict[str, dict[str, 
         for metric in METRICS:
             if not all(metric in by_seed[s]["tdc"] and metric in by_seed[s]["baseline"] for s in seeds):
                 continue
-            tdc = [by_seed[s]["tdc"][metric] for s in seeds]
-            base = [by_seed[s]["baseline"][metric] for s in seeds]
-            diff, t_int, b_int = interval([a - b for a, b in zip(tdc, base)]), interval(tdc), interval(base)
-            metrics.append(MetricSummary(metric=metric, tdc=t_int, baseline=b_int, difference=diff,
-                                         verdict=_verdict(metric, diff, tdc=t_int, baseline=b_int)))
+            t_int, b_int, diff = _paired([by_seed[s]["tdc"][metric] for s in seeds],
+                                         [by_seed[s]["baseline"][metric] for s in seeds])
+            verdict = _cost_verdict(t_int, b_int) if metric in COSTS else _verdict(metric, diff)
+            metrics.append(MetricSummary(metric=metric, tdc=t_int, baseline=b_int, difference=diff, verdict=verdict))
         out.append(ArmSummary(arm=arm, seeds=seeds, metrics=metrics))
     return StudySummary(name=name, arms=out, seconds=seconds,
                         contrasts=[summarise_contrast(c, arms) for c in contrasts])
@@ -409,6 +413,14 @@ def _fmt(i: Interval, scale: float = 1.0) -> str:
     if i.low is None:
         return f"{i.mean / scale:.4g}"
     return f"{i.mean / scale:.4g} [{i.low / scale:.4g}, {i.high / scale:.4g}]"
+
+
+def _table_row(metric: str, first: Interval, second: Interval, difference: Interval, verdict: str) -> str:
+    """One Markdown row: the metric (FLOPs in GFLOP), both models, their difference, the verdict."""
+    scale = 1e9 if "flops" in metric else 1.0
+    unit = " (GFLOP)" if scale != 1.0 else ""
+    return (f"| {METRICS[metric]}{unit} | {_fmt(first, scale)} | {_fmt(second, scale)} | "
+            f"{_fmt(difference, scale)} | {verdict} |")
 
 
 def study_markdown(s: StudySummary) -> str:
@@ -423,10 +435,7 @@ def study_markdown(s: StudySummary) -> str:
                   "Mean [95 % t interval over training seeds]; the difference is TDC − baseline, taken per seed.",
                   "", "| metric | TDC | baseline | TDC − baseline | verdict |", "|---|---|---|---|---|"]
         for m in arm.metrics:
-            scale = 1e9 if "flops" in m.metric else 1.0
-            unit = " (GFLOP)" if scale != 1.0 else ""
-            lines.append(f"| {METRICS[m.metric]}{unit} | {_fmt(m.tdc, scale)} | {_fmt(m.baseline, scale)} | "
-                         f"{_fmt(m.difference, scale)} | {m.verdict} |")
+            lines.append(_table_row(m.metric, m.tdc, m.baseline, m.difference, m.verdict))
         lines += ["", "Per seed (TDC − baseline):", ""]
         for m in arm.metrics:
             per_seed = ", ".join(f"{v:+.4g}" for v in m.difference.values)
@@ -440,10 +449,7 @@ def study_markdown(s: StudySummary) -> str:
             lines += [f"### `{c.name}`: a = `{c.a}`, b = `{c.b}`, seeds {c.seeds}", "",
                       "| metric | a | b | a − b | verdict |", "|---|---|---|---|---|"]
             for m in c.metrics:
-                scale = 1e9 if "flops" in m.metric else 1.0
-                unit = " (GFLOP)" if scale != 1.0 else ""
-                lines.append(f"| {METRICS[m.metric]}{unit} | {_fmt(m.a, scale)} | {_fmt(m.b, scale)} | "
-                             f"{_fmt(m.difference, scale)} | {m.verdict} |")
+                lines.append(_table_row(m.metric, m.a, m.b, m.difference, m.verdict))
             lines.append("")
     if s.equivalence:
         lines += ["## What TDC's quality costs a single model", "",
