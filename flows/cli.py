@@ -17,6 +17,10 @@ Evaluation (clean-fid; reference statistics cached under eval.cache_dir):
     tdc fid (--checkpoint PATH | --run-dir R) [--num N] [--seeds 0,1,2] [key=value ...]
     tdc compare --run-dir R [--baseline PATH]                    # TDC vs the single-model baseline
 
+Stage 1 from a released openai/improved-diffusion checkpoint instead of training it:
+
+    tdc import-iddpm CKPT.pt --preset cifar10 --out-dir R [data.path=DIR]   # then: tdc run --run-dir R
+
 A study: arms × training seeds through the pipeline, with intervals over training seeds:
 
     tdc study STUDY.yaml [--dry-run]
@@ -132,6 +136,15 @@ def _parser() -> argparse.ArgumentParser:
 
     co = sub.add_parser("config", help="print the resolved configuration (a dry run)")
     config_args(co)
+
+    im = sub.add_parser("import-iddpm", help="a released openai/improved-diffusion checkpoint as a run folder's "
+                                             "stage 1 (then: tdc run --run-dir R)")
+    im.add_argument("checkpoint", type=Path, help="IDDPM .pt file (a state dict), e.g. cifar10_uncond_50M_500K.pt")
+    im.add_argument("--preset", required=True, help="the preset whose model it is: cifar10 or imagenet64 (any preset "
+                                                     "with IDDPM's architecture)")
+    im.add_argument("--config", type=Path, help="YAML/JSON file applied on top of the preset")
+    im.add_argument("--out-dir", type=Path, required=True, help="the run folder to create")
+    im.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.path=DIR")
     return p
 
 
@@ -283,6 +296,41 @@ def _train_rank0(args: argparse.Namespace, cfg, out: Path) -> int:
                               steps=None, seed=None, device=device)
         print(f"  samples                {grid}  ({_fmt_seconds(time.perf_counter() - t0)})")
     print(f"\nmore samples: tdc sample --checkpoint {result.checkpoint} --out grid.png")
+    return 0
+
+
+def _cmd_import_iddpm(args: argparse.Namespace) -> int:
+    """Map an IDDPM checkpoint onto the preset's model (every key and shape checked) and write it
+    as the run folder's stage 1, at step ``train.steps`` (IDDPM's published training length)."""
+    from tdc_core.config import load_config, write_run_config
+    from tdc_core.errors import ConfigError
+    from tdc_core.run.layout import RunLayout
+    from tdc_core.training.checkpoint import save_checkpoint
+    from tdc_core.training.import_iddpm import imported_checkpoint
+
+    src = args.checkpoint.resolve()
+    cfg = load_config(preset=args.preset, path=args.config,
+                      overrides=[*args.overrides, f"train.init_from={src}"])
+    layout = RunLayout(args.out_dir)
+    if layout.shared_checkpoint.exists():
+        raise ConfigError(f"{layout.shared_checkpoint} exists already; choose a new --out-dir (an import "
+                          f"never overwrites a run's stage 1)")
+    payload = imported_checkpoint(cfg, src)  # reads and checks everything before writing anything
+    n = sum(t.numel() for t in payload["model"].values())
+    _preflight(cfg, args.out_dir, "disk", checkpoints=1)
+    with _hold(args.out_dir, "tdc import-iddpm"):
+        write_run_config(layout, cfg)
+        save_checkpoint(layout.shared_checkpoint, payload)
+    scale = (f"t·1000/{cfg.diffusion.num_timesteps}" if cfg.diffusion.rescale_timesteps else "raw t")
+    print(f"TDC · imported {src.name} (sha256 {payload['imported']['sha256'][:16]}…) into the {cfg.preset} model: "
+          f"{n:,} parameters in {len(payload['model'])} tensors, every key and shape matched")
+    print(f"  output      {'ε and learned Σ (L_hybrid)' if cfg.learn_sigma else 'ε'}; the network sees {scale}")
+    print(f"  checkpoint  {layout.shared_checkpoint}  (step {cfg.train.steps:,}: IDDPM's published training, "
+          f"charged as such in the cost report; model = EMA = the imported weights)")
+    print(f"  config      {layout.config}")
+    print("next:")
+    print(f"  tdc sample --checkpoint {layout.shared_checkpoint} --out grid.png   # look at the imported model")
+    print(f"  tdc run --run-dir {args.out_dir}   # TDC from it: profile, groups, stage 2, baseline, comparison")
     return 0
 
 
@@ -658,11 +706,19 @@ _COMMANDS = {
     "run": _cmd_run, "study": _cmd_study,
     "train": _cmd_train, "sample": _cmd_sample, "config": _cmd_config, "profile": _cmd_profile,
     "group": _cmd_group, "finetune-group": _cmd_finetune_group, "fid": _cmd_fid, "compare": _cmd_compare,
+    "import-iddpm": _cmd_import_iddpm,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a positional list one run of words: `import-iddpm CKPT --out-dir R k=v` leaves
+    # the overrides after the options unparsed. key=value words are overrides wherever they stand.
+    if extra and hasattr(args, "overrides") and all("=" in w and not w.startswith("-") for w in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from tdc_core.errors import TDCError
 
     try:

@@ -57,6 +57,8 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         f"| training FLOPs (incl. pruning search {t['pruning_flops']:.3g}) | {t['tdc_flops']:.4g} | "
         f"{t['baseline_flops']:.4g} | {t['ratio']:.3f} |",
     ]
+    if costs.get("stage1_imported"):
+        lines += ["", f"Training FLOPs: {costs['stage1_imported']}."]
     if not comparison:
         lines += ["", "No held-out evaluation: it runs with the baseline comparison (`baseline.enabled=false` here)."]
     if comparison:

@@ -188,8 +188,12 @@ def _tag_stage1(tracking: TrackingRef, run_id: str, layout: RunLayout) -> None:
 def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef) -> DifficultyProfile:
     """Probe training (start of shared training) + difficulty profile (docs/METHOD.md step 1)."""
     layout = RunLayout(Path(run_dir))
-    say(f"probe: shared training to step {config.profile.profile_steps}, then difficulty profile "
-        f"({config.profile.num_buckets} buckets)")
+    if config.train.init_from is not None:
+        say(f"stage 1: the IDDPM checkpoint {config.train.init_from} as the shared model (step {config.train.steps}), "
+            f"then its difficulty profile ({config.profile.num_buckets} buckets)")
+    else:
+        say(f"probe: shared training to step {config.profile.profile_steps}, then difficulty profile "
+            f"({config.profile.num_buckets} buckets)")
     with _child_run(tracking, key="stage.profile", name="profile") as run_id:
         device = resolve_device(config.train.device)
         reset_peak_memory(device)

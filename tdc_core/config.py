@@ -131,6 +131,10 @@ class DiffusionConfig(_Strict):
     num_timesteps: int = Field(1000, ge=2)   # T
     loss: Literal["eps_mse", "hybrid"] = "eps_mse"  # hybrid = L_simple + lambda*L_vlb, learned sigma
     hybrid_vlb_weight: float = Field(0.001, ge=0.0)  # IDDPM's lambda
+    # Condition the network on t·1000/T instead of t (IDDPM's rescale_timesteps, on in its
+    # released unconditional models): needed for an imported IDDPM checkpoint to compute what it
+    # computed in IDDPM when T != 1000.
+    rescale_timesteps: bool = False
 
     @model_validator(mode="after")
     def _linear_needs_enough_steps(self) -> DiffusionConfig:
@@ -174,6 +178,10 @@ class TrainConfig(_Strict):
     # Processes for the pipeline's dense training (shared model, baseline), DDP under torchrun:
     # None = one per visible GPU (1 without GPUs). The global batch is split between them.
     processes: int | None = Field(None, ge=1, le=1024)
+    # Stage 1 from a released openai/improved-diffusion checkpoint (a state dict, .pt) instead of
+    # training: imported as the shared model at step `steps` (its published training length;
+    # cifar10 500K, imagenet64 1.5M), which the cost report charges as IDDPM's training.
+    init_from: str | None = Field(None, min_length=1)
 
 
 class SampleConfig(_Strict):
@@ -459,7 +467,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"source": "cifar10", "image_size": 32, "channels": 3, "random_flip": True},
         "model": {"base_channels": 128, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 3,
                   "attention_resolutions": [16, 8], "num_heads": 4, "dropout": 0.3},
-        "diffusion": {"schedule": "cosine", "num_timesteps": 4000, "loss": "hybrid"},
+        "diffusion": {"schedule": "cosine", "num_timesteps": 4000, "loss": "hybrid", "rescale_timesteps": True},
         "train": {"steps": 500_000, "batch_size": 128, "lr": 1e-4, "ema_decay": 0.9999,
                   "grad_clip": None, "log_every": 100, "checkpoint_every": 10_000,
                   "heldout_every": 10_000},
@@ -472,7 +480,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"source": "imagenet64", "image_size": 64, "channels": 3, "random_flip": True},
         "model": {"base_channels": 128, "channel_mult": [1, 2, 3, 4], "num_res_blocks": 3,
                   "attention_resolutions": [16, 8], "num_heads": 4, "dropout": 0.0},
-        "diffusion": {"schedule": "cosine", "num_timesteps": 4000, "loss": "hybrid"},
+        "diffusion": {"schedule": "cosine", "num_timesteps": 4000, "loss": "hybrid", "rescale_timesteps": True},
         "train": {"steps": 1_500_000, "batch_size": 128, "lr": 1e-4, "ema_decay": 0.9999,
                   "grad_clip": None, "log_every": 100, "checkpoint_every": 10_000,
                   "heldout_every": 10_000},

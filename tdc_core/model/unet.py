@@ -1,8 +1,8 @@
 """IDDPM's UNet (Nichol & Dhariwal 2021), built from its config alone. Imports only torch.
 
 ``UNet(x, t)``: ``x`` float ``[N x C x H x W]``, ``t`` int64 ``[N]`` (original timestep
-indices) → ``[N x C' x H x W]`` with C' = C (ε) or 2C (ε and the variance interpolation v,
-when Σ is learned).
+indices, which the network sees multiplied by ``UNetSpec.time_scale``) → ``[N x C' x H x W]``
+with C' = C (ε) or 2C (ε and the variance interpolation v, when Σ is learned).
 
 Every residual block has an *inner* width (the channels between its two convolutions) and
 every attention block an inner width (its q/k/v channels); both equal the block's width in a
@@ -151,13 +151,19 @@ class UNetSpec:
     learn_sigma: bool = False
     res_inner: list[int] | None = None
     attn_inner: list[int] | None = None
+    # The network is conditioned on t·time_scale: 1000/T reproduces IDDPM's rescale_timesteps
+    # (diffusion.rescale_timesteps); 1 feeds the raw index.
+    time_scale: float = 1.0
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "model": self.model.model_dump(mode="json"), "image_size": self.image_size,
             "in_channels": self.in_channels, "learn_sigma": self.learn_sigma,
             "res_inner": self.res_inner, "attn_inner": self.attn_inner,
         }
+        if self.time_scale != 1.0:  # absent at 1: specs written before the field compare equal
+            d["time_scale"] = self.time_scale
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetSpec:
@@ -165,6 +171,7 @@ class UNetSpec:
             model=ModelConfig.model_validate(d["model"]), image_size=int(d["image_size"]),
             in_channels=int(d["in_channels"]), learn_sigma=bool(d["learn_sigma"]),
             res_inner=d.get("res_inner"), attn_inner=d.get("attn_inner"),
+            time_scale=float(d.get("time_scale", 1.0)),
         )
 
 
@@ -232,7 +239,8 @@ class UNet(nn.Module):
                 raise ValueError(f"UNetSpec.{name} lists more widths than the UNet has blocks")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.spec.model.base_channels))
+        t_in = t if self.spec.time_scale == 1.0 else t.float() * self.spec.time_scale
+        emb = self.time_embed(timestep_embedding(t_in, self.spec.model.base_channels))
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -250,9 +258,9 @@ class UNet(nn.Module):
 
     @classmethod
     def from_config(cls, *, model: ModelConfig, image_size: int, in_channels: int,
-                    learn_sigma: bool = False) -> UNet:
+                    learn_sigma: bool = False, time_scale: float = 1.0) -> UNet:
         return cls(UNetSpec(model=model, image_size=image_size, in_channels=in_channels,
-                            learn_sigma=learn_sigma))
+                            learn_sigma=learn_sigma, time_scale=time_scale))
 
 
 class _Conv(nn.Module):

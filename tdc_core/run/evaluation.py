@@ -151,7 +151,9 @@ def compare_run(
         notes.append("Some experts exceed their FLOPs budgets, so TDC's sampling cost is above plan.")
     tdc = Contender(name="tdc", model=router, cost=ContenderCost(
         forward_flops=expert_flops, sampling_flops_per_image=tdc_sampling.total_flops, training_flops=tr.tdc_flops,
-        training_detail=(f"shared {tr.shared_steps} steps × batch {tr.batch_size} + fine-tunes {tr.finetune_steps} "
+        training_detail=(f"shared {tr.shared_steps} steps × batch {tr.batch_size}"
+                         f"{' (imported: IDDPM published training)' if report.stage1_imported else ''}"
+                         f" + fine-tunes {tr.finetune_steps} "
                          f"steps × batch {tr.finetune_batch_size} + pruning {fmt_flops(tr.pruning_flops)}, "
                          f"backward factor {factor:g}"),
     ))

@@ -115,6 +115,9 @@ class CostReport(BaseModel):
     sampler: str
     sampling_steps: int
     budgets_met: bool
+    # Set when stage 1 was imported (train.init_from): its FLOPs are IDDPM's published training,
+    # charged as if run here, and this says so wherever the cost is shown.
+    stage1_imported: str | None = None
 
 
 # Where a dense run keeps its EMA weights on the way (the single-model quality-vs-compute curve,
@@ -337,8 +340,12 @@ def cost_stage(config: PipelineConfig, layout: RunLayout) -> CostReport:
     tdc_only = training_cost(**kwargs, baseline_steps=1)
     per_step = plan.base_flops * config.train.batch_size * tdc_only.backward_factor
     training = training_cost(**kwargs, baseline_steps=math.ceil(tdc_only.tdc_flops / per_step))
+    imported = None if config.train.init_from is None else (
+        f"stage 1 imported from the IDDPM checkpoint {config.train.init_from}, charged as its published training "
+        f"({config.train.steps:,} steps x batch {config.train.batch_size}), which did not run here")
     report = CostReport(sampling=sampling, training=training, sampler=config.sample.sampler,
-                        sampling_steps=diffusion.num_steps, budgets_met=all(r.budget_met for r in results))
+                        sampling_steps=diffusion.num_steps, budgets_met=all(r.budget_met for r in results),
+                        stage1_imported=imported)
     save_record(layout.costs_json, report)
     return report
 

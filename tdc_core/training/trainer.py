@@ -57,8 +57,10 @@ class TrainResult:
 
 def spec_for(config: PipelineConfig) -> UNetSpec:
     """The dense UNet of a pipeline config."""
+    T = config.diffusion.num_timesteps
     return UNetSpec(model=config.model, image_size=config.data.image_size,
-                    in_channels=config.data.channels, learn_sigma=config.learn_sigma)
+                    in_channels=config.data.channels, learn_sigma=config.learn_sigma,
+                    time_scale=1000.0 / T if config.diffusion.rescale_timesteps else 1.0)
 
 
 def init_model(spec: UNetSpec, *, seed: int) -> UNet:
@@ -278,19 +280,20 @@ class Trainer:
             )
         self.model.load_state_dict(p["model"])
         self.ema.load_state_dict(p["ema"])
-        self.optimizer.load_state_dict(p["optimizer"])
+        if p["optimizer"] is not None:  # None: imported weights (import_iddpm), AdamW starts afresh
+            self.optimizer.load_state_dict(p["optimizer"])
         self.step = int(p["step"])
         self.skipped_steps = int(p.get("skipped_steps", 0))
         saved_world = int(p.get("world_size", 1))
-        if saved_world == self.dist.world_size:  # exact continuation: every rank its own streams
+        if saved_world == self.dist.world_size and p["rng"] is not None:  # exact continuation
             rng = p["rng_ranks"][self.dist.rank] if self.dist.enabled else p["rng"]
             self._global_rng = {k: rng[k] for k in ("torch", "cuda") if k in rng}
             self.gen.set_state(rng["gen"].to(torch.uint8).cpu())
             self.sampler.load_state_dict(rng["sampler"])
         else:
-            # Another process count (e.g. the single-process probe continued by DDP): weights,
-            # optimizer and step carry over; data order and noise are re-seeded from (seed, rank,
-            # step), so no rank replays the batches of step 0.
+            # Another process count (e.g. the single-process probe continued by DDP), or imported
+            # weights without RNG state: weights, optimizer and step carry over; data order and
+            # noise are re-seeded from (seed, rank, step), so no rank replays the batches of step 0.
             seed = self.plan.seed + 1_000_003 * self.dist.rank + 7919 * self.step
             self.sampler = BatchSampler(self.sampler.images, batch_size=self.local_batch, seed=seed,
                                         random_flip=self.sampler.random_flip)
@@ -566,6 +569,13 @@ def run_training(
         config=config, plan=TrainPlan.dense(config), train_images=train_images, heldout_images=heldout, device=device,
     )
     ckpt = RunLayout(run_dir).shared_checkpoint
+    if resume and config.train.init_from is not None and not ckpt.exists():
+        # Stage 1 imported, not trained: the run starts at train.steps with IDDPM's weights.
+        from tdc_core.training.import_iddpm import imported_checkpoint  # it builds on this module
+
+        (reporter or NullReporter()).message(f"importing the IDDPM checkpoint {config.train.init_from} "
+                                             f"as step {config.train.steps} of this run")
+        save_checkpoint(ckpt, imported_checkpoint(config, config.train.init_from))
     if resume and ckpt.exists():
         trainer.resume(ckpt)
     return trainer.fit(until_step=config.train.steps if steps is None else steps, checkpoint_path=ckpt,
