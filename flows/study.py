@@ -58,7 +58,7 @@ def plan_lines(spec: StudySpec) -> list[str]:
     lines = [f"study {spec.name}: {len(spec.arms)} arm(s) × {len(spec.seeds)} training seed(s) = {n} pipeline runs, "
              f"one after another"]
     first_with: dict[str, str] = {}
-    total = {"stage1": 0.0, "stage2": 0.0, "baseline": 0.0, "sampling": 0.0}
+    total = {"stage1": 0.0, "imported": 0.0, "stage2": 0.0, "baseline": 0.0, "sampling": 0.0}
     for arm in spec.arms:
         for seed in spec.seeds:
             cfg = replicate_config(arm, seed=seed)
@@ -69,18 +69,23 @@ def plan_lines(spec: StudySpec) -> list[str]:
             if shared is None:
                 first_with[est.stage1_key] = f"{arm.name} seed {seed}"
                 total["stage1"] += est.stage1_flops
+                total["imported"] += est.stage1_flops if est.stage1_imported else 0.0
             total["stage2"] += est.stage2_flops
             total["baseline"] += est.baseline_extra_flops
             total["sampling"] += est.eval_sampling_flops
             stage1 = (f"stage 1 shared with {shared}" if shared
+                      else f"stage 1 imported from {cfg.train.init_from} (charged {fmt_flops(est.stage1_flops)}, "
+                           f"not run)" if est.stage1_imported
                       else f"stage 1 trained here ({fmt_flops(est.stage1_flops)})")
             lines.append(f"  {arm.name} seed {seed}: {cfg.preset}, {cfg.train.steps} shared steps, "
                          f"{cfg.grouping.num_groups} groups × {cfg.finetune.steps} fine-tune steps, baseline at equal "
                          f"training FLOPs; {stage1} → {folder}" + ("  (finished: reused)" if done else ""))
     training = total["stage1"] + total["stage2"] + total["baseline"]
+    imported = (f", of which {fmt_flops(total['imported'])} imported (IDDPM's published training, not run here)"
+                if total["imported"] else "")
     lines.append(f"planned compute: training {fmt_flops(training)} (stage 1 {fmt_flops(total['stage1'])} for "
-                 f"{len(first_with)} stage-1 folder(s), stage 2 {fmt_flops(total['stage2'])} at budget, baseline "
-                 f"beyond stage 1 {fmt_flops(total['baseline'])}); evaluation sampling ≤ "
+                 f"{len(first_with)} stage-1 folder(s){imported}, stage 2 {fmt_flops(total['stage2'])} at budget, "
+                 f"baseline beyond stage 1 {fmt_flops(total['baseline'])}); evaluation sampling ≤ "
                  f"{fmt_flops(total['sampling'])}; pruning searches and held-out scoring come on top")
     return lines
 

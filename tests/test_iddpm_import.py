@@ -246,3 +246,16 @@ def test_pipeline_option_imports_when_stage_1_is_missing_and_preflight_checks_it
     bad = cfg.model_copy(update={"model": cfg.model.model_copy(update={"base_channels": 32})})
     with pytest.raises(CheckpointError, match="model.base_channels"):
         preflight(bad, run_dir=None, needs={"data"})
+
+
+def test_a_study_plan_says_an_imported_stage_1_is_charged_but_not_run():
+    from flows.study import plan_lines
+    from tdc_core.run.study import Arm, StudySpec
+
+    arm = Arm(name="in64", preset="imagenet64",
+              overrides=("data.path=/data/in64", "train.init_from=/ckpt/imagenet64_uncond_100M_1500K.pt"))
+    lines = plan_lines(StudySpec(name="plan", arms=(arm,), seeds=(0,)))
+    assert "stage 1 imported from /ckpt/imagenet64_uncond_100M_1500K.pt" in lines[1] and "not run" in lines[1]
+    assert "imported (IDDPM's published training, not run here)" in lines[-1]
+    trained = plan_lines(StudySpec(name="plan", arms=(Arm(name="d"),), seeds=(0,)))
+    assert "stage 1 trained here" in trained[1] and "imported" not in trained[-1]

@@ -202,6 +202,7 @@ class ReplicateEstimate(BaseModel):
     stage2_flops: float          # group fine-tunes at their budgets (pruning search not included)
     baseline_extra_flops: float  # the baseline's steps beyond the shared run it continues
     eval_sampling_flops: float   # sampling the evaluation's images, TDC and baseline (upper bound)
+    stage1_imported: bool = False  # train.init_from: stage 1 is IDDPM's, charged but not run
 
 
 def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
@@ -224,7 +225,8 @@ def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
     steps = cfg.sample.steps or cfg.diffusion.num_timesteps
     sampling = 2 * cfg.eval.num_samples * len(cfg.eval.seeds) * steps * base
     return ReplicateEstimate(arm=arm.name, seed=seed, stage1_key=stage1_key(cfg), stage1_flops=stage1,
-                             stage2_flops=stage2, baseline_extra_flops=baseline_extra, eval_sampling_flops=sampling)
+                             stage2_flops=stage2, baseline_extra_flops=baseline_extra, eval_sampling_flops=sampling,
+                             stage1_imported=cfg.train.init_from is not None)
 
 
 def replicate_metrics(c: Comparison) -> dict[str, dict[str, float]]:
