@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from tdc_core.atomic import atomic_write_bytes
 from tdc_core.evaluation.results import Comparison
@@ -292,6 +293,7 @@ def plot_intervals(panels: Sequence[tuple[str, Sequence[IntervalRow]]], path: st
             ax.plot([it.mean], [yi], "D", color="tab:orange", markersize=7)
         ax.axvline(0.0, color="tab:red", linewidth=1, linestyle="--", label=zero_label)
         ax.set_yticks(y, [it.label for it in items])
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # long labels (0.00150) would overlap at 8
         ax.set_title(name, fontsize=10)
         ax.margins(y=0.4)
     for ax in axes[len(panels):]:
