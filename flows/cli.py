@@ -307,6 +307,7 @@ def _cmd_import_iddpm(args: argparse.Namespace) -> int:
     from tdc_core.run.layout import RunLayout
     from tdc_core.training.checkpoint import save_checkpoint
     from tdc_core.training.import_iddpm import imported_checkpoint
+    from tdc_core.training.trainer import spec_for
 
     src = args.checkpoint.resolve()
     cfg = load_config(preset=args.preset, path=args.config,
@@ -315,7 +316,7 @@ def _cmd_import_iddpm(args: argparse.Namespace) -> int:
     if layout.shared_checkpoint.exists():
         raise ConfigError(f"{layout.shared_checkpoint} exists already; choose a new --out-dir (an import "
                           f"never overwrites a run's stage 1)")
-    payload = imported_checkpoint(cfg, src)  # reads and checks everything before writing anything
+    payload = imported_checkpoint(cfg, src, spec=spec_for(cfg))  # reads and checks everything before writing anything
     n = sum(t.numel() for t in payload["model"].values())
     _preflight(cfg, args.out_dir, "disk", checkpoints=1)
     with _hold(args.out_dir, "tdc import-iddpm"):

@@ -177,16 +177,16 @@ def test_files_that_are_not_iddpm_state_dicts_are_refused(tmp_path):
     model, cfg = _model()
     init = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": str(tmp_path / "x.pt")})})
     with pytest.raises(CheckpointError, match="does not exist"):
-        imported_checkpoint(init, tmp_path / "x.pt")
+        imported_checkpoint(init, tmp_path / "x.pt", spec=spec_for(init))
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="truncated or not a torch file"):
-        imported_checkpoint(init, tmp_path / "junk.pt")
+        imported_checkpoint(init, tmp_path / "junk.pt", spec=spec_for(init))
     torch.save({"model": to_iddpm_state_dict(model)}, tmp_path / "nested.pt")
     with pytest.raises(CheckpointError, match="not a state dict"):
-        imported_checkpoint(init, tmp_path / "nested.pt")
+        imported_checkpoint(init, tmp_path / "nested.pt", spec=spec_for(init))
     save_checkpoint(tmp_path / "tdc.pt", {"kind": "snapshot"})
     with pytest.raises(CheckpointError, match="is a TDC checkpoint"):
-        imported_checkpoint(init, tmp_path / "tdc.pt")
+        imported_checkpoint(init, tmp_path / "tdc.pt", spec=spec_for(init))
 
 
 class _Payload:  # a pickled object: weights_only loading must refuse it, never run it
@@ -197,7 +197,7 @@ def test_a_file_carrying_objects_is_refused_without_running_them(tmp_path):
     _, cfg = _model()
     torch.save({"x": _Payload()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="refused"):
-        imported_checkpoint(cfg, tmp_path / "evil.pt")
+        imported_checkpoint(cfg, tmp_path / "evil.pt", spec=spec_for(cfg))
 
 
 def test_import_command_then_pipeline_stages_fine_tune_and_sample_a_learned_variance_model(tmp_path, capsys):

@@ -115,7 +115,7 @@ def preflight(
 def _check_init_from(config: PipelineConfig) -> str:
     """``train.init_from``: the IDDPM checkpoint loads and fits the configured model, key by key
     and shape by shape (the whole file is read: seconds for ImageNet-64's 0.5 GB)."""
-    payload = imported_checkpoint(config, config.train.init_from)
+    payload = imported_checkpoint(config, config.train.init_from, spec=spec_for(config))
     n = sum(t.numel() for t in payload["model"].values())
     return (f"stage 1: IDDPM checkpoint {config.train.init_from} fits the model ({n:,} parameters), "
             f"imported as step {config.train.steps}")

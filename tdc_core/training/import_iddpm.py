@@ -23,8 +23,7 @@ import torch
 from tdc_core.config import PipelineConfig
 from tdc_core.errors import CheckpointError, first_line
 from tdc_core.model.iddpm import from_iddpm_state_dict
-from tdc_core.model.unet import UNet
-from tdc_core.training.trainer import spec_for
+from tdc_core.model.unet import UNet, UNetSpec
 
 __all__ = ["file_sha256", "imported_checkpoint", "read_iddpm_state_dict"]
 
@@ -67,16 +66,16 @@ def read_iddpm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def imported_checkpoint(config: PipelineConfig, path: str | Path) -> dict[str, Any]:
-    """The training-checkpoint payload of ``config``'s dense model holding the IDDPM weights in
-    ``path``, at step ``config.train.steps``.
+def imported_checkpoint(config: PipelineConfig, path: str | Path, *, spec: UNetSpec) -> dict[str, Any]:
+    """The training-checkpoint payload of ``config``'s dense model (``spec``, from
+    :func:`tdc_core.training.trainer.spec_for`) holding the IDDPM weights in ``path``, at step
+    ``config.train.steps``.
 
     Raises:
         CheckpointError: as :func:`read_iddpm_state_dict`, or the checkpoint does not fit the
             configured model (one line naming the first mismatch and the field to change).
     """
     state = read_iddpm_state_dict(path)
-    spec = spec_for(config)
     with torch.device("meta"):  # shapes only: the weights come from the file
         skeleton = UNet(spec)
     weights = from_iddpm_state_dict(state, model=skeleton, source=f"IDDPM checkpoint {path}")

@@ -38,6 +38,7 @@ from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.training.data import BatchSampler, load_images, split_heldout, to_model_range
 from tdc_core.training.device import autocast_dtype, peak_memory_gib, reset_peak_memory, resolve_device
 from tdc_core.training.distributed import DistInfo, all_gather_objects, init_distributed, mean_across_ranks
+from tdc_core.training.import_iddpm import imported_checkpoint
 
 __all__ = ["TrainPlan", "TrainResult", "Trainer", "init_model", "load_model", "run_training", "spec_for"]
 
@@ -571,11 +572,9 @@ def run_training(
     ckpt = RunLayout(run_dir).shared_checkpoint
     if resume and config.train.init_from is not None and not ckpt.exists():
         # Stage 1 imported, not trained: the run starts at train.steps with IDDPM's weights.
-        from tdc_core.training.import_iddpm import imported_checkpoint  # it builds on this module
-
         (reporter or NullReporter()).message(f"importing the IDDPM checkpoint {config.train.init_from} "
                                              f"as step {config.train.steps} of this run")
-        save_checkpoint(ckpt, imported_checkpoint(config, config.train.init_from))
+        save_checkpoint(ckpt, imported_checkpoint(config, config.train.init_from, spec=spec_for(config)))
     if resume and ckpt.exists():
         trainer.resume(ckpt)
     return trainer.fit(until_step=config.train.steps if steps is None else steps, checkpoint_path=ckpt,
