@@ -7,7 +7,7 @@ attention block:
 
 * IDDPM's ``qkv`` 1×1 convolution emits its ``3·C`` channels as (head, q/k/v, d) — it reshapes to
   ``[N·heads, 3·d, L]`` and splits — while ours emits (q/k/v, head, d); the rows of ``qkv.weight``
-  ``[3C x C x 1]`` and ``qkv.bias`` ``[3C]`` are permuted accordingly (:func:`_qkv_to_ours`).
+  ``[3C x C x 1]`` and ``qkv.bias`` ``[3C]`` are permuted accordingly (:func:`_regroup_qkv`).
 
 Everything else (timestep embedding, GroupNorm of 32 groups, scale-shift norm, 1/√d attention
 scale, nearest upsampling, strided-conv downsampling) computes the same, so equal weights give
@@ -68,32 +68,29 @@ def _iddpm_key(key: str, modules: Mapping[str, nn.Module]) -> str:
     raise KeyError(f"no IDDPM name for parameter {key}")  # a module type added without a mapping
 
 
-def _attention_heads(model: UNet) -> dict[str, tuple[int, int]]:
-    """IDDPM key prefix of every attention block's ``qkv`` → (heads, inner width)."""
-    return {f"{name}.qkv": (m.num_heads, m.proj.in_channels)
+def _attention_heads(model: UNet) -> dict[str, int]:
+    """IDDPM key prefix of every attention block's ``qkv`` → its head count."""
+    return {f"{name}.qkv": m.num_heads
             for name, m in model.named_modules() if isinstance(m, AttentionBlock)}
 
 
-def _qkv_to_ours(t: torch.Tensor, heads: int, inner: int) -> torch.Tensor:
-    """Rows of IDDPM's qkv (head, q/k/v, d) → ours (q/k/v, head, d); ``t``: ``[3·inner (x C x 1)]``."""
+def _regroup_qkv(t: torch.Tensor, outer: int, inner_groups: int) -> torch.Tensor:
+    """Rows of a qkv tensor ``[3·W (x C x 1)]`` ordered (outer, inner_groups, d) → (inner_groups,
+    outer, d). IDDPM → ours: ``(heads, 3)``; ours → IDDPM: ``(3, heads)``."""
     rest = t.shape[1:]
-    return t.reshape(heads, 3, inner // heads, *rest).transpose(0, 1).reshape(3 * inner, *rest)
-
-
-def _qkv_to_iddpm(t: torch.Tensor, heads: int, inner: int) -> torch.Tensor:
-    rest = t.shape[1:]
-    return t.reshape(3, heads, inner // heads, *rest).transpose(0, 1).reshape(3 * inner, *rest)
+    return t.reshape(outer, inner_groups, -1, *rest).transpose(0, 1).reshape(t.shape)
 
 
 def to_iddpm_state_dict(model: UNet) -> dict[str, torch.Tensor]:
     """``model``'s weights under IDDPM's names and channel order (what IDDPM's ``UNetModel`` of the
     same settings would load): the inverse of :func:`from_iddpm_state_dict`."""
     heads = _attention_heads(model)
+    ours_sd = model.state_dict()
     out = {}
     for ours, theirs in iddpm_names(model).items():
-        t = model.state_dict()[ours].detach().clone()
+        t = ours_sd[ours].detach().clone()
         owner = theirs.rsplit(".", 1)[0]
-        out[theirs] = _qkv_to_iddpm(t, *heads[owner]) if owner in heads else t
+        out[theirs] = _regroup_qkv(t, 3, heads[owner]) if owner in heads else t
     return out
 
 
@@ -131,7 +128,7 @@ def from_iddpm_state_dict(state: Mapping[str, torch.Tensor], *, model: UNet,
             continue
         owner = theirs.rsplit(".", 1)[0]
         t = t.detach().to(torch.float32)
-        converted[ours] = _qkv_to_ours(t, *heads[owner]).contiguous() if owner in heads else t
+        converted[ours] = _regroup_qkv(t, heads[owner], 3).contiguous() if owner in heads else t
     expected = set(names.values())
     problems += [f"the checkpoint has {k}, which the model lacks; {_field_for(k, kind='extra')}"
                  for k in state if k not in expected]

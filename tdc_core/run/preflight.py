@@ -39,7 +39,7 @@ from tdc_core.evaluation.fid import choose_reference
 from tdc_core.method.budgets import check_budgets_reachable
 from tdc_core.model.unet import UNet
 from tdc_core.training.data import peek_images
-from tdc_core.training.import_iddpm import imported_checkpoint
+from tdc_core.training.import_iddpm import imported_weights
 from tdc_core.training.trainer import spec_for
 
 __all__ = ["ALL_NEEDS", "Need", "checkpoint_bytes", "pipeline_checkpoints", "preflight", "run_needs"]
@@ -115,8 +115,8 @@ def preflight(
 def _check_init_from(config: PipelineConfig) -> str:
     """``train.init_from``: the IDDPM checkpoint loads and fits the configured model, key by key
     and shape by shape (the whole file is read: seconds for ImageNet-64's 0.5 GB)."""
-    payload = imported_checkpoint(config, config.train.init_from, spec=spec_for(config))
-    n = sum(t.numel() for t in payload["model"].values())
+    weights = imported_weights(config.train.init_from, spec=spec_for(config))
+    n = sum(t.numel() for t in weights.values())
     return (f"stage 1: IDDPM checkpoint {config.train.init_from} fits the model ({n:,} parameters), "
             f"imported as step {config.train.steps}")
 

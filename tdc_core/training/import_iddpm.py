@@ -25,7 +25,7 @@ from tdc_core.errors import CheckpointError, first_line
 from tdc_core.model.iddpm import from_iddpm_state_dict
 from tdc_core.model.unet import UNet, UNetSpec
 
-__all__ = ["file_sha256", "imported_checkpoint", "read_iddpm_state_dict"]
+__all__ = ["file_sha256", "imported_checkpoint", "imported_weights", "read_iddpm_state_dict"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -66,24 +66,30 @@ def read_iddpm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def imported_checkpoint(config: PipelineConfig, path: str | Path, *, spec: UNetSpec) -> dict[str, Any]:
-    """The training-checkpoint payload of ``config``'s dense model (``spec``, from
-    :func:`tdc_core.training.trainer.spec_for`) holding the IDDPM weights in ``path``, at step
-    ``config.train.steps``.
+def imported_weights(path: str | Path, *, spec: UNetSpec) -> dict[str, torch.Tensor]:
+    """The IDDPM weights in ``path`` as the ``state_dict`` of the UNet ``spec`` (the dense model,
+    :func:`tdc_core.training.trainer.spec_for`).
 
     Raises:
         CheckpointError: as :func:`read_iddpm_state_dict`, or the checkpoint does not fit the
-            configured model (one line naming the first mismatch and the field to change).
+            model (one line naming the first mismatch and the field to change).
     """
     state = read_iddpm_state_dict(path)
     with torch.device("meta"):  # shapes only: the weights come from the file
         skeleton = UNet(spec)
-    weights = from_iddpm_state_dict(state, model=skeleton, source=f"IDDPM checkpoint {path}")
+    return from_iddpm_state_dict(state, model=skeleton, source=f"IDDPM checkpoint {path}")
+
+
+def imported_checkpoint(config: PipelineConfig, path: str | Path, *, spec: UNetSpec) -> dict[str, Any]:
+    """The training-checkpoint payload of ``config``'s dense model ``spec`` holding the IDDPM
+    weights in ``path`` (:func:`imported_weights`), at step ``config.train.steps``."""
+    weights = imported_weights(path, spec=spec)
     return {
         "kind": "train", "config": config.model_dump(mode="json"), "spec": spec.to_dict(),
         "t_range": [0, config.diffusion.num_timesteps], "step": config.train.steps, "lr": config.train.lr,
         "batch_size": config.train.batch_size, "model": weights,
-        "ema": {k: v.clone() for k, v in weights.items()},  # IDDPM releases its EMA weights
+        # The same tensors: IDDPM releases its EMA weights; loading copies them into each module.
+        "ema": dict(weights),
         "optimizer": None, "rng": None, "world_size": 1, "rng_ranks": [], "skipped_steps": 0,
         "imported": {"format": "improved-diffusion", "path": str(path), "sha256": file_sha256(path)},
     }
