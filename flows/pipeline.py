@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from flows.checks import check_before_run
 from tasks.console import install_quiet_console, say
 from tasks.registry import Registration, register_task
+from tasks.remote_groups import group_on_worker_task, publish_inputs_task
 from tasks.run_report import report_task
 from tasks.stage_tasks import (
     DEVICE_SLOTS,
@@ -95,8 +96,9 @@ def tdc(
     tracking_uri: str | None = None,
     workers: int | None = None,
 ) -> PipelineSummary:
-    """Profile → group → shared training → per-group prune + fine-tune (parallel) → costs →
-    baseline → FID comparison → registry.
+    """Profile → group → shared training → per-group prune + fine-tune (parallel, here or on
+    the workers of the group deployment: ``orchestration.groups``) → costs → baseline → FID
+    comparison → registry.
 
     Args:
         preset, overrides: build the config (ignored when ``config`` is given).
@@ -144,11 +146,8 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
     profile = profile_task(*args)
     grouped = group_task(*args, wait_for=[profile])
     shared = shared_train_task(*args, wait_for=[grouped])
-    say(f"fine-tuning {grouped.grouping.num_groups} group experts, {len(slots)} at a time "
-        f"({'one per GPU' if slots[0] is not None else f'{threads} CPU thread(s) each'})")
-    futures = [finetune_group_task.submit(*args, group=g, threads=threads, wait_for=[shared])
-               for g in range(grouped.grouping.num_groups)]
-    groups = _all_groups(futures)
+    groups = _all_groups(_submit_groups(cfg, args=args, num_groups=grouped.grouping.num_groups, run_key=run_key,
+                                        slots=slots, threads=threads, after=shared))
     costs = costs_task(*args, groups=groups)
     baseline, baseline_run_id, comparison = None, None, None
     if cfg.baseline.enabled:
@@ -171,6 +170,21 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
     report_task(summary_json=summary.model_dump_json(), tracking=tracking)
     tracking.finish(tracking.parent_run_id)
     return summary
+
+
+def _submit_groups(cfg: PipelineConfig, *, args: tuple, num_groups: int, run_key: str, slots: list[str | None],
+                   threads: int, after: object) -> list:
+    """One future per group: a subprocess here per device slot (``orchestration.groups=local``),
+    or a flow run of the group deployment on any worker of its pool (``deployment``)."""
+    if cfg.orchestration.groups == "deployment":
+        published = publish_inputs_task(cfg, args[1], run_key, wait_for=[after])
+        say(f"fine-tuning {num_groups} group experts as flow runs of {cfg.orchestration.group_deployment} "
+            f"(inputs in {published.storage})")
+        remote = group_on_worker_task.with_options(retries=cfg.orchestration.group_retries)
+        return [remote.submit(*args, group=g, published=published) for g in range(num_groups)]
+    say(f"fine-tuning {num_groups} group experts, {len(slots)} at a time "
+        f"({'one per GPU' if slots[0] is not None else f'{threads} CPU thread(s) each'})")
+    return [finetune_group_task.submit(*args, group=g, threads=threads, wait_for=[after]) for g in range(num_groups)]
 
 
 def _all_groups(futures: list) -> list[GroupResult]:

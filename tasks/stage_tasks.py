@@ -78,9 +78,10 @@ __all__ = [
 
 def _inputs_but_eval(context: object, parameters: dict) -> str | None:
     """Cache key of a stage that never reads ``eval.*``: its inputs with the config's ``eval``
-    section left out, so changing an evaluation setting re-runs the evaluation alone."""
+    section left out, so changing an evaluation setting re-runs the evaluation alone. The
+    ``orchestration`` section (where groups run) is left out too: it changes no result."""
     rest = {k: v for k, v in parameters.items() if k != "config"}
-    config = parameters["config"].model_dump(mode="json", exclude={"eval"})
+    config = parameters["config"].model_dump(mode="json", exclude={"eval", "orchestration"})
     return hash_objects(config, rest)
 
 
@@ -111,7 +112,7 @@ def _last_error(output: str) -> list[str]:
     return lines[-1:]
 
 
-def _run_worker(cmd: list[str], *, env: dict[str, str], what: str, error: type[TDCError],
+def run_worker(cmd: list[str], *, env: dict[str, str], what: str, error: type[TDCError],
                 relay: JsonlTail | None = None) -> None:
     """Run a worker process of the project (``tdc finetune-group``, ``torchrun ... tdc train``),
     replaying its progress (``relay``) while it runs.
@@ -301,7 +302,7 @@ def _train_under_torchrun(config: PipelineConfig, out: Path, *, tracking: Tracki
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            *train_command(out_dir=out, metrics_file=metrics_file, result_file=result_file,
                          snapshot_steps=snapshot_steps)]
-    _run_worker(cmd, env=env, what=f"training in {out} under torchrun ({n} processes)", error=TrainingError,
+    run_worker(cmd, env=env, what=f"training in {out} under torchrun ({n} processes)", error=TrainingError,
                 relay=JsonlTail(metrics_file, progress))
     _log_jsonl_metrics(tracking, run_id, metrics_file)
     record = json.loads(result_file.read_text())
@@ -365,23 +366,37 @@ def finetune_group_task(
             env["OMP_NUM_THREADS"] = str(threads)
         cmd = [sys.executable, *finetune_group_command(run_dir=layout.root, group=group, metrics_file=metrics_file)]
         with StageProgress(f"group {group}") as progress:
-            _run_worker(cmd, env=env, what=f"group {group} fine-tune", error=GroupFailed,
-                        relay=JsonlTail(metrics_file, progress))
-        _log_jsonl_metrics(tracking, run_id, metrics_file)
+            run_worker(cmd, env=env, what=f"group {group} fine-tune", error=GroupFailed,
+                       relay=JsonlTail(metrics_file, progress))
         result = load_record(layout.group_result(group), GroupResult, what="group result")
-        tracking.log_metrics(run_id, {
-            "flops": result.flops, "budget_flops": result.budget_flops, "budget_met": float(result.budget_met),
-            "heldout_loss_shared": result.heldout_loss_shared, "heldout_loss": result.heldout_loss,
-            "finetune_seconds": result.seconds, "lo": result.lo, "hi": result.hi, "rank": result.rank,
-            "pruning_flops": result.pruning_flops,
-            **({"heldout_loss_pruned": result.heldout_loss_pruned} if result.heldout_loss_pruned is not None else {}),
-        }, step=result.steps)
-        prune_dir = layout.prune_dir(group)
-        for name in ("memory.json", "prune.png"):  # the pruning rounds' decision log and plot
-            tracking.log_artifact(run_id, prune_dir / name, artifact_path="pruning")
-        tracking.set_tags(run_id, {"interval": f"[{result.lo}, {result.hi})", "device": slot or "cpu"})
-        tracking.log_artifact(run_id, layout.group_result(group), artifact_path="group")
-        tracking.log_artifact(run_id, layout.group_checkpoint(group), artifact_path="checkpoints")
+        log_group_result(tracking, run_id, layout=layout, result=result, tags={"device": slot or "cpu"})
+    say_group(result, where=slot and "GPU " + slot or "CPU")
+    return result
+
+
+def log_group_result(tracking: TrackingRef, run_id: str, *, layout: RunLayout, result: GroupResult,
+                     tags: dict[str, str]) -> None:
+    """Log a finished group (its folder in ``layout``) on its MLflow run: the fine-tune's metric
+    series, its result, pruning record and checkpoint."""
+    group = result.group
+    _log_jsonl_metrics(tracking, run_id, layout.group_metrics(group))
+    tracking.log_metrics(run_id, {
+        "flops": result.flops, "budget_flops": result.budget_flops, "budget_met": float(result.budget_met),
+        "heldout_loss_shared": result.heldout_loss_shared, "heldout_loss": result.heldout_loss,
+        "finetune_seconds": result.seconds, "lo": result.lo, "hi": result.hi, "rank": result.rank,
+        "pruning_flops": result.pruning_flops,
+        **({"heldout_loss_pruned": result.heldout_loss_pruned} if result.heldout_loss_pruned is not None else {}),
+    }, step=result.steps)
+    prune_dir = layout.prune_dir(group)
+    for name in ("memory.json", "prune.png"):  # the pruning rounds' decision log and plot
+        tracking.log_artifact(run_id, prune_dir / name, artifact_path="pruning")
+    tracking.set_tags(run_id, {"interval": f"[{result.lo}, {result.hi})", **tags})
+    tracking.log_artifact(run_id, layout.group_result(group), artifact_path="group")
+    tracking.log_artifact(run_id, layout.group_checkpoint(group), artifact_path="checkpoints")
+
+
+def say_group(result: GroupResult, *, where: str) -> None:
+    """One console line per finished group."""
     # The ε-MSE here is the fine-tune's own check (a few held-out batches on the group's
     # timesteps), labelled as such: the evaluation scores every model on one held-out set.
     pruned = (f"pruned to {result.flops / 1e6:.1f} MFLOP (budget {result.budget_flops / 1e6:.1f}), "
@@ -389,9 +404,8 @@ def finetune_group_task(
     check = (f"shared {result.heldout_loss_shared:.4f}"
              + (f" → pruned {result.heldout_loss_pruned:.4f}" if result.heldout_loss_pruned is not None else "")
              + f" → expert {result.heldout_loss:.4f}")
-    say(f"group {group} [{result.lo}, {result.hi}): {pruned}{result.steps} fine-tune steps "
-        f"({result.seconds:.0f} s, {slot and 'GPU ' + slot or 'CPU'}); training check, ε-MSE on its timesteps: {check}")
-    return result
+    say(f"group {result.group} [{result.lo}, {result.hi}): {pruned}{result.steps} fine-tune steps "
+        f"({result.seconds:.0f} s, {where}); training check, ε-MSE on its timesteps: {check}")
 
 
 @task(name="costs", **CACHED)

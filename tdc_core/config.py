@@ -291,6 +291,34 @@ class BaselineConfig(_Strict):
     steps: int | None = Field(None, ge=1)    # None: the fewest steps costing ≥ TDC's total
 
 
+class OrchestrationConfig(_Strict):
+    """Where the group fine-tunes run and where their inputs and outputs live (not part of the
+    run's key: the same config gives the same models wherever its groups run)."""
+
+    # local: subprocesses of the flow's process (one per local GPU); deployment: one flow run
+    # of ``group_deployment`` per group, picked up by any worker of its work pool.
+    groups: Literal["local", "deployment"] = "local"
+    # Storage root of the hand-off between the flow and group workers: a local folder or any
+    # fsspec URL (s3://bucket/prefix, gs://..., file:///...). None: ``<run folder>/store``,
+    # which only workers on this machine can reach.
+    storage: str | None = None
+    group_deployment: str = "tdc-group/group"   # <flow name>/<deployment name>
+    # How long the flow waits for one group's flow run (None: no limit). A group whose run
+    # crashed or timed out fails; a re-run resubmits only the groups without a stored result.
+    group_timeout_s: float | None = Field(None, gt=0)
+    # How often a group whose flow run crashed or failed is resubmitted before the pipeline
+    # fails (a dead worker's run is marked Crashed by deployments/automations.yaml).
+    group_retries: int = Field(1, ge=0)
+
+    @field_validator("group_deployment")
+    @classmethod
+    def _flow_slash_deployment(cls, value: str) -> str:
+        if value.count("/") != 1 or not all(value.split("/")):
+            raise ValueError(f"group_deployment={value!r} must be '<flow name>/<deployment name>', "
+                             f"e.g. 'tdc-group/group'")
+        return value
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -328,6 +356,7 @@ class PipelineConfig(_Strict):
     prune: PruneConfig = PruneConfig()
     eval: EvalConfig = EvalConfig()
     baseline: BaselineConfig = BaselineConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -639,13 +668,13 @@ def apply_overrides(config: PipelineConfig, overrides: Sequence[str], *, source:
 
 # Sections that never change what is trained: evaluation settings (and, for a checkpoint, how it
 # is sampled). Changing them re-evaluates a run without retraining it.
-_NOT_TRAINING = ("eval", "sample")
+_NOT_TRAINING = ("eval", "sample", "orchestration")
 
 
 def config_key(config: PipelineConfig) -> str:
     """Short hash of the resolved config without its ``eval`` section: names the default run
     folder and keys the MLflow runs, so changing an ``eval.*`` setting re-evaluates the same run."""
-    return hashlib.sha256(config.model_dump_json(exclude={"eval"}).encode()).hexdigest()[:10]
+    return hashlib.sha256(config.model_dump_json(exclude={"eval", "orchestration"}).encode()).hexdigest()[:10]
 
 
 # What stage 1 (the probe, its profile and the shared model) reads: two configs equal here share
