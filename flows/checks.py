@@ -41,29 +41,38 @@ def check_group_workers(config: PipelineConfig, *, run_dir: Path) -> list[str]:
         ConfigError: no ``PREFECT_API_URL``, or the deployment is not there (naming the field).
         StorageError: the storage root cannot be written.
     """
-    from prefect import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL
-
-    from tasks.remote_groups import storage_root
+    from tasks.on_workers import storage_root
     from tasks.storage import open_store
 
     name = config.orchestration.group_deployment
-    api = PREFECT_API_URL.value()
-    if not api:
-        raise ConfigError("orchestration.groups=deployment submits each group as a flow run for a Prefect server's "
-                          "workers: set PREFECT_API_URL to that server (README, 'Several machines')")
-    try:
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name(name)
-    except ObjectNotFound:
-        raise ConfigError(f"orchestration.group_deployment={name!r} is not deployed on {api}; deploy it with "
-                          f"prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml") from None
-    except Exception as exc:  # noqa: BLE001 - an unreachable server, one line
-        raise ConfigError(f"orchestration.groups=deployment: the Prefect server {api} cannot be reached "
-                          f"({type(exc).__name__}: {exc})") from None
-    lines = [f"groups: flow runs of {name} (work pool {deployment.work_pool_name})"]
+    lines = [check_deployment(name, field="orchestration.group_deployment", why="orchestration.groups=deployment "
+                              "submits each group as a flow run for a Prefect server's workers")]
     if config.orchestration.storage is None:  # inside the run folder, which this check does not create
         return [*lines, f"storage {storage_root(config, run_dir=run_dir)}: on this machine only (set "
                         f"orchestration.storage for workers elsewhere)"]
     return [*lines, open_store(config.orchestration.storage).check_writable()]
+
+
+def check_deployment(name: str, *, field: str, why: str) -> str:
+    """The deployment ``name`` exists on the Prefect server of ``PREFECT_API_URL``.
+
+    Raises:
+        ConfigError: no server configured, unreachable, or no such deployment (naming ``field``).
+    """
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        raise ConfigError(f"{why}: set PREFECT_API_URL to that server (README, 'Several machines')")
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise ConfigError(f"{field}={name!r} is not deployed on {api}; deploy it with "
+                          f"prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml") from None
+    except Exception as exc:  # noqa: BLE001 - an unreachable server, one line
+        raise ConfigError(f"{field}={name!r}: the Prefect server {api} cannot be reached "
+                          f"({type(exc).__name__}: {exc})") from None
+    return f"flow runs of {name} (work pool {deployment.work_pool_name}) on {api}"

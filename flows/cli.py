@@ -607,6 +607,13 @@ def _cmd_study(args: argparse.Namespace) -> int:
         for seed in spec.seeds:
             cfg = replicate_config(arm, seed=seed)
             check_before_run(cfg, run_dir=default_run_dir(cfg).resolve())
+    if spec.replicates == "deployment":
+        from flows.checks import check_deployment
+        from tasks.storage import open_store
+
+        check_deployment(spec.deployment, field="deployment", why=f"study file {args.study}: replicates: deployment "
+                         f"submits each replicate as a flow run for a Prefect server's workers")
+        open_store(spec.storage).check_writable()
     api_ready = _start_prefect_api_early()
     from flows.study import tdc_study
     from tasks.console import cli_reports_failures

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.checks import check_before_run
 from tasks.console import install_quiet_console, say
+from tasks.on_workers import group_on_worker_task, publish_inputs_task, publish_results_task
 from tasks.registry import Registration, register_task
-from tasks.remote_groups import group_on_worker_task, publish_inputs_task
 from tasks.run_report import report_task
 from tasks.stage_tasks import (
     DEVICE_SLOTS,
@@ -40,6 +40,7 @@ from tasks.stage_tasks import (
     worker_slots,
 )
 from tasks.tracking import TrackingRef, open_tracking
+from tdc_core.atomic import atomic_write_bytes
 from tdc_core.config import PipelineConfig, config_key, load_config, write_run_config
 from tdc_core.evaluation.results import Comparison
 from tdc_core.run.layout import RunLayout, default_run_dir
@@ -103,18 +104,26 @@ def tdc(
     Args:
         preset, overrides: build the config (ignored when ``config`` is given).
         config: the full pipeline config (Prefect renders it as a form).
-        run_dir: run folder; default derived from the config, so a re-run resumes.
+        run_dir: run folder; default derived from the config (under ``$TDC_RUNS_DIR`` when set), so
+            a re-run resumes.
         tracking_uri: MLflow store; default ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``.
         workers: parallel group fine-tunes: default one per GPU, or 2 on a CPU machine.
     """
     install_quiet_console()  # a user error is one line on the console; its traceback stays in the run's log
     cfg = _resolve(preset, overrides, config)
-    root = Path(run_dir or default_run_dir(cfg)).resolve()
+    root = Path(run_dir or _default_root(cfg)).resolve()
     # Every input a stage needs, before any training and before anything reaches MLflow.
     for line in check_before_run(cfg, run_dir=root, tracking_uri=tracking_uri):
         get_run_logger().info("checked %s", line)
     with hold_run_folder(root, command=f"flow tdc ({flow_run.name or 'local'})", warn=say):
         return _run(cfg, root=root, tracking_uri=tracking_uri, workers=workers)
+
+
+def _default_root(cfg: PipelineConfig) -> Path:
+    """``runs/<name>-<preset>-<hash>`` in the working folder, or in ``$TDC_RUNS_DIR`` when set (a
+    worker's own disk: a deployment's flow runs start in the project folder)."""
+    base = os.environ.get("TDC_RUNS_DIR")
+    return Path(base) / default_run_dir(cfg).name if base else default_run_dir(cfg)
 
 
 def _run(cfg: PipelineConfig, *, root: Path, tracking_uri: str | None, workers: int | None) -> PipelineSummary:
@@ -168,6 +177,9 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
         registration=registration,
     )
     report_task(summary_json=summary.model_dump_json(), tracking=tracking)
+    atomic_write_bytes(RunLayout(root).summary_json, summary.model_dump_json(indent=1).encode())
+    if cfg.orchestration.storage:  # for whoever reads this run from elsewhere (a study on workers)
+        publish_results_task(cfg, str(root))
     tracking.finish(tracking.parent_run_id)
     return summary
 

@@ -7,7 +7,10 @@ only in stage-2 settings, at one training seed) share one stage-1 folder: the fi
 the others reuse it (:mod:`tdc_core.run.stage1`). A killed study resumes: finished replicates
 are reused from their folders' caches, an unfinished one resumes from its checkpoints.
 Replicates run one after another; each uses the machine's cores or GPUs for its own parallel
-group fine-tunes.
+group fine-tunes. With ``replicates: deployment`` in the study file, every replicate is instead a
+flow run of ``tdc/full-pipeline`` on any worker of its pool, all submitted at once; each
+publishes its results to the study's ``storage``, and they come back into the replicate's run
+folder here (``summary.json``, ``eval/``), so the summary reads them as it reads a local one.
 
 Writes ``<out>/study.json``, ``study.md``, ``replicates.json`` (every replicate's numbers and
 run folder), ``study.png`` (each arm's paired differences with their intervals) and
@@ -23,12 +26,15 @@ import time
 from pathlib import Path
 
 from prefect import flow
+from prefect.futures import wait
 
-from flows.pipeline import tdc
+from flows.pipeline import PipelineSummary, tdc
 from tasks.console import say
+from tasks.on_workers import replicate_on_worker_task
 from tasks.tracking import open_study_tracking
 from tdc_core.atomic import atomic_write_bytes
-from tdc_core.errors import ConfigError
+from tdc_core.config import PipelineConfig
+from tdc_core.errors import ConfigError, TDCError
 from tdc_core.evaluation.curves import Curve, plot_curves
 from tdc_core.evaluation.plots import plot_intervals
 from tdc_core.evaluation.units import fmt_flops
@@ -105,14 +111,18 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
     curves: dict[str, list[Curve]] = {}
     replicates = []
     try:
+        on_workers = _replicates_on_workers(spec) if spec.replicates == "deployment" else {}
         for arm in spec.arms:
             for seed in spec.seeds:
                 cfg = replicate_config(arm, seed=seed)
                 if not cfg.baseline.enabled:
                     raise ConfigError(f"study arm {arm.name}: baseline.enabled=false leaves nothing to compare with")
-                say(f"study {spec.name}: arm {arm.name}, training seed {seed}")
-                summary = tdc(config=cfg, run_dir=str(default_run_dir(cfg)), tracking_uri=tracking.tracking_uri,
-                              workers=spec.workers)
+                if on_workers:
+                    summary = on_workers[(arm.name, seed)]
+                else:
+                    say(f"study {spec.name}: arm {arm.name}, training seed {seed}")
+                    summary = tdc(config=cfg, run_dir=str(default_run_dir(cfg)), tracking_uri=tracking.tracking_uri,
+                                  workers=spec.workers)
                 tracking.adopt([r for r in (summary.mlflow_run_id, summary.baseline_run_id) if r],
                                tags={"tdc.study_arm": arm.name, "tdc.study_seed": str(seed)})
                 metrics = replicate_metrics(summary.comparison)
@@ -134,6 +144,48 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
         raise
     tracking.finish(tracking.parent_run_id)
     return result
+
+
+def study_replicate_config(spec: StudySpec, arm, *, seed: int) -> PipelineConfig:
+    """A replicate's config; with ``replicates: deployment`` its pipeline publishes its results
+    to the study's storage (``orchestration.storage``, which changes no run key)."""
+    cfg = replicate_config(arm, seed=seed)
+    if spec.replicates != "deployment":
+        return cfg
+    return cfg.model_copy(update={"orchestration": cfg.orchestration.model_copy(update={"storage": spec.storage})})
+
+
+def _replicates_on_workers(spec: StudySpec) -> dict[tuple[str, int], PipelineSummary]:
+    """Every replicate as a flow run of ``spec.deployment``, all submitted at once (how many run
+    together is the work pool's concurrency limit); each one's results come back into its run
+    folder here. Replicates already published are not run again.
+
+    Raises:
+        TDCError: naming every replicate whose flow run did not complete (the others are kept).
+    """
+    futures = {}
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            cfg = study_replicate_config(spec, arm, seed=seed)
+            name = f"{spec.name}-{arm.name}-seed{seed}"
+            futures[(arm.name, seed)] = replicate_on_worker_task.submit(
+                cfg, deployment=spec.deployment, name=name, run_dir=str(default_run_dir(cfg).resolve()))
+    say(f"study {spec.name}: {len(futures)} replicates submitted as flow runs of {spec.deployment} "
+        f"(results via {spec.storage})")
+    wait(list(futures.values()))
+    out, failed = {}, []
+    for key, future in futures.items():
+        try:
+            folder = future.result()
+        except Exception as exc:  # noqa: BLE001 - collected and reported together
+            failed.append(f"{key[0]} seed {key[1]}: {exc}")
+            continue
+        summary = PipelineSummary.model_validate_json(RunLayout(folder).summary_json.read_text())
+        out[key] = summary.model_copy(update={"run_dir": str(folder)})
+    if failed:
+        raise TDCError(f"{len(failed)} of {len(futures)} replicates failed: {'; '.join(failed)}; re-run the study "
+                       f"to submit only those")
+    return out
 
 
 def _curve_of(run_dir: str | Path) -> Curve | None:

@@ -1,6 +1,6 @@
 """Group fine-tunes spread over Prefect workers that share no disk, through an S3 storage root.
 
-A Prefect server, an S3-compatible server (moto) and two process workers, all on 127.0.0.1,
+A Prefect server, an MLflow server, an S3-compatible server (moto) and process workers, all on 127.0.0.1,
 each worker in its own temporary folder (its work folder, temp folder and Prefect home): the only
 thing the pipeline and the workers share is the object store. The pipeline itself is `tdc run`
 in a third folder, as on a laptop.
@@ -38,7 +38,7 @@ class Cluster:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp, self.procs, self.workers = tmp, [], {}
-        pport, sport = free_port(), free_port()
+        pport, sport, mport = free_port(), free_port(), free_port()
         self.env = {
             **os.environ,
             "PREFECT_API_URL": f"http://127.0.0.1:{pport}/api",
@@ -46,6 +46,7 @@ class Cluster:
             "PREFECT_WORKER_QUERY_SECONDS": "2",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{sport}",
             "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mport}",
             "TDC_PROJECT_DIR": str(ROOT),
             "OMP_NUM_THREADS": "1",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -54,7 +55,12 @@ class Cluster:
         server = self.start("prefect-server", [BIN / "prefect", "server", "start", "--host", "127.0.0.1",
                                                "--port", str(pport)], env=self._own("server"))
         s3 = self.start("s3", [BIN / "moto_server", "-H", "127.0.0.1", "-p", str(sport)], env=self.env)
+        mlflow = self.start("mlflow", [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(mport),
+                                       "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                                       "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"],
+                            env=self.env)
         wait_http(f"http://127.0.0.1:{pport}/api/health", timeout=180, proc=server)
+        wait_http(f"http://127.0.0.1:{mport}/health", timeout=180, proc=mlflow)
         wait_http(f"http://127.0.0.1:{sport}/moto-api/", timeout=60, proc=s3)
         for pool in ("gpu", "cpu"):
             self.prefect("work-pool", "create", pool, "--type", "process")
@@ -66,7 +72,7 @@ class Cluster:
         for sub in ("prefect", "work", "tmp"):
             (home / sub).mkdir(parents=True, exist_ok=True)
         return {**self.env, "PREFECT_HOME": str(home / "prefect"), "TDC_WORK_DIR": str(home / "work"),
-                "TMPDIR": str(home / "tmp")}
+                "TDC_RUNS_DIR": str(home / "runs"), "TMPDIR": str(home / "tmp")}
 
     def start(self, name: str, args: list, *, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
         out = (self.tmp / "logs" / f"{name}.log").open("a")
@@ -263,3 +269,34 @@ with get_client(sync_client=True) as c:
         if "-group-" in name:
             out.setdefault(int(name.rsplit("-", 1)[1]), []).append(state)
     return out
+
+
+def test_study_replicates_run_as_flow_runs_and_come_back_through_the_store(cluster):
+    """A study with `replicates: deployment`: one flow run of tdc/full-pipeline per replicate, on
+    the workers; the study reads their results back from the store and summarises them here."""
+    import yaml
+
+    tmp = cluster.tmp
+    live = [n for n, p in cluster.workers.items() if p.poll() is None]
+    for name in ("worker-d", "worker-e")[: max(0, 2 - len(live))]:
+        cluster.start_worker(name)
+    live = [n for n, p in cluster.workers.items() if p.poll() is None]
+    spec = {"name": "on-workers", "seeds": [0], "replicates": "deployment", "storage": "s3://tdc-test/studies",
+            "arms": [{"name": "a", "preset": "smoke", "overrides": OVERRIDES},
+                     {"name": "b", "preset": "smoke", "overrides": [*OVERRIDES, "finetune.steps=6"]}]}
+    laptop = tmp / "laptop"
+    (laptop / "study.yaml").write_text(yaml.safe_dump(spec))
+    r = subprocess.run([str(BIN / "tdc"), "study", "study.yaml", "--out-dir", "out"], env=cluster._own("laptop"),
+                       cwd=laptop, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{cluster.logs()}"
+    assert "2 replicates submitted as flow runs of tdc/full-pipeline" in r.stdout
+    study = json.loads((laptop / "out" / "study.json").read_text())
+    assert {a["arm"] for a in study["arms"]} == {"a", "b"}
+    # Each replicate ran on a worker, in that worker's own runs folder; nothing was trained here.
+    ran = {w: sorted((tmp / w / "runs").glob("tdc-smoke-*/summary.json")) for w in live}
+    assert sum(len(v) for v in ran.values()) == 2 and all(ran.values()), ran
+    replicates = json.loads((laptop / "out" / "replicates.json").read_text())
+    for rep in replicates:
+        local = Path(rep["run_dir"])
+        assert local.is_relative_to(laptop / "runs") and (local / "eval" / "comparison.json").is_file()
+    assert not list((laptop / "runs").rglob("*.pt"))

@@ -79,3 +79,14 @@ def test_a_stored_group_is_reused_only_for_the_same_inputs(tmp_path, monkeypatch
     newer = publish_inputs(store, run_key="k", layout=layout)
     assert newer.digest != inputs.digest
     assert finished_group(store, run_key="k", group=1, inputs=newer) is None
+
+
+def test_a_study_on_workers_needs_a_storage_every_worker_can_reach(tmp_path):
+    from tdc_core.run.study import load_study
+
+    f = tmp_path / "s.yaml"
+    f.write_text("name: s\nseeds: [0]\nreplicates: deployment\narms: [{name: a, preset: smoke}]\n")
+    with pytest.raises(ConfigError, match=r"study file .*s.yaml: .*replicates: deployment needs storage"):
+        load_study(f)
+    f.write_text("name: s\nseeds: [0]\nreplicates: deployment\nstorage: s3://b/p\narms: [{name: a, preset: smoke}]\n")
+    assert load_study(f).storage == "s3://b/p"

@@ -15,6 +15,7 @@
                                            the single-model curve (curve.json/.png)
     <stage1>/snapshots/, <root>/baseline/snapshots/   EMA weights on the way (the curve's points)
     <root>/report.md                       the run report
+    <root>/summary.json                    the pipeline's summary (what the flow returns)
 
 ``<stage1>`` is the stage-1 folder: ``<runs>/stage1-<stage-1 key>`` beside the run folder, shared
 by every run whose stage-1 settings are equal (:mod:`tdc_core.run.stage1`), or the run folder
@@ -194,6 +195,11 @@ class RunLayout:
     @property
     def curve_png(self) -> Path:
         return self.eval_dir / "curve.png"
+
+    @property
+    def summary_json(self) -> Path:
+        """The pipeline's summary record (what the flow ``tdc`` returns), written at its end."""
+        return self.root / "summary.json"
 
     @property
     def report_md(self) -> Path:

@@ -27,10 +27,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from scipy import stats
 
 from tdc_core.config import PipelineConfig, Seed, load_config, stage1_key
@@ -122,6 +123,19 @@ class StudySpec(BaseModel):
     seeds: tuple[Seed, ...] = Field(min_length=1)
     workers: int | None = Field(None, ge=1)  # parallel group fine-tunes inside each pipeline run
     contrasts: tuple[Contrast, ...] = ()
+    # Where replicates run: here, one after another (local), or each as a flow run of
+    # ``deployment`` on any worker of its pool, all submitted at once (deployment). Workers
+    # publish results to ``storage`` (any fsspec URL), from where the study reads them.
+    replicates: Literal["local", "deployment"] = "local"
+    deployment: str = "tdc/full-pipeline"
+    storage: str | None = None
+
+    @model_validator(mode="after")
+    def _deployment_needs_storage(self) -> StudySpec:
+        if self.replicates == "deployment" and not self.storage:
+            raise ValueError("replicates: deployment needs storage: a URL every worker and this machine can "
+                             "reach (s3://bucket/prefix, ...), where workers publish each replicate's results")
+        return self
 
     @field_validator("arms")
     @classmethod

@@ -1,4 +1,6 @@
-"""Group fine-tunes as flow runs of the ``tdc-group`` deployment (``orchestration.groups=deployment``).
+"""Work submitted to Prefect workers: group fine-tunes as flow runs of the ``tdc-group``
+deployment (``orchestration.groups=deployment``), and a study's replicates as flow runs of
+``tdc/full-pipeline`` (a study file's ``replicates: deployment``).
 
 The pipeline publishes the groups' inputs to the storage root (:func:`publish_inputs_task`), then
 submits one flow run per group (:func:`group_on_worker_task`); any worker of the deployment's work
@@ -18,7 +20,7 @@ from prefect.runtime import task_run
 from pydantic import BaseModel, ConfigDict
 
 from tasks.console import say
-from tasks.handoff import finished_group, publish_inputs, pull_group
+from tasks.handoff import finished_group, publish_inputs, publish_results, pull_group, pull_results, results_prefix
 from tasks.stage_tasks import CACHED, GroupFailed, _child_run, log_group_result, say_group
 from tasks.storage import Manifest, open_store
 from tasks.tracking import TrackingRef
@@ -27,7 +29,8 @@ from tdc_core.records import load_record, save_record
 from tdc_core.run.layout import RunLayout
 from tdc_core.run.stages import GroupResult
 
-__all__ = ["Published", "group_on_worker_task", "publish_inputs_task", "storage_root"]
+__all__ = ["Published", "group_on_worker_task", "publish_inputs_task", "publish_results_task",
+           "replicate_on_worker_task", "storage_root"]
 
 
 class Published(BaseModel):
@@ -100,3 +103,36 @@ def group_on_worker_task(
                                **({"prefect.group_flow_run_id": str(flow_run.id)} if flow_run else {})})
     say_group(result, where=f"worker {where}" + ("" if flow_run else ", stored earlier"))
     return result
+
+
+@task(name="publish-results")
+def publish_results_task(config: PipelineConfig, run_dir: str) -> str:
+    """Upload the finished run's results under ``results/<config key>`` of ``orchestration.storage``."""
+    store = open_store(config.orchestration.storage)
+    publish_results(store, layout=RunLayout(Path(run_dir)), config=config)
+    return store.url_of(results_prefix(config))
+
+
+@task(name="replicate-on-worker")
+def replicate_on_worker_task(config: PipelineConfig, *, deployment: str, name: str, run_dir: str) -> Path:
+    """One study replicate as a flow run of ``deployment`` (the pipeline on any worker of its
+    pool), unless ``orchestration.storage`` already holds its results; they are then downloaded
+    (verified) into ``run_dir`` here, whose ``summary.json`` and ``eval/`` the study reads.
+
+    Raises:
+        TDCError: the flow run did not complete, naming it and its state.
+    """
+    from tdc_core.errors import TDCError
+
+    store = open_store(config.orchestration.storage)
+    if store.manifest(results_prefix(config)) is None:
+        flow_run = run_deployment(name=deployment, parameters={"config": config.model_dump(mode="json")},
+                                  as_subflow=True, flow_run_name=name, tags=["tdc", "study"])
+        state = flow_run.state
+        if state is None or not state.is_completed():
+            raise TDCError(f"replicate {name}: flow run {flow_run.name} ({flow_run.id}) of {deployment} ended "
+                           f"{state.name if state else 'without a state'}"
+                           + (f": {state.message}" if state is not None and state.message else ""))
+        say(f"replicate {name}: finished on a worker (flow run {flow_run.name})")
+    pull_results(store, config=config, dest=Path(run_dir))
+    return Path(run_dir)
