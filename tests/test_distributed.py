@@ -51,6 +51,11 @@ class Cluster:
             "OMP_NUM_THREADS": "1",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+        self.ports = (pport, sport, mport)
+
+    def up(self) -> None:
+        """Start the Prefect, S3 and MLflow servers; create the pools and deploy."""
+        tmp, (pport, sport, mport) = self.tmp, self.ports
         (tmp / "logs").mkdir()
         server = self.start("prefect-server", [BIN / "prefect", "server", "start", "--host", "127.0.0.1",
                                                "--port", str(pport)], env=self._own("server"))
@@ -118,6 +123,7 @@ class Cluster:
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     try:
+        c.up()  # a failed start still stops what it started (below)
         yield c
     finally:
         c.close()
