@@ -44,6 +44,9 @@ class Cluster:
             "PREFECT_API_URL": f"http://127.0.0.1:{pport}/api",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "2",
+            # Every flow run here sends a heartbeat each 30 s, so the automation's window can be
+            # 90 s (the shipped 300 s allows for Prefect's default of 180 s).
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{sport}",
             "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mport}",
@@ -222,7 +225,12 @@ def test_a_killed_worker_costs_only_its_group(cluster):
     for name in ("worker-a", "worker-b"):  # started by the test above, unless it was deselected
         if name not in cluster.workers:
             cluster.start_worker(name)
-    cluster.prefect("automation", "create", "--from-file", "deployments/automations.yaml")
+    import yaml
+
+    automation = yaml.safe_load((ROOT / "deployments" / "automations.yaml").read_text())
+    assert automation["trigger"]["within"] > 180  # the shipped window outlasts Prefect's default heartbeat (180 s)
+    automation["trigger"]["within"] = 90  # the test's flow runs beat every 30 s (Cluster.env)
+    cluster.prefect("automation", "create", "--from-json", json.dumps(automation))
     before = set(_manifests(cluster))
     run_dir = tmp / "laptop" / "run-kill"
     out = (tmp / "logs" / "laptop-kill.log").open("w")
@@ -257,6 +265,8 @@ def test_a_killed_worker_costs_only_its_group(cluster):
     assert sorted(len(v) for v in runs.values()) == [1, 1, 2], runs
     assert sorted(runs[victim]) == ["COMPLETED", "CRASHED"], (runs, log[-2000:])
     assert f"group {victim}: flow run" in log and "No heartbeat" in log and "resubmitting it (retry 1 of 1)" in log
+    # Flow runs that kept beating were never crashed (the window outlasts their heartbeats).
+    assert all(states.count("CRASHED") == 0 for g, states in runs.items() if g != victim), runs
 
 
 def _group_flow_runs(cluster: Cluster, run_key: str) -> dict[int, list[str]]:
