@@ -155,8 +155,14 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
     profile = profile_task(*args)
     grouped = group_task(*args, wait_for=[profile])
     shared = shared_train_task(*args, wait_for=[grouped])
-    groups = _all_groups(_submit_groups(cfg, args=args, num_groups=grouped.grouping.num_groups, run_key=run_key,
-                                        slots=slots, threads=threads, after=shared))
+    n = grouped.grouping.num_groups
+    if cfg.orchestration.groups == "deployment":  # one flow run per group, on any worker of the pool
+        futures = _submit_to_workers(cfg, args=args, num_groups=n, run_key=run_key, after=shared)
+    else:
+        say(f"fine-tuning {n} group experts, {len(slots)} at a time "
+            f"({'one per GPU' if slots[0] is not None else f'{threads} CPU thread(s) each'})")
+        futures = [finetune_group_task.submit(*args, group=g, threads=threads, wait_for=[shared]) for g in range(n)]
+    groups = _all_groups(futures)
     costs = costs_task(*args, groups=groups)
     baseline, baseline_run_id, comparison = None, None, None
     if cfg.baseline.enabled:
@@ -184,19 +190,14 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
     return summary
 
 
-def _submit_groups(cfg: PipelineConfig, *, args: tuple, num_groups: int, run_key: str, slots: list[str | None],
-                   threads: int, after: object) -> list:
-    """One future per group: a subprocess here per device slot (``orchestration.groups=local``),
-    or a flow run of the group deployment on any worker of its pool (``deployment``)."""
-    if cfg.orchestration.groups == "deployment":
-        published = publish_inputs_task(cfg, args[1], run_key, wait_for=[after])
-        say(f"fine-tuning {num_groups} group experts as flow runs of {cfg.orchestration.group_deployment} "
-            f"(inputs in {published.storage})")
-        remote = group_on_worker_task.with_options(retries=cfg.orchestration.group_retries)
-        return [remote.submit(*args, group=g, published=published) for g in range(num_groups)]
-    say(f"fine-tuning {num_groups} group experts, {len(slots)} at a time "
-        f"({'one per GPU' if slots[0] is not None else f'{threads} CPU thread(s) each'})")
-    return [finetune_group_task.submit(*args, group=g, threads=threads, wait_for=[after]) for g in range(num_groups)]
+def _submit_to_workers(cfg: PipelineConfig, *, args: tuple, num_groups: int, run_key: str, after: object) -> list:
+    """Publish the groups' inputs to the storage root, then one future per group: a flow run of
+    ``orchestration.group_deployment`` (resubmitted ``orchestration.group_retries`` times)."""
+    published = publish_inputs_task(cfg, args[1], run_key, wait_for=[after])
+    say(f"fine-tuning {num_groups} group experts as flow runs of {cfg.orchestration.group_deployment} "
+        f"(inputs in {published.storage})")
+    remote = group_on_worker_task.with_options(retries=cfg.orchestration.group_retries)
+    return [remote.submit(*args, group=g, published=published) for g in range(num_groups)]
 
 
 def _all_groups(futures: list) -> list[GroupResult]:
