@@ -37,11 +37,9 @@ from fsspec.core import url_to_fs
 from pydantic import BaseModel, ConfigDict
 
 from tdc_core.errors import CheckpointError, ConfigError, TDCError
+from tdc_core.training.import_iddpm import file_sha256
 
 __all__ = ["Manifest", "RunStore", "StorageError", "bundle_files", "open_store"]
-
-_CHUNK = 1 << 20
-
 
 class StorageError(TDCError):
     """The storage root cannot be reached or written, or an object is missing or damaged."""
@@ -60,7 +58,7 @@ class Manifest(BaseModel):
     @classmethod
     def of_files(cls, files: dict[str, Path], **extra) -> Manifest:
         """The manifest of local ``files`` (relative path → file)."""
-        return cls(files={rel: (sha256_file(p), p.stat().st_size) for rel, p in files.items()}, **extra)
+        return cls(files={rel: (file_sha256(p), p.stat().st_size) for rel, p in files.items()}, **extra)
 
     @property
     def digest(self) -> str:
@@ -69,14 +67,6 @@ class Manifest(BaseModel):
         for rel in sorted(self.files):
             h.update(f"{rel}\0{self.files[rel][0]}\n".encode())
         return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bundle_files(folder: Path, *, skip: Iterable[str] = ()) -> dict[str, Path]:
@@ -230,7 +220,7 @@ class RunStore:
             tmp = out.with_name(f"{out.name}.part-{uuid.uuid4().hex[:12]}")
             try:
                 self.fs.get_file(self._path(f"{prefix}/{rel}"), str(tmp))
-                got, got_size = sha256_file(tmp), tmp.stat().st_size
+                got, got_size = file_sha256(tmp), tmp.stat().st_size
                 if (got, got_size) != (digest, size):
                     raise CheckpointError(
                         f"{self.url_of(f'{prefix}/{rel}')} is damaged: SHA-256 {got[:12]}… ({got_size} bytes), its "
