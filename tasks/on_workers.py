@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.console import say
 from tasks.handoff import finished_group, publish_inputs, publish_results, pull_group, pull_results, results_prefix
-from tasks.stage_tasks import CACHED, GroupFailed, _child_run, log_group_result, say_group
+from tasks.stage_tasks import CACHED, GroupFailed, log_group_result, say_group
 from tasks.storage import Manifest, open_store
 from tasks.tracking import TrackingRef
 from tdc_core.config import PipelineConfig
@@ -70,7 +70,7 @@ def group_on_worker_task(
     layout = RunLayout(Path(run_dir))
     store = open_store(published.storage)
     orch = config.orchestration
-    with _child_run(tracking, key=f"group.{group}", name=f"group-{group}") as run_id:
+    with tracking.child_run(key=f"group.{group}", name=f"group-{group}") as run_id:
         flow_run = None
         if finished_group(store, run_key=published.run_key, group=group, inputs=published.inputs) is None:
             flow_run = run_deployment(

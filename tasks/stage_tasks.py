@@ -161,20 +161,6 @@ class TrainSummary(BaseModel):
                    initial_heldout_loss=r.initial_heldout_loss, seconds=r.seconds, resumed_from=r.resumed_from)
 
 
-@contextmanager
-def _child_run(tracking: TrackingRef, *, key: str, name: str) -> Iterator[str]:
-    run_id = tracking.child(key=key, name=name)
-    try:
-        yield run_id
-    except BaseException:
-        try:
-            tracking.finish(run_id, ok=False)
-        except Exception:  # noqa: BLE001 - e.g. the store is down: the stage's own error matters
-            pass
-        raise
-    tracking.finish(run_id, ok=True)
-
-
 def _train_metrics(s: TrainSummary) -> dict[str, float]:
     return {"final_heldout_loss": s.heldout_loss, "final_train_loss": s.train_loss, "steps": s.step,
             "train_seconds": s.seconds}
@@ -195,7 +181,7 @@ def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: T
     else:
         say(f"probe: shared training to step {config.profile.profile_steps}, then difficulty profile "
             f"({config.profile.num_buckets} buckets)")
-    with _child_run(tracking, key="stage.profile", name="profile") as run_id:
+    with tracking.child_run(key="stage.profile", name="profile") as run_id:
         device = resolve_device(config.train.device)
         reset_peak_memory(device)
         _tag_stage1(tracking, run_id, layout)
@@ -222,7 +208,7 @@ def profile_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: T
 def group_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef) -> GroupingResult:
     """Timestep groups and FLOPs budgets (docs/METHOD.md steps 2-3)."""
     layout = RunLayout(Path(run_dir))
-    with _child_run(tracking, key="stage.group", name="group") as run_id:
+    with tracking.child_run(key="stage.group", name="group") as run_id:
         res = group_stage(config, layout)
         tracking.log_points(run_id, [
             (k, v, b.group) for b in res.plan.budgets
@@ -244,7 +230,7 @@ def shared_train_task(config: PipelineConfig, run_dir: str, run_uid: str, tracki
     """Stage 1: the shared model, continuing the probe's run to ``train.steps``."""
     layout = RunLayout(Path(run_dir))
     say(f"shared training to step {config.train.steps}")
-    with _child_run(tracking, key="stage.shared", name="shared-train") as run_id:
+    with tracking.child_run(key="stage.shared", name="shared-train") as run_id:
         _tag_stage1(tracking, run_id, layout)
         with hold_stage1(layout, command="flow tdc: shared training", warn=say), \
                 StageProgress("shared training") as progress:
@@ -358,7 +344,7 @@ def finetune_group_task(
     GPU (``CUDA_VISIBLE_DEVICES``) or a share of the CPU cores."""
     layout = RunLayout(Path(run_dir))
     metrics_file = layout.group_metrics(group)
-    with _child_run(tracking, key=f"group.{group}", name=f"group-{group}") as run_id, DEVICE_SLOTS.acquire() as slot:
+    with tracking.child_run(key=f"group.{group}", name=f"group-{group}") as run_id, DEVICE_SLOTS.acquire() as slot:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot
@@ -470,7 +456,7 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     eval_tags = {f"eval.{k}": v for k, v in flatten(config.eval).items()}
     for run_id in (tracking.parent_run_id, baseline_run_id):
         tracking.set_tags(run_id, eval_tags)
-    with _child_run(tracking, key="stage.shared", name="shared-train") as shared_run_id:
+    with tracking.child_run(key="stage.shared", name="shared-train") as shared_run_id:
         _log_evaluation(c, tracking, runs={"tdc": tracking.parent_run_id, "baseline": baseline_run_id,
                                           "shared": shared_run_id})
     tracking.log_metrics(tracking.parent_run_id, {

@@ -29,7 +29,7 @@ import os
 import posixpath
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import fsspec
@@ -37,7 +37,7 @@ from fsspec.core import url_to_fs
 from pydantic import BaseModel, ConfigDict
 
 from tdc_core.errors import CheckpointError, ConfigError, TDCError
-from tdc_core.training.import_iddpm import file_sha256
+from tdc_core.hashing import file_sha256
 
 __all__ = ["Manifest", "RunStore", "StorageError", "bundle_files", "open_store"]
 
@@ -139,28 +139,27 @@ class RunStore:
 
     def put_file(self, local: Path, key: str) -> None:
         """Upload ``local`` to ``key``: to a temporary key first, then moved into place."""
+        self._put(key, lambda tmp: self.fs.put_file(str(local), tmp))
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        """Write ``data`` to ``key``: to a temporary key first, then moved into place."""
+        self._put(key, lambda tmp: self.fs.pipe_file(tmp, data))
+
+    def _put(self, key: str, write: Callable[[str], object]) -> None:
+        """``write(tmp)`` to a temporary key beside ``key``, then move it into place: a reader
+        never sees half an object, and a failed write leaves no temporary key behind."""
         final = self._path(key)
         tmp = f"{final}.part-{uuid.uuid4().hex[:12]}"
         try:
             self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-            self.fs.put_file(str(local), tmp)
+            write(tmp)
             self.fs.mv(tmp, final)
         except Exception as exc:  # noqa: BLE001
             try:
                 if self.fs.exists(tmp):
                     self.fs.rm_file(tmp)
-            except Exception:  # noqa: BLE001 - the upload's own error matters
+            except Exception:  # noqa: BLE001 - the write's own error matters
                 pass
-            raise self._io("write", key, exc) from None
-
-    def put_bytes(self, data: bytes, key: str) -> None:
-        final = self._path(key)
-        tmp = f"{final}.part-{uuid.uuid4().hex[:12]}"
-        try:
-            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, final)
-        except Exception as exc:  # noqa: BLE001
             raise self._io("write", key, exc) from None
 
     def put_bundle(self, files: dict[str, Path], *, prefix: str, inputs_sha256: str | None = None,

@@ -141,6 +141,21 @@ class TrackingRef(BaseModel):
     def finish(self, run_id: str, *, ok: bool = True) -> None:
         self.client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
+    @contextmanager
+    def child_run(self, *, key: str, name: str) -> Iterator[str]:
+        """The child run ``key`` for the duration of a stage: FINISHED when the block ends,
+        FAILED when it raises (the stage's own error propagates even if the store is down)."""
+        run_id = self.child(key=key, name=name)
+        try:
+            yield run_id
+        except BaseException:
+            try:
+                self.finish(run_id, ok=False)
+            except Exception:  # noqa: BLE001 - e.g. the store is down: the stage's own error matters
+                pass
+            raise
+        self.finish(run_id, ok=True)
+
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
         """Log ``metrics`` at ``step``, skipping any (metric, step) the run already holds (a
         re-run of a stage that was interrupted after logging)."""

@@ -142,7 +142,7 @@ def test_core_folders_name_the_method():
     parts = {p.name for p in CORE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert {"model", "diffusion", "training", "method", "evaluation", "run"} <= parts
     top = {p.stem for p in CORE.glob("*.py")} - {"__init__"}
-    assert top <= {"config", "errors", "atomic", "records", "reporter"}, top
+    assert top <= {"config", "errors", "atomic", "hashing", "records", "reporter"}, top
 
 
 def test_mlflow_is_called_only_from_the_tracking_modules():

@@ -51,6 +51,7 @@ from tdc_core.atomic import atomic_write_bytes
 from tdc_core.config import DataConfig, EvalConfig
 from tdc_core.errors import CheckpointError, ConfigError, first_line
 from tdc_core.evaluation.reference import ReferenceSplit, choose_reference
+from tdc_core.hashing import file_sha256
 from tdc_core.training.checkpoint import load_checkpoint, save_checkpoint
 from tdc_core.training.data import split_heldout
 
@@ -84,7 +85,6 @@ DIGITS_COUNT = 1797  # scikit-learn's digits (no two are identical)
 # pytorch-fid's state dict (mode legacy_pytorch). The names are what clean-fid looks for.
 _TORCHSCRIPT_NAME = "inception-2015-12-05.pt"
 _PYTORCH_FID_NAME = "pt_inception-2015-12-05-6726825d.pth"
-_HASH_CHUNK_BYTES = 1 << 22
 
 
 def resolve_cache_dir(cache_dir: Path | None) -> Path:
@@ -118,14 +118,6 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError(f"feature extraction expects uint8 images [N, C, H, W] with C in (1, 3), got {got}")
     if images.shape[0] == 0:
         raise ValueError("feature extraction got no images")
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- Inception (clean-fid) ---------------------------------------------------------------------
@@ -320,7 +312,7 @@ class InceptionExtractor(FeatureExtractor):
         device = torch.device(device)
         path = locate_inception_weights(mode=mode, configured=weights, cache_dir=cache_dir, environ=environ,
                                         allow_download=allow_download)
-        sha = _file_sha256(path)
+        sha = file_sha256(path)
         try:
             if mode == "legacy_pytorch":
                 from cleanfid.inception_pytorch import InceptionV3

@@ -12,7 +12,6 @@ trained here. Writes nothing: the caller saves the payload with
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -22,18 +21,11 @@ import torch
 
 from tdc_core.config import PipelineConfig
 from tdc_core.errors import CheckpointError, first_line
+from tdc_core.hashing import file_sha256
 from tdc_core.model.iddpm import from_iddpm_state_dict
 from tdc_core.model.unet import UNet, UNetSpec
 
-__all__ = ["file_sha256", "imported_checkpoint", "imported_weights", "read_iddpm_state_dict"]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = ["imported_checkpoint", "imported_weights", "read_iddpm_state_dict"]
 
 
 def read_iddpm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
