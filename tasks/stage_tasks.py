@@ -417,11 +417,14 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     cfg = baseline_config(config, steps=steps)
     out = RunLayout(Path(run_dir)).baseline_dir
     say(f"baseline: one model, {steps} steps on all timesteps (≥ TDC's training FLOPs)")
-    start = start_baseline_from_shared(RunLayout(Path(run_dir)), steps=steps)
+    start = start_baseline_from_shared(config, RunLayout(Path(run_dir)), steps=steps)
     if start is not None:
         say(f"baseline: continues the shared run from its step {start} (the same run: not trained twice; "
             f"charged for all {steps} steps)")
         tracking.set_tags(baseline_run_id, {"started_from": f"shared checkpoint at step {start}"})
+    elif config.train.lr_schedule == "cosine":
+        say(f"baseline: a run of its own, not the shared run continued (train.lr_schedule=cosine decays over "
+            f"each run's length: {config.train.steps} steps for the shared model, {steps} for the baseline)")
     with StageProgress("baseline") as progress:
         if train_processes(cfg) > 1:
             summary = _train_under_torchrun(cfg, out, tracking=tracking, run_id=baseline_run_id, progress=progress,

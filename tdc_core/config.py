@@ -153,6 +153,10 @@ class TrainConfig(_Strict):
     lr: float = Field(2e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)       # linear lr warm-up
+    # constant: the probe, the shared model and the baseline are one run, so the baseline continues
+    # the shared model. cosine: decay to 0 at train.steps; the schedule then depends on the run's
+    # length, so the baseline is its own run from step 0 with a cosine over its own steps.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float | None = Field(1.0, gt=0.0)  # max global grad norm; None = off
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     # Per-sample weight of the ε-MSE: uniform, or Min-SNR-γ (min(SNR, γ)/SNR for ε-prediction).
@@ -680,8 +684,8 @@ def config_key(config: PipelineConfig) -> str:
 # What stage 1 (the probe, its profile and the shared model) reads: two configs equal here share
 # one stage-1 folder, whatever their stage-2 settings (grouping, budget, prune, finetune, baseline).
 STAGE1_SECTIONS = ("data", "model", "diffusion", "train", "profile")
-# What a dense training run (probe, shared model, baseline) reads, less its length: a run of more
-# steps continues a shorter one exactly (no schedule depends on ``train.steps``).
+# What a dense training run (probe, shared model, baseline) reads, less its length under a
+# constant schedule: a run of more steps then continues a shorter one exactly.
 _DENSE_SECTIONS = ("data", "model", "diffusion", "train")
 
 
@@ -697,12 +701,14 @@ def same_training(saved: dict[str, Any], config: PipelineConfig, *, source: str 
     after validation (fields added since it was written take their defaults), ignoring the
     sections that do not affect training (``eval``, ``sample``). For a ``dense`` run (all
     timesteps, the ``train`` recipe) only what it reads counts, its length aside, so one shared
-    model serves every stage-2 variant and a longer run (the baseline) may continue it."""
+    model serves every stage-2 variant and a longer run (the baseline) may continue it; not so
+    under ``train.lr_schedule=cosine``, whose every step depends on the run's length."""
     stored = validate_config(saved, source=source)
     if dense:
         def view(c: PipelineConfig) -> dict[str, Any]:
             d = c.model_dump(mode="json", include=set(_DENSE_SECTIONS))
-            d["train"].pop("steps")
+            if c.train.lr_schedule == "constant":
+                d["train"].pop("steps")
             return d
         return view(stored) == view(config)
     return (stored.model_dump(mode="json", exclude=set(_NOT_TRAINING))

@@ -4,8 +4,14 @@
 The dense run is stage 1 (snapshots at 25/50/75 % of ``train.steps``, then the shared model)
 continued by the baseline (snapshots at 25/50/75 % of the way beyond, then the baseline), so
 one run gives the single model's quality from a quarter of stage 1 up to TDC's total training
-compute. Snapshots are scored on the comparison's held-out triples and bits/dim draws (same
-seed, same images); the shared model, the baseline and TDC take their numbers from the
+compute. Under ``train.lr_schedule=cosine`` the baseline is a run of its own (its cosine spans
+its own length), so the curve is that run alone (snapshots at 25/50/75 % of it, then the
+baseline); the shared model, annealed over a shorter run, is not a point of it. Its
+intermediate points are then taken mid-schedule, before the decay a run of that length would
+have had, so they understate what a single model of that cost reaches.
+
+Snapshots are scored on the comparison's held-out triples and bits/dim draws (same seed, same
+images); the shared model, the baseline and TDC take their numbers from the
 comparison itself. Training FLOPs follow docs/METHOD.md: steps × F × batch × backward factor.
 """
 
@@ -48,9 +54,11 @@ def single_model_curve(config: PipelineConfig, layout: RunLayout, comparison: Co
     cost = load_record(layout.costs_json, CostReport, what="cost report").training
     per_step = cost.base_flops * cost.batch_size * cost.backward_factor
     shared_step, base_step = cost.shared_steps, round(comparison.baseline.cost.training_flops / per_step)
-    snapshots = [(s, p) for s, p in list_snapshots(RunLayout(layout.stage1_root).snapshots_dir) if s < shared_step]
+    one_run = config.train.lr_schedule == "constant"  # stage 1 continued by the baseline
+    snapshots = [(s, p) for s, p in list_snapshots(RunLayout(layout.stage1_root).snapshots_dir)
+                 if one_run and s < shared_step]
     snapshots += [(s, p) for s, p in list_snapshots(RunLayout(layout.baseline_dir).snapshots_dir)
-                  if shared_step < s < base_step]
+                  if (shared_step if one_run else 0) < s < base_step]
     _, heldout = prepare_data(config)
     models = [(f"single@{s}", load_model(p, device=device).model) for s, p in snapshots]
     diffusion = Diffusion.from_config(config.diffusion)
@@ -60,7 +68,7 @@ def single_model_curve(config: PipelineConfig, layout: RunLayout, comparison: Co
     h = {s.name: s for s in (*comparison.heldout, *scored_h)}
     lk = {s.name: s for s in (*comparison.likelihood, *scored_lk)}
     dense_sampling = comparison.baseline.cost.sampling_flops_per_image
-    steps = [(s, f"single@{s}") for s, _ in snapshots] + [(shared_step, "shared"), (base_step, "baseline")]
+    steps = [(s, f"single@{s}") for s, _ in snapshots] + [(shared_step, "shared")] * one_run + [(base_step, "baseline")]
     single = [_point(name, kind="single", step=s, training_flops=s * per_step, sampling_flops=dense_sampling,
                      h=h[name], lk=lk[name], fid=comparison.baseline.eval.fid_mean if name == "baseline" else None)
               for s, name in sorted(steps) if name in h and name in lk]

@@ -136,8 +136,10 @@ def stage1_snapshot_steps(config: PipelineConfig) -> list[int]:
 
 def baseline_snapshot_steps(config: PipelineConfig, *, steps: int) -> list[int]:
     """Steps of the baseline kept beyond the shared run's end: 25/50/75 % of the way from
-    ``train.steps`` to ``steps`` (all of its length when it is not longer than stage 1)."""
-    lo = config.train.steps if steps > config.train.steps else 0
+    ``train.steps`` to ``steps`` (all of its length when it is not longer than stage 1, or when
+    ``train.lr_schedule=cosine`` makes it a run of its own)."""
+    continued = steps > config.train.steps and config.train.lr_schedule == "constant"
+    lo = config.train.steps if continued else 0
     return _fractions_of(lo, steps)
 
 
@@ -359,20 +361,21 @@ def baseline_config(config: PipelineConfig, *, steps: int) -> PipelineConfig:
     })
 
 
-def start_baseline_from_shared(layout: RunLayout, *, steps: int) -> int | None:
-    """Start the baseline at the shared model's checkpoint, when it has none of its own yet and
-    the shared run is no longer than ``steps``; returns the step it starts from (None: not
-    started this way).
+def start_baseline_from_shared(config: PipelineConfig, layout: RunLayout, *, steps: int) -> int | None:
+    """Start the baseline at the shared model's checkpoint, when it has none of its own yet, the
+    shared run is no longer than ``steps`` and the learning rate is constant; returns the step it
+    starts from (None: not started this way).
 
-    The baseline is the same dense run as the shared model (same seed, data order, optimiser,
-    no schedule that depends on the run's length) continued to ``steps``, and a resumed run
-    continues bit for bit (checkpoints carry optimiser and RNG state; ``tests/test_stage1.py``
-    compares both ways), so its first ``train.steps`` steps need not be trained twice. It is
-    still charged every step in the cost report.
+    Under a constant schedule the baseline is the same dense run as the shared model (same seed,
+    data order, optimiser) continued to ``steps``, and a resumed run continues bit for bit
+    (checkpoints carry optimiser and RNG state; ``tests/test_stage1.py`` compares both ways), so
+    its first ``train.steps`` steps need not be trained twice. It is still charged every step in
+    the cost report. Under ``train.lr_schedule=cosine`` the shared model's learning rate has
+    decayed to 0 at its last step while the baseline's decays over its own ``steps``: two runs.
     """
     out = RunLayout(layout.baseline_dir).shared_checkpoint
     src = layout.shared_checkpoint
-    if out.exists() or not src.is_file():
+    if config.train.lr_schedule != "constant" or out.exists() or not src.is_file():
         return None
     step = int(load_checkpoint(src)["step"])
     if step > steps:
@@ -388,8 +391,8 @@ def baseline_stage(
 ) -> TrainResult:
     """The single-model baseline (docs/METHOD.md, "The baseline"): the same data, model and
     optimiser, ``steps`` steps on all timesteps (the cost report's ``baseline_steps`` unless
-    ``baseline.steps`` is set), in ``layout.baseline_dir``; continues the shared run
-    (:func:`start_baseline_from_shared`) and resumes from its own checkpoint."""
-    start_baseline_from_shared(layout, steps=steps)
+    ``baseline.steps`` is set), in ``layout.baseline_dir``; continues the shared run under a
+    constant schedule (:func:`start_baseline_from_shared`) and resumes from its own checkpoint."""
+    start_baseline_from_shared(config, layout, steps=steps)
     return run_training(baseline_config(config, steps=steps), run_dir=layout.baseline_dir, reporter=reporter,
                         device=device, snapshot_steps=baseline_snapshot_steps(config, steps=steps))

@@ -214,7 +214,7 @@ class ReplicateEstimate(BaseModel):
     stage1_key: str
     stage1_flops: float          # probe + shared model (once per stage-1 folder)
     stage2_flops: float          # group fine-tunes at their budgets (pruning search not included)
-    baseline_extra_flops: float  # the baseline's steps beyond the shared run it continues
+    baseline_extra_flops: float  # the baseline's steps beyond the shared run it continues (all, under cosine)
     eval_sampling_flops: float   # sampling the evaluation's images, TDC and baseline (upper bound)
     stage1_imported: bool = False  # train.init_from: stage 1 is IDDPM's, charged but not run
 
@@ -223,8 +223,9 @@ def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
     """What one replicate will cost, from its config alone (nothing runs; FLOPs counted on the
     meta device). Stage 2 assumes every group meets its budget (full width with
     ``prune.enabled=false``), whose fractions do not depend on the profile (docs/METHOD.md
-    step 3); the baseline is charged TDC's total but continues stage 1, so only its steps beyond
-    stage 1 are new compute."""
+    step 3); the baseline is charged TDC's total but continues stage 1 under a constant learning
+    rate, so only its steps beyond stage 1 are new compute (under ``train.lr_schedule=cosine``
+    it is a run of its own: all its steps)."""
     cfg = replicate_config(arm, seed=seed)
     base = float(count_spec_flops(spec_for(cfg)))
     factor = 3.0  # forward + backward ≈ 3 × forward, as the cost report counts
@@ -235,7 +236,8 @@ def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
     stage2 = math.fsum(fractions) * cfg.finetune.steps * ft_batch * base * factor
     per_step = cfg.train.batch_size * base * factor
     baseline_steps = cfg.baseline.steps or math.ceil((stage1 + stage2) / per_step)
-    baseline_extra = max(0, baseline_steps - cfg.train.steps) * per_step if cfg.baseline.enabled else 0.0
+    continued = cfg.train.steps if cfg.train.lr_schedule == "constant" else 0
+    baseline_extra = max(0, baseline_steps - continued) * per_step if cfg.baseline.enabled else 0.0
     steps = cfg.sample.steps or cfg.diffusion.num_timesteps
     sampling = 2 * cfg.eval.num_samples * len(cfg.eval.seeds) * steps * base
     return ReplicateEstimate(arm=arm.name, seed=seed, stage1_key=stage1_key(cfg), stage1_flops=stage1,

@@ -99,11 +99,13 @@ class TrainPlan:
 
     @classmethod
     def dense(cls, config: PipelineConfig) -> TrainPlan:
-        """All timesteps with ``train``'s seed, learning rate and batch: the probe, the shared model
-        and the baseline."""
+        """All timesteps with ``train``'s seed, learning rate, batch and schedule: the probe, the
+        shared model and the baseline (a cosine spans ``train.steps``: the probe is the start of the
+        shared model's schedule, the baseline's config sets its own length)."""
         return cls(seed=config.train.seed, t_range=(0, config.diffusion.num_timesteps), lr=config.train.lr,
                    batch_size=config.train.batch_size, random_flip=config.data.random_flip, is_dense=True,
                    warmup_steps=config.train.warmup_steps, ema_decay=config.train.ema_decay,
+                   cosine_steps=config.train.steps if config.train.lr_schedule == "cosine" else None,
                    min_snr_gamma=_gamma(config.train.loss_weighting, config))
 
     @classmethod
