@@ -245,6 +245,10 @@ class FinetuneConfig(_Strict):
     # group's model freshly initialised at its budget's widths (one keep ratio for every unit),
     # trained on its timesteps alone; the cost then counts stage 1 up to the probe only.
     init: Literal["shared", "scratch"] = "shared"
+    # AdamW's state at the start of a group fine-tune: fresh (zero moments), or the shared
+    # model's (its moments and step count, as the baseline has when it continues the shared run)
+    # for every parameter the pruning left whole; a pruned tensor's moments start fresh.
+    optimizer: Literal["fresh", "shared"] = "fresh"
 
 
 class PruneConfig(_Strict):
@@ -415,6 +419,7 @@ class PipelineConfig(_Strict):
                 f"profile.profile_steps={self.profile.profile_steps} exceeds train.steps="
                 f"{self.train.steps} (the probe is the start of shared training)"
             )
+        self._check_carried_optimizer()
         prune = self.prune
         if prune.enabled and prune.proxy == "llm" and not prune.llm_url:
             raise ValueError("prune.proxy=llm needs prune.llm_url (an OpenAI-compatible http(s) endpoint)")
@@ -423,6 +428,13 @@ class PipelineConfig(_Strict):
                 f"prune.llm_url={prune.llm_url!r} is not an http(s) URL; allowed: http://... or https://..."
             )
         return self
+
+    def _check_carried_optimizer(self) -> None:
+        if self.finetune.optimizer == "shared" and (self.finetune.init == "scratch" or self.train.init_from):
+            why = ("finetune.init=scratch starts each expert from scratch" if self.finetune.init == "scratch"
+                   else "an imported IDDPM checkpoint (train.init_from) holds no optimizer state")
+            raise ValueError(f"finetune.optimizer=shared needs the shared model's optimizer state, but {why}; "
+                             f"allowed: finetune.optimizer=fresh")
 
     def _check_attention_heads(self) -> None:
         """Every attention block's width must split evenly into its heads (else the UNet

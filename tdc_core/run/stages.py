@@ -284,10 +284,17 @@ def finetune_group_stage(
     trainer = Trainer(model=model, diffusion=diffusion, config=config, plan=plan, train_images=train_images,
                       heldout_images=heldout, device=device)
     if start is None and ckpt.exists():
-        trainer.resume(ckpt)
-    elif prune:
-        trainer.save(layout.pruned_checkpoint(group))  # the pruned model before fine-tuning
-        trainer.save(ckpt)  # step 0: a crash from here on resumes without redoing the search
+        trainer.resume(ckpt)  # its optimizer state too, carried or not
+    else:
+        if config.finetune.optimizer == "shared":
+            carried, total = trainer.carry_optimizer_state(
+                layout.shared_checkpoint, names=[n for n, _ in shared.named_parameters()])
+            if reporter is not None:
+                reporter.message(f"AdamW state of the shared model carried for {carried} of {total} parameters"
+                                 + (" (pruned tensors start fresh)" if carried < total else ""))
+        if prune:
+            trainer.save(layout.pruned_checkpoint(group))  # the pruned model before fine-tuning
+            trainer.save(ckpt)  # step 0: a crash from here on resumes without redoing the search
     shared_loss = trainer.heldout_loss(shared)
     pruned_loss = (trainer.heldout_loss(load_model(layout.pruned_checkpoint(group), device=device).model)
                    if prune else None)
