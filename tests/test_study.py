@@ -239,3 +239,15 @@ def test_summary_only_rederives_the_study_from_its_replicates(tmp_path, capsys):
     (out / "replicates.json").write_text(json.dumps(reps[:3]))
     assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out)]) != 0
     assert "lacks 1 replicate(s) of the study file: b seed 1" in capsys.readouterr().err
+
+
+def test_every_committed_study_file_loads_with_valid_replicate_configs():
+    """What a reader re-runs must still parse: a renamed config field or a removed preset shows
+    here, not in the middle of someone's multi-hour study."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        spec = load_study(f)  # builds every arm × seed config
+        assert spec.arms and spec.seeds, f
