@@ -484,7 +484,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # width_multiple 1: its 16-wide blocks would otherwise have two widths left (8 and 16).
         "prune": {"rounds": 2, "candidates_per_round": 3, "recovery_steps": 2, "score_batches": 1,
                   "width_multiple": 1},
-        "eval": {"num_samples": 64, "seeds": [0, 1], "batch_size": 64},
+        # 10 held-out triples and 10 bits/dim draws per image instead of 100 each: scoring every
+        # model of a run (TDC, shared, baseline, the curve's points) was most of a smoke run's time.
+        "eval": {"num_samples": 64, "seeds": [0, 1], "batch_size": 64, "heldout_per_image": 10,
+                 "bpd_timesteps": 10},
     },
     # The embedded default: scikit-learn's 8x8 digits, a few minutes on 2 CPU cores.
     "digits": {
