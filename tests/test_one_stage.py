@@ -10,8 +10,11 @@ import torch
 from tdc_core.config import load_config
 from tdc_core.method.pruning.space import prune_space, uniform_widths
 from tdc_core.model.flops import count_forward_flops
+from tdc_core.run.curve import single_model_curve
+from tdc_core.run.evaluation import compare_run
 from tdc_core.run.layout import RunLayout
 from tdc_core.run.stages import (
+    baseline_stage,
     cost_stage,
     finetune_group_stage,
     group_stage,
@@ -81,3 +84,25 @@ def test_one_stage_cost_charges_stage_1_only_up_to_the_probe(tmp_path):
     per_step = costs["shared"].base_flops * cfg.train.batch_size * costs["shared"].backward_factor
     assert costs["shared"].tdc_flops - costs["scratch"].tdc_flops == pytest.approx(
         (cfg.train.steps - cfg.profile.profile_steps) * per_step)
+
+
+def test_the_one_stage_curve_places_the_shared_model_at_its_own_step(tmp_path):
+    """One-stage TDC is charged stage 1 only up to the probe, but the single model's curve is the
+    dense run the baseline continues: the shared model sits at train.steps, after stage 1's
+    snapshots, not at the probe's FLOPs."""
+    cfg = load_config(preset="smoke", overrides=[*BASE, "finetune.init=scratch", "train.steps=8",
+                                                 "profile.profile_steps=4", "eval.num_samples=8", "eval.seeds=[0]"])
+    layout = RunLayout(tmp_path / "run")
+    profile_stage(cfg, layout)
+    group_stage(cfg, layout)
+    shared_stage(cfg, layout)
+    for g in range(2):
+        finetune_group_stage(cfg, layout, group=g)
+    costs = cost_stage(cfg, layout)
+    assert costs.training.shared_steps == cfg.profile.profile_steps  # charged up to the probe
+    base = baseline_stage(cfg, layout, steps=costs.training.baseline_steps)
+    curve = single_model_curve(cfg, layout, compare_run(cfg, layout, baseline_checkpoint=base.checkpoint))
+    steps = {p.name: p.step for p in curve.single}
+    assert steps["shared"] == cfg.train.steps
+    assert {"single@2", "single@4", "single@6"} <= steps.keys()  # stage 1's snapshots: the same run
+    assert [p.step for p in curve.single] == sorted(p.step for p in curve.single)

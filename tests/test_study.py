@@ -177,9 +177,12 @@ def test_equivalence_is_the_matching_single_model_flops_over_tdcs_per_seed():
         return Curve(single=[pt(1.0, 5.0), pt(2.0, 4.0), pt(4.0, 3.0)], tdc=pt(4.0, tdc_bpd, kind="tdc"),
                      num_images=1, heldout_per_image=1, bpd_timesteps=None)
 
-    (e,) = equivalence({"a": [curve(3.5), curve(3.0), curve(2.5)]})
-    assert e.per_seed == [0.75, 1.0, None]  # 3 of 4 FLOPs, all 4, beyond the curve
+    (e,) = equivalence({"a": [curve(3.5), curve(3.0), curve(2.5), curve(6.0)]})
+    assert e.per_seed == [0.75, 1.0, None, None]  # 3 of 4 FLOPs, all 4, beyond the curve, before it
     assert e.ratio.values == [0.75, 1.0] and e.ratio.mean == pytest.approx(0.875)
+    # The two ways to have no ratio are told apart: better than every point, or worse than the first.
+    assert e.per_seed_text == ["0.750", "1.000", "TDC beyond the curve",
+                               "TDC worse than the curve's first point (< 0.250)"]
 
 
 def test_contrasts_pair_two_arms_models_by_seed():

@@ -53,7 +53,10 @@ def single_model_curve(config: PipelineConfig, layout: RunLayout, comparison: Co
         raise ValueError("the comparison has no held-out scores: the curve needs them")
     cost = load_record(layout.costs_json, CostReport, what="cost report").training
     per_step = cost.base_flops * cost.batch_size * cost.backward_factor
-    shared_step, base_step = cost.shared_steps, round(comparison.baseline.cost.training_flops / per_step)
+    # The shared model's own step, not the steps TDC is charged for: the one-stage ablation is
+    # charged stage 1 only up to the probe, but its dense run (which the baseline continues) is
+    # the full shared run, and placing that model at the probe's FLOPs would misplace the curve.
+    shared_step, base_step = config.train.steps, round(comparison.baseline.cost.training_flops / per_step)
     one_run = config.train.lr_schedule == "constant"  # stage 1 continued by the baseline
     snapshots = [(s, p) for s, p in list_snapshots(RunLayout(layout.stage1_root).snapshots_dir)
                  if one_run and s < shared_step]

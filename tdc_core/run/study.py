@@ -314,8 +314,11 @@ class Equivalence(BaseModel):
 
     arm: str
     metric: str
-    per_seed: list[float | None]   # None: the single model never reaches TDC there (TDC better)
+    per_seed: list[float | None]   # None: the single model's curve does not cross TDC's value there
     ratio: Interval | None         # over the seeds with a ratio; None when no seed has one
+    # Each seed in words: its ratio, or why it has none (TDC beyond the curve's last point, or
+    # worse than its first). Empty in study.json files written before it existed.
+    per_seed_text: list[str] = []
 
 
 class ContrastMetric(BaseModel):
@@ -356,8 +359,19 @@ def equivalence(curves: Mapping[str, Sequence[Curve]], *, metric: str = "bits_pe
     for arm, cs in curves.items():
         ratios = [(m / c.tdc.training_flops) if (m := c.matching_flops(metric)) is not None else None for c in cs]
         have = [r for r in ratios if r is not None]
-        out.append(Equivalence(arm=arm, metric=metric, per_seed=ratios, ratio=interval(have) if have else None))
+        out.append(Equivalence(arm=arm, metric=metric, per_seed=ratios, ratio=interval(have) if have else None,
+                               per_seed_text=[_equivalence_text(c, r, metric) for c, r in zip(cs, ratios)]))
     return out
+
+
+def _equivalence_text(curve: Curve, ratio: float | None, metric: str) -> str:
+    if ratio is not None:
+        return f"{ratio:.3f}"
+    first = curve.single[0] if curve.single else None
+    if first is not None and getattr(curve.tdc, metric) >= getattr(first, metric):
+        # The single model is already better at its first kept point: TDC's quality costs it less.
+        return f"TDC worse than the curve's first point (< {first.training_flops / curve.tdc.training_flops:.3f})"
+    return "TDC beyond the curve"
 
 
 def _first_better(metric: str, d: Interval) -> bool | None:
@@ -477,7 +491,8 @@ def study_markdown(s: StudySummary) -> str:
                   "interval over training seeds].", "",
                   "| arm | ratio | per seed |", "|---|---|---|"]
         for e in s.equivalence:
-            per_seed = ", ".join("TDC beyond the curve" if r is None else f"{r:.3f}" for r in e.per_seed)
+            per_seed = ", ".join(e.per_seed_text or ["TDC beyond the curve" if r is None else f"{r:.3f}"
+                                                     for r in e.per_seed])
             lines.append(f"| {e.arm} | {_fmt(e.ratio) if e.ratio else '—'} | {per_seed} |")
         lines.append("")
     return "\n".join(lines)
