@@ -422,7 +422,7 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
         say(f"baseline: continues the shared run from its step {start} (the same run: not trained twice; "
             f"charged for all {steps} steps)")
         tracking.set_tags(baseline_run_id, {"started_from": f"shared checkpoint at step {start}"})
-    elif config.train.lr_schedule == "cosine":
+    elif not config.train.length_free:
         say(f"baseline: a run of its own, not the shared run continued (train.lr_schedule=cosine decays over "
             f"each run's length: {config.train.steps} steps for the shared model, {steps} for the baseline)")
     with StageProgress("baseline") as progress:

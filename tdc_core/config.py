@@ -187,6 +187,13 @@ class TrainConfig(_Strict):
     # cifar10 500K, imagenet64 1.5M), which the cost report charges as IDDPM's training.
     init_from: str | None = Field(None, min_length=1)
 
+    @property
+    def length_free(self) -> bool:
+        """Whether no schedule reads ``steps``, so a dense run of more steps continues a shorter
+        one exactly: then the probe, the shared model and the baseline are one run (not so under
+        ``lr_schedule=cosine``, which decays over each run's own length)."""
+        return self.lr_schedule == "constant"
+
 
 class SampleConfig(_Strict):
     sampler: Literal["ddpm", "ddim"] = "ddim"
@@ -722,7 +729,7 @@ def same_training(saved: dict[str, Any], config: PipelineConfig, *, source: str 
     if dense:
         def view(c: PipelineConfig) -> dict[str, Any]:
             d = c.model_dump(mode="json", include=set(_DENSE_SECTIONS))
-            if c.train.lr_schedule == "constant":
+            if c.train.length_free:
                 d["train"].pop("steps")
             return d
         return view(stored) == view(config)

@@ -57,7 +57,7 @@ def single_model_curve(config: PipelineConfig, layout: RunLayout, comparison: Co
     # charged stage 1 only up to the probe, but its dense run (which the baseline continues) is
     # the full shared run, and placing that model at the probe's FLOPs would misplace the curve.
     shared_step, base_step = config.train.steps, round(comparison.baseline.cost.training_flops / per_step)
-    one_run = config.train.lr_schedule == "constant"  # stage 1 continued by the baseline
+    one_run = config.train.length_free  # stage 1 continued by the baseline
     snapshots = [(s, p) for s, p in list_snapshots(RunLayout(layout.stage1_root).snapshots_dir)
                  if one_run and s < shared_step]
     snapshots += [(s, p) for s, p in list_snapshots(RunLayout(layout.baseline_dir).snapshots_dir)
@@ -71,7 +71,8 @@ def single_model_curve(config: PipelineConfig, layout: RunLayout, comparison: Co
     h = {s.name: s for s in (*comparison.heldout, *scored_h)}
     lk = {s.name: s for s in (*comparison.likelihood, *scored_lk)}
     dense_sampling = comparison.baseline.cost.sampling_flops_per_image
-    steps = [(s, f"single@{s}") for s, _ in snapshots] + [(shared_step, "shared")] * one_run + [(base_step, "baseline")]
+    ends = [(shared_step, "shared"), (base_step, "baseline")] if one_run else [(base_step, "baseline")]
+    steps = [(s, f"single@{s}") for s, _ in snapshots] + ends
     single = [_point(name, kind="single", step=s, training_flops=s * per_step, sampling_flops=dense_sampling,
                      h=h[name], lk=lk[name], fid=comparison.baseline.eval.fid_mean if name == "baseline" else None)
               for s, name in sorted(steps) if name in h and name in lk]

@@ -138,7 +138,7 @@ def baseline_snapshot_steps(config: PipelineConfig, *, steps: int) -> list[int]:
     """Steps of the baseline kept beyond the shared run's end: 25/50/75 % of the way from
     ``train.steps`` to ``steps`` (all of its length when it is not longer than stage 1, or when
     ``train.lr_schedule=cosine`` makes it a run of its own)."""
-    continued = steps > config.train.steps and config.train.lr_schedule == "constant"
+    continued = steps > config.train.steps and config.train.length_free
     lo = config.train.steps if continued else 0
     return _fractions_of(lo, steps)
 
@@ -287,8 +287,7 @@ def finetune_group_stage(
         trainer.resume(ckpt)  # its optimizer state too, carried or not
     else:
         if config.finetune.optimizer == "shared":
-            carried, total = trainer.carry_optimizer_state(
-                layout.shared_checkpoint, names=[n for n, _ in shared.named_parameters()])
+            carried, total = trainer.carry_optimizer_state(layout.shared_checkpoint)
             if reporter is not None:
                 reporter.message(f"AdamW state of the shared model carried for {carried} of {total} parameters"
                                  + (" (pruned tensors start fresh)" if carried < total else ""))
@@ -382,7 +381,7 @@ def start_baseline_from_shared(config: PipelineConfig, layout: RunLayout, *, ste
     """
     out = RunLayout(layout.baseline_dir).shared_checkpoint
     src = layout.shared_checkpoint
-    if config.train.lr_schedule != "constant" or out.exists() or not src.is_file():
+    if not config.train.length_free or out.exists() or not src.is_file():
         return None
     step = int(load_checkpoint(src)["step"])
     if step > steps:

@@ -236,7 +236,7 @@ def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
     stage2 = math.fsum(fractions) * cfg.finetune.steps * ft_batch * base * factor
     per_step = cfg.train.batch_size * base * factor
     baseline_steps = cfg.baseline.steps or math.ceil((stage1 + stage2) / per_step)
-    continued = cfg.train.steps if cfg.train.lr_schedule == "constant" else 0
+    continued = cfg.train.steps if cfg.train.length_free else 0
     baseline_extra = max(0, baseline_steps - continued) * per_step if cfg.baseline.enabled else 0.0
     steps = cfg.sample.steps or cfg.diffusion.num_timesteps
     sampling = 2 * cfg.eval.num_samples * len(cfg.eval.seeds) * steps * base

@@ -268,12 +268,13 @@ class Trainer:
         except _REBUILD_ERRORS as exc:  # an edited or foreign checkpoint: name the file, one line
             raise CheckpointError(f"checkpoint {path} is inconsistent: {_one_line(exc)}") from None
 
-    def carry_optimizer_state(self, path: str | Path, *, names: Sequence[str]) -> tuple[int, int]:
+    def carry_optimizer_state(self, path: str | Path) -> tuple[int, int]:
         """Start AdamW from the optimizer state in the training checkpoint ``path`` (the shared
-        model's), whose parameters in order are ``names``: each parameter of this trainer's model
-        with the same name and shape takes that parameter's moments and step count; any other
-        (a pruned tensor, whose channels no longer line up) starts fresh. Weights, EMA, step and
-        RNG are untouched: this is a new run that inherits only the optimizer's statistics.
+        model's): each parameter of this trainer's model whose shape is the checkpoint's takes
+        that parameter's moments and step count; any other (a pruned tensor, whose channels no
+        longer line up) starts fresh. A pruned model keeps the dense model's modules, so its
+        parameters come in the same order. Weights, EMA, step and RNG are untouched: this is a
+        new run that inherits only the optimizer's statistics.
 
         Returns:
             (parameters carried, parameters of the model).
@@ -281,28 +282,17 @@ class Trainer:
         Raises:
             CheckpointError: unreadable, or without optimizer state (an imported checkpoint).
         """
-        p = load_checkpoint(path, map_location="cpu")
-        if p.get("optimizer") is None:
+        saved = load_checkpoint(path, map_location="cpu").get("optimizer")
+        if saved is None:
             raise CheckpointError(f"checkpoint {path} holds no optimizer state to carry (imported weights?)")
-        states = p["optimizer"]["state"]
-        by_name = {names[int(i)]: st for i, st in states.items() if int(i) < len(names)}
-        # Torch keeps AdamW's step on the parameter's device for fused/capturable AdamW, else on the CPU.
-        group = self.optimizer.param_groups[0]
-        step_on_param = bool(group.get("fused") or group.get("capturable"))
-        carried, params = 0, list(self.model.named_parameters())
-        for name, param in params:
-            st = by_name.get(name)
-            if st is None or tuple(st["exp_avg"].shape) != tuple(param.shape):
-                continue
-            # Moments take the parameter's device, dtype and memory format (channels_last), as
-            # AdamW's own zeros_like(param) would.
-            self.optimizer.state[param] = {
-                k: (v.detach().to(torch.float32).clone().to(param.device if step_on_param else "cpu") if k == "step"
-                    else torch.empty_like(param).copy_(v))
-                for k, v in st.items()
-            }
-            carried += 1
-        return carried, len(params)
+        params = list(self.model.parameters())
+        mine = self.optimizer.state_dict()
+        # torch's load_state_dict puts each state on its parameter's device and dtype (and AdamW's
+        # step where fused/capturable AdamW wants it), as a resume does.
+        mine["state"] = {i: st for i, st in saved["state"].items()
+                         if int(i) < len(params) and tuple(st["exp_avg"].shape) == tuple(params[int(i)].shape)}
+        self.optimizer.load_state_dict(mine)
+        return len(mine["state"]), len(params)
 
     def _restore(self, p: dict[str, Any], path: str | Path) -> None:
         if p.get("kind") != "train":
