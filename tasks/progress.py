@@ -45,6 +45,12 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def _fmt_rate(steps_per_s: float) -> str:
+    """``4.7 steps/s``, or for slow steps (an evaluation's sampling seed) ``84 s/step``: a rate
+    below 0.1 steps/s would print as 0.0."""
+    return f"{steps_per_s:.1f} steps/s" if steps_per_s >= 1 else f"{1 / steps_per_s:.0f} s/step"
+
+
 class StageProgress:
     """Progress of one stage (``what``: e.g. ``shared training``, ``group 3``).
 
@@ -137,7 +143,7 @@ class StageProgress:
         rate = (step - s0) / (now - t0) if now > t0 and step > s0 else None
         parts = [f"{self.what}: step {step}/{total} ({100 * step // max(total, 1)}%)"]
         if rate:
-            parts.append(f"{rate:.1f} steps/s")
+            parts.append(_fmt_rate(rate))
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if rate and step < total:

@@ -31,6 +31,19 @@ def test_a_slow_stage_gets_a_line_every_interval(capsys) -> None:
     assert len([ln for ln in capsys.readouterr().out.splitlines() if "baseline: step" in ln]) == 3
 
 
+def test_a_slow_step_is_reported_in_seconds_per_step(capsys, monkeypatch) -> None:
+    """An evaluation step (one sampling seed) takes minutes: the line says 90 s/step, not 0.0 steps/s."""
+    clock = iter([0.0, 90.0, 180.0])
+    monkeypatch.setattr("tasks.progress.time.monotonic", lambda: next(clock))
+    p = StageProgress("evaluation", tty=False, interval_s=1e9)
+    p.progress(step=0, total=3)
+    p.progress(step=1, total=3)
+    p.progress(step=2, total=3)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "evaluation: step" in ln]
+    assert lines[1].endswith("· 90 s/step · ETA 3m00s") and lines[2].endswith("· 90 s/step · ETA 1m30s"), lines
+    assert "steps/s" not in "".join(lines)
+
+
 def test_a_new_total_starts_a_new_phase(capsys) -> None:
     p = StageProgress("group 1", tty=False, interval_s=1e9)
     p.progress(step=0, total=3)  # pruning rounds
