@@ -47,6 +47,28 @@ def test_one_seed_has_no_interval_and_says_so():
     assert "one seed" in study_markdown(s)
 
 
+def test_memorization_is_a_study_metric_where_the_run_measured_it():
+    """A replicate's memorized share enters the study (lower is better); a run without training
+    images to compare with (share None) leaves the metric out rather than counting it as 0."""
+    from types import SimpleNamespace as NS
+
+    from tdc_core.run.study import replicate_metrics
+
+    def comparison(share_tdc, share_base):
+        row = NS(eval=NS(fid_mean=0.1), cost=NS(sampling_flops_per_image=1.0, training_flops=None))
+        return NS(tdc=row, baseline=row, heldout=[], likelihood=[], sample_quality=[
+            NS(name="tdc", precision=0.8, recall=0.9, memorized_share=share_tdc),
+            NS(name="baseline", precision=0.8, recall=0.9, memorized_share=share_base)])
+
+    measured = replicate_metrics(comparison(0.03, 0.01))
+    assert measured["tdc"]["memorized_share"] == 0.03 and measured["baseline"]["memorized_share"] == 0.01
+    assert "memorized_share" not in replicate_metrics(comparison(None, None))["tdc"]
+    s = summarise(name="x", arms={"a": {seed: replicate_metrics(comparison(0.03, 0.01 + seed / 1000))
+                                        for seed in (0, 1, 2)}})
+    m = next(m for m in s.arms[0].metrics if m.metric == "memorized_share")
+    assert m.difference.mean == pytest.approx(0.019) and m.verdict == "TDC worse"
+
+
 def test_study_files_fail_before_any_training(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: s\narms: [{name: a, preset: smoke, overrides: [train.lrr=1]}]\nseeds: [0]\n")

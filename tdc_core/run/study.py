@@ -77,6 +77,7 @@ METRICS: dict[str, str] = {
     "fid_mean": "FID (mean over sampling seeds)",
     "precision": "precision",
     "recall": "recall",
+    "memorized_share": "memorized share (first seed's samples)",
     "sampling_flops_per_image": "sampling FLOPs per image",
     "training_flops": "training FLOPs",
 }
@@ -263,6 +264,8 @@ def replicate_metrics(c: Comparison) -> dict[str, dict[str, float]]:
         for q in c.sample_quality:
             if q.name == name:
                 m |= {"precision": q.precision, "recall": q.recall}
+                if q.memorized_share is not None:  # None: the run kept no training images to compare with
+                    m["memorized_share"] = q.memorized_share
         out[name] = m
     return out
 
