@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                          "contrasts); runs nothing")
     st.add_argument("--verbose", action="store_true", help="show Prefect's own logs and full tracebacks")
 
+    hl = sub.add_parser("headline", help="the headline table, TDC against each baseline, from the committed "
+                                         "studies' study.json (tdc headline studies/headline.yaml)")
+    hl.add_argument("headline", type=Path, help="the headline file (YAML: rows of baseline, study, arm or contrast)")
+    hl.add_argument("--out", type=Path, help="also write the table here (atomically), e.g. studies/RESULTS.md")
+
     tr = sub.add_parser("train",
                         help="train one model on all timesteps (the baseline; in a TDC run folder, the shared model)")
     config_args(tr)
@@ -635,6 +640,31 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_headline(args: argparse.Namespace) -> int:
+    from tdc_core.atomic import atomic_write_bytes
+    from tdc_core.errors import ConfigError
+    from tdc_core.run.headline import headline_markdown, load_headline
+    from tdc_core.run.study import StudySummary
+
+    spec = load_headline(args.headline)
+    summaries = {}
+    for study in {r.study for r in spec.rows}:
+        path = args.headline.parent / study / "study.json"  # beside the headline file, as tdc study writes it
+        try:
+            summaries[study] = StudySummary.model_validate_json(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"headline file {args.headline}: study {study}: {path} cannot be read "
+                              f"({exc.strerror}); run `tdc study studies/{study}.yaml` first") from None
+        except ValueError as exc:
+            raise ConfigError(f"headline file {args.headline}: {path} is not a study summary: {exc}") from None
+    text = headline_markdown(spec, summaries, source=str(args.headline))
+    print(text, end="")
+    if args.out:
+        atomic_write_bytes(args.out, text.encode())
+        print(f"  {args.out}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     _prefect_settings(verbose=args.verbose)
     from tdc_core.run.layout import default_run_dir
@@ -711,7 +741,7 @@ def _silence_teardown() -> None:
 
 
 _COMMANDS = {
-    "run": _cmd_run, "study": _cmd_study,
+    "run": _cmd_run, "study": _cmd_study, "headline": _cmd_headline,
     "train": _cmd_train, "sample": _cmd_sample, "config": _cmd_config, "profile": _cmd_profile,
     "group": _cmd_group, "finetune-group": _cmd_finetune_group, "fid": _cmd_fid, "compare": _cmd_compare,
     "import-iddpm": _cmd_import_iddpm,

@@ -1,0 +1,136 @@
+"""The headline table: TDC against each baseline, one row per committed study result.
+
+A headline file (``studies/headline.yaml``) names, per row, a study and where in its summary
+TDC meets that baseline:
+
+- ``arm: tdc``: the arm's own paired difference, TDC − its equal-FLOPs single model;
+- ``contrast: NAME``: a study contrast whose ``a`` is a TDC ensemble (``<arm>.tdc``), e.g.
+  ``tdc.tdc − all-timesteps.tdc``.
+
+:func:`headline_markdown` turns the rows and the studies' ``study.json`` (a
+:class:`~tdc_core.run.study.StudySummary`) into one Markdown table: per row the number of training
+seeds, the paired difference with its 95 % t interval and verdict for each outcome, and the
+sampling and training FLOPs as ratios TDC / baseline. Every number is read from a committed
+``study.json``; nothing here computes a statistic of its own, so the table cannot drift from the
+studies it cites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tdc_core.errors import ConfigError
+from tdc_core.run.study import METRICS, Interval, StudySummary
+
+__all__ = ["HeadlineRow", "HeadlineSpec", "OUTCOMES", "headline_markdown", "load_headline"]
+
+# The outcome columns, in order (each a paired difference TDC − baseline); costs come after.
+OUTCOMES = ("bits_per_dim", "fid_mean", "precision", "recall", "memorized_share")
+_COSTS = ("sampling_flops_per_image", "training_flops")
+
+
+class HeadlineRow(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    baseline: str = Field(min_length=1)  # what TDC is compared with, as the table says it
+    study: str = Field(min_length=1)     # studies/<study>/study.json
+    arm: str | None = None               # TDC − this arm's own baseline
+    contrast: str | None = None          # or this contrast of the study (a = TDC)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HeadlineRow:
+        if (self.arm is None) == (self.contrast is None):
+            raise ValueError("give exactly one of arm (TDC − that arm's baseline) or contrast (a study contrast "
+                             "whose a is TDC)")
+        return self
+
+
+class HeadlineSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: str = "TDC against each baseline"
+    rows: list[HeadlineRow] = Field(min_length=1)
+
+
+def load_headline(path: str | Path) -> HeadlineSpec:
+    """Read and validate a headline file.
+
+    Raises:
+        ConfigError: naming the file and the field.
+    """
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"headline file {path} cannot be read: {exc}") from None
+    try:
+        return HeadlineSpec.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"headline file {path}: {'.'.join(map(str, err['loc'])) or 'top level'}: "
+                          f"{err['msg']}") from None
+
+
+def _row_metrics(row: HeadlineRow, summary: StudySummary) -> tuple[list[int], dict[str, tuple[Interval, Interval,
+                                                                                             Interval, str]]]:
+    """``(seeds, {metric: (tdc, other, tdc − other, verdict)})`` of one row, the verdict worded for TDC."""
+    if row.arm is not None:
+        arm = next((a for a in summary.arms if a.arm == row.arm), None)
+        if arm is None:
+            raise ConfigError(f"headline row {row.baseline!r}: study {summary.name} has no arm {row.arm!r} "
+                              f"(arms: {', '.join(a.arm for a in summary.arms)})")
+        return arm.seeds, {m.metric: (m.tdc, m.baseline, m.difference, m.verdict) for m in arm.metrics}
+    c = next((c for c in summary.contrasts if c.name == row.contrast), None)
+    if c is None:
+        raise ConfigError(f"headline row {row.baseline!r}: study {summary.name} has no contrast {row.contrast!r} "
+                          f"(contrasts: {', '.join(x.name for x in summary.contrasts) or 'none'})")
+    if not c.a.endswith(".tdc"):
+        raise ConfigError(f"headline row {row.baseline!r}: contrast {c.name} compares {c.a} with {c.b}; "
+                          f"its a must be a TDC ensemble (<arm>.tdc)")
+    # A contrast's verdict names its side ("a better"); here a is TDC.
+    worded = {"a better": "TDC better", "b better": "TDC worse"}
+    return c.seeds, {m.metric: (m.a, m.b, m.difference, worded.get(m.verdict, m.verdict)) for m in c.metrics}
+
+
+def _cell(diff: Interval, verdict: str, *, percent: bool = False) -> str:
+    f = (lambda x: f"{100 * x:+.1f} pt") if percent else (lambda x: f"{x:+.3f}")
+    text = f(diff.mean) if diff.low is None else f"{f(diff.mean)} [{f(diff.low)}, {f(diff.high)}]"
+    short = {"TDC better": "**TDC better**", "TDC worse": "**TDC worse**", "no clear difference": "n.s."}
+    return f"{text} {short.get(verdict, '(no interval)')}"
+
+
+def headline_markdown(spec: HeadlineSpec, summaries: Mapping[str, StudySummary], *, source: str = "") -> str:
+    """The headline table as Markdown; ``summaries`` maps each row's study name to its summary.
+
+    Raises:
+        ConfigError: a row names a study, arm or contrast that the summaries lack.
+    """
+    head = ["TDC vs", "seeds", *(METRICS[m] for m in OUTCOMES), "sampling FLOPs TDC / vs", "training FLOPs TDC / vs",
+            "re-derive"]
+    lines = [f"# {spec.title}", "",
+             f"Generated from the committed studies by `uv run tdc headline {source or 'HEADLINE.yaml'}`; do not "
+             "edit by hand. Each cell is TDC − the baseline, paired by training seed: mean [95 % Student-t "
+             "interval over seeds] and the verdict (n.s.: the interval includes 0). Lower is better except "
+             "precision and recall; precision, recall and the memorized share are in percentage points. "
+             "FLOPs are ratios of the means.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in spec.rows:
+        summary = summaries.get(row.study)
+        if summary is None:
+            raise ConfigError(f"headline row {row.baseline!r}: no summary of study {row.study!r} "
+                              f"(studies/{row.study}/study.json)")
+        seeds, metrics = _row_metrics(row, summary)
+        cells = [row.baseline, ", ".join(map(str, seeds))]
+        for m in OUTCOMES:
+            cells.append(_cell(metrics[m][2], metrics[m][3], percent=m in {"precision", "recall", "memorized_share"})
+                         if m in metrics else "not measured")
+        for m in _COSTS:
+            tdc, other = (metrics[m][0].mean, metrics[m][1].mean) if m in metrics else (0.0, 0.0)
+            cells.append(f"{tdc / other:.2f}" if other else "—")
+        cells.append(f"`tdc study studies/{row.study}.yaml --summary-only`")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
