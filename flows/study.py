@@ -230,9 +230,13 @@ def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None) -> StudyS
             previous = StudySummary.model_validate_json((out / "study.json").read_text())
         except ValueError:
             previous = None
-    result = summarise(name=spec.name, arms=results, seconds=previous.seconds if previous else None,
+    # The wall time (and reuse count) describes the invocation that ran these replicates: kept only
+    # while the summary covers the same arms and seeds (not after replicates were added by hand).
+    same = previous is not None and {(a.arm, tuple(a.seeds)) for a in previous.arms} == {
+        (a.name, tuple(spec.seeds)) for a in spec.arms}
+    result = summarise(name=spec.name, arms=results, seconds=previous.seconds if same else None,
                        contrasts=spec.contrasts)
-    update: dict = {"reused": previous.reused if previous else 0}
+    update: dict = {"reused": previous.reused if same else 0}
     if curves and all(len(v) == len(spec.seeds) for v in curves.values()):
         update["equivalence"] = equivalence(curves)
     elif previous:

@@ -261,6 +261,19 @@ def test_summary_only_rederives_the_study_from_its_replicates(tmp_path, capsys):
     ab = next(m for m in s.contrasts[0].metrics if m.metric == "bits_per_dim")
     assert ab.difference.values == pytest.approx([-0.1, -0.2])
     assert "### `ab`" in (out / "study.md").read_text()
+    # The wall time of the invocation that ran the replicates survives a re-summary of the same
+    # replicates, but not one that adds a seed (it no longer describes them).
+    (out / "study.json").write_text(s.model_copy(update={"seconds": 600.0, "reused": 1}).model_dump_json())
+    assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out)]) == 0
+    assert "Wall time of this invocation: 10.0 min (1 of 4" in (out / "study.md").read_text()
+    spec_file.write_text(spec_file.read_text().replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    more = [*reps, *({"arm": arm, "seed": 2, "run_dir": str(tmp_path / "gone"), **_replicate(1.1, 2.0)}
+                     for arm in ("a", "b"))]
+    (out / "replicates.json").write_text(json.dumps(more))
+    assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out)]) == 0
+    assert "Wall time" not in (out / "study.md").read_text()
+    assert StudySummary.model_validate_json((out / "study.json").read_text()).reused == 0
+    spec_file.write_text(spec_file.read_text().replace("seeds: [0, 1, 2]", "seeds: [0, 1]"))
     (out / "replicates.json").write_text(json.dumps(reps[:3]))
     assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out)]) != 0
     assert "lacks 1 replicate(s) of the study file: b seed 1" in capsys.readouterr().err
