@@ -37,12 +37,12 @@ def test_rows_read_the_arms_difference_and_the_contrasts_worded_for_tdc():
     single, control = (ln.split(" | ") for ln in rows)
     assert single[1] == "0, 1, 2"
     assert single[2] == "-0.100 [-0.100, -0.100] **TDC better**"  # every seed 0.1 lower: a zero-width interval
-    assert single[5].startswith("-3.0 pt") and single[5].endswith("**TDC worse**")  # recall is higher-better
-    assert single[6] == "not measured"  # no memorized share in these replicates
-    assert single[7] == "0.72"
+    assert single[3] == single[4] == single[5] == single[7] == "not measured"  # not in these replicates
+    assert single[6].startswith("-3.0 pt") and single[6].endswith("**TDC worse**")  # recall is higher-better
+    assert single[8] == "0.72"
     # TDC 4.50, 4.51, 4.52 against the control's 4.40, 4.41, 4.42: the contrast's "b better" is TDC worse.
     assert control[2].startswith("+0.100") and control[2].endswith("**TDC worse**")
-    assert control[7] == "0.72" and "`tdc study studies/st.yaml --summary-only`" in control[-1]
+    assert control[8] == "0.72" and "`tdc study studies/st.yaml --summary-only`" in control[-1]
 
 
 def test_a_row_that_does_not_fit_its_study_is_one_config_error(tmp_path):

@@ -29,7 +29,9 @@ from tdc_core.run.study import METRICS, Interval, StudySummary
 __all__ = ["HeadlineRow", "HeadlineSpec", "OUTCOMES", "headline_markdown", "load_headline"]
 
 # The outcome columns, in order (each a paired difference TDC − baseline); costs come after.
-OUTCOMES = ("bits_per_dim", "fid_mean", "precision", "recall", "memorized_share")
+OUTCOMES = ("bits_per_dim", "heldout_eps_mse_min_snr", "fid_mean", "precision", "recall", "memorized_share")
+_POINTS = {"precision", "recall", "memorized_share"}  # shares, shown in percentage points
+_DECIMALS = {"heldout_eps_mse_min_snr": 4}             # others: 3
 _COSTS = ("sampling_flops_per_image", "training_flops")
 
 
@@ -96,8 +98,8 @@ def _row_metrics(row: HeadlineRow, summary: StudySummary) -> tuple[list[int], di
     return c.seeds, {m.metric: (m.a, m.b, m.difference, worded.get(m.verdict, m.verdict)) for m in c.metrics}
 
 
-def _cell(diff: Interval, verdict: str, *, percent: bool = False) -> str:
-    f = (lambda x: f"{100 * x:+.1f} pt") if percent else (lambda x: f"{x:+.3f}")
+def _cell(diff: Interval, verdict: str, *, percent: bool = False, decimals: int = 3) -> str:
+    f = (lambda x: f"{100 * x:+.1f} pt") if percent else (lambda x: f"{x:+.{decimals}f}")
     text = f(diff.mean) if diff.low is None else f"{f(diff.mean)} [{f(diff.low)}, {f(diff.high)}]"
     short = {"TDC better": "**TDC better**", "TDC worse": "**TDC worse**", "no clear difference": "n.s."}
     return f"{text} {short.get(verdict, '(no interval)')}"
@@ -126,7 +128,7 @@ def headline_markdown(spec: HeadlineSpec, summaries: Mapping[str, StudySummary],
         seeds, metrics = _row_metrics(row, summary)
         cells = [row.baseline, ", ".join(map(str, seeds))]
         for m in OUTCOMES:
-            cells.append(_cell(metrics[m][2], metrics[m][3], percent=m in {"precision", "recall", "memorized_share"})
+            cells.append(_cell(metrics[m][2], metrics[m][3], percent=m in _POINTS, decimals=_DECIMALS.get(m, 3))
                          if m in metrics else "not measured")
         for m in _COSTS:
             tdc, other = (metrics[m][0].mean, metrics[m][1].mean) if m in metrics else (0.0, 0.0)
