@@ -20,11 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tdc_core.errors import ConfigError
-from tdc_core.run.study import METRICS, Interval, StudySummary
+from tdc_core.run.study import METRICS, Interval, StudySummary, load_yaml_model
 
 __all__ = ["HeadlineRow", "HeadlineSpec", "OUTCOMES", "headline_markdown", "load_headline"]
 
@@ -64,17 +63,7 @@ def load_headline(path: str | Path) -> HeadlineSpec:
     Raises:
         ConfigError: naming the file and the field.
     """
-    path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"headline file {path} cannot be read: {exc}") from None
-    try:
-        return HeadlineSpec.model_validate(tree)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"headline file {path}: {'.'.join(map(str, err['loc'])) or 'top level'}: "
-                          f"{err['msg']}") from None
+    return load_yaml_model(path, HeadlineSpec, what="headline file")
 
 
 def _row_metrics(row: HeadlineRow, summary: StudySummary) -> tuple[list[int], dict[str, tuple[Interval, Interval,

@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import yaml
@@ -96,6 +96,7 @@ class Arm(BaseModel):
 
 
 _MODELS = ("tdc", "baseline")
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class Contrast(BaseModel):
@@ -170,6 +171,21 @@ class StudySpec(BaseModel):
         return seeds
 
 
+def load_yaml_model(path: str | Path, model: type[_M], *, what: str) -> _M:
+    """A YAML file validated as ``model``; any failure is one :class:`ConfigError` naming
+    ``what``, the file and the first field at fault."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc}") from None
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"{what} {path}: {'.'.join(map(str, err['loc'])) or 'top level'}: {err['msg']}") from None
+
+
 def load_study(path: str | Path) -> StudySpec:
     """Read and validate a study file; every arm × seed config is built now, so a bad override
     fails before any training.
@@ -177,16 +193,7 @@ def load_study(path: str | Path) -> StudySpec:
     Raises:
         ConfigError: naming the file and the field.
     """
-    path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"study file {path} cannot be read: {exc}") from None
-    try:
-        spec = StudySpec.model_validate(tree)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"study file {path}: {'.'.join(map(str, err['loc'])) or 'top level'}: {err['msg']}") from None
+    spec = load_yaml_model(path, StudySpec, what="study file")
     for arm in spec.arms:
         for seed in spec.seeds:
             replicate_config(arm, seed=seed)
