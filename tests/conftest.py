@@ -7,9 +7,15 @@ import os
 import pytest
 import torch
 
-# Keep tests on 2 CPU cores predictable and quiet.
+# Keep tests on 2 CPU cores predictable and quiet. Under pytest-xdist (the default, see
+# pyproject.toml) each worker gets its share of the cores, it and the processes its tests start:
+# two workers with two threads each on a 2-core machine would only contend.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+torch.set_num_threads(min(_THREADS, torch.get_num_threads()))
 
 
 @pytest.fixture

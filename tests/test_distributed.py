@@ -114,7 +114,7 @@ class Cluster:
                 os.killpg(p.pid, signal.SIGTERM)
         for p in self.procs:
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=5)  # a test cluster: no need to wait out a graceful shutdown
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
 

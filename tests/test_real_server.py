@@ -92,6 +92,6 @@ def test_full_pipeline_deployment_on_a_real_server_and_worker(tmp_path):
                 os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=5)  # test servers: no need to wait out a graceful shutdown
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
