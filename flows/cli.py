@@ -686,8 +686,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.verbose:
             cli_reports_failures()
 
+        evaluation = ("" if not cfg.eval.enabled else " → evaluation" if cfg.baseline.enabled
+                      else " → evaluation of TDC alone")
         print(f"TDC · full pipeline on the {cfg.preset} preset: profile → group → shared training → "
-              f"{cfg.grouping.num_groups} group fine-tunes → costs" + (" → baseline" if cfg.baseline.enabled else ""))
+              f"{cfg.grouping.num_groups} group fine-tunes → costs" + (" → baseline" if cfg.baseline.enabled else "")
+              + evaluation)
         print(f"run folder: {root}")
         t0 = time.perf_counter()
         api_ready()

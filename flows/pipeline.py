@@ -99,7 +99,7 @@ def tdc(
 ) -> PipelineSummary:
     """Profile → group → shared training → per-group prune + fine-tune (parallel, here or on
     the workers of the group deployment: ``orchestration.groups``) → costs → baseline → FID
-    comparison → registry.
+    comparison (of TDC alone without a baseline) → registry.
 
     Args:
         preset, overrides: build the config (ignored when ``config`` is given).
@@ -169,7 +169,9 @@ def _stages(cfg: PipelineConfig, *, root: Path, run_uid: str, run_key: str, trac
         steps = cfg.baseline.steps or costs.training.baseline_steps
         baseline_run_id = tracking.baseline_run(cfg, run_key=run_key, steps=steps)
         baseline = baseline_task(*args, steps=steps, baseline_run_id=baseline_run_id)
+    if cfg.eval.enabled:  # TDC against the baseline, or alone
         comparison = evaluate_task(*args, baseline_run_id=baseline_run_id, baseline=baseline)
+    if baseline_run_id is not None:
         tracking.finish(baseline_run_id)
     score_name, score = registry_score(comparison, groups, num_timesteps=cfg.diffusion.num_timesteps)
     tracking.log_metrics(tracking.parent_run_id, {score_name: score})

@@ -84,8 +84,9 @@ def plan_lines(spec: StudySpec) -> list[str]:
                            f"not run)" if est.stage1_imported
                       else f"stage 1 trained here ({fmt_flops(est.stage1_flops)})")
             lines.append(f"  {arm.name} seed {seed}: {cfg.preset}, {cfg.train.steps} shared steps, "
-                         f"{cfg.grouping.num_groups} groups × {cfg.finetune.steps} fine-tune steps, baseline at equal "
-                         f"training FLOPs; {stage1} → {folder}" + ("  (finished: reused)" if done else ""))
+                         f"{cfg.grouping.num_groups} groups × {cfg.finetune.steps} fine-tune steps, "
+                         + ("baseline at equal training FLOPs" if cfg.baseline.enabled else "TDC alone (no baseline)")
+                         + f"; {stage1} → {folder}" + ("  (finished: reused)" if done else ""))
     training = total["stage1"] + total["stage2"] + total["baseline"]
     imported = (f", of which {fmt_flops(total['imported'])} imported (IDDPM's published training, not run here)"
                 if total["imported"] else "")
@@ -115,8 +116,8 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
         for arm in spec.arms:
             for seed in spec.seeds:
                 cfg = replicate_config(arm, seed=seed)
-                if not cfg.baseline.enabled:
-                    raise ConfigError(f"study arm {arm.name}: baseline.enabled=false leaves nothing to compare with")
+                if not cfg.eval.enabled:
+                    raise ConfigError(f"study arm {arm.name}: eval.enabled=false leaves the study nothing to summarise")
                 if on_workers:
                     summary = on_workers[(arm.name, seed)]
                 else:

@@ -60,9 +60,10 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
     if costs.get("stage1_imported"):
         lines += ["", f"Training FLOPs: {costs['stage1_imported']}."]
     if not comparison:
-        lines += ["", "No held-out evaluation: it runs with the baseline comparison (`baseline.enabled=false` here)."]
+        lines += ["", "No evaluation (`eval.enabled=false` here)."]
     if comparison:
-        lines += ["", "## TDC vs the single-model baseline", "", _comparison_table(comparison)]
+        title = "TDC vs the single-model baseline" if comparison.get("baseline") else "TDC alone (no baseline)"
+        lines += ["", f"## {title}", "", _comparison_table(comparison)]
         if summary.get("baseline"):
             b = summary["baseline"]
             lines += ["", f"Baseline: {b['step']} steps at the same training FLOPs as TDC (MLflow run "
@@ -99,7 +100,7 @@ def _comparison_table(c: dict) -> str:
     rows = ["| | FID (mean ± std) | KID (mean ± std) | FID per seed | sampling MFLOP/image | ms/image "
             "| training FLOPs |",
             "|---|---|---|---|---|---|---|"]
-    for name in ("tdc", "baseline"):
+    for name in ("tdc", "baseline") if c.get("baseline") else ("tdc",):
         e, cost = c[name]["eval"], c[name]["cost"]
         seeds = ", ".join(f"{s['fid']:.3f}" for s in e["per_seed"])
         train = f"{cost['training_flops']:.3g}" if cost.get("training_flops") is not None else "—"

@@ -441,39 +441,47 @@ def baseline_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
 
 @task(name="evaluate", **EVAL_CACHED)
 def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: TrackingRef,
-                  baseline_run_id: str, baseline: TrainSummary) -> Comparison:
+                  baseline_run_id: str | None, baseline: TrainSummary | None) -> Comparison:
     """FID/KID of the TDC ensemble and the baseline, evaluated identically (same sample count,
-    seeds, sampler, steps and features), with sampling and training cost side by side."""
+    seeds, sampler, steps and features), with sampling and training cost side by side, and the
+    single model's curve; without a baseline (``baseline.enabled=false``), TDC's numbers alone."""
     layout = RunLayout(Path(run_dir))
-    say(f"evaluating TDC and the baseline: {config.eval.num_samples} samples × seeds {list(config.eval.seeds)}")
+    say(f"evaluating TDC{' and the baseline' if baseline is not None else ' alone (no baseline)'}: "
+        f"{config.eval.num_samples} samples × seeds {list(config.eval.seeds)}")
     device = resolve_device(config.train.device)
     reset_peak_memory(device)
     with StageProgress("evaluation") as progress:
-        c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint), device=device,
-                        reporter=progress)
-        curve = single_model_curve(config, layout, c, device=device, reporter=progress)
-    save_record(layout.curve_json, curve)
-    plot_curve(curve, layout.curve_png, title=f"Single model vs TDC — {layout.root.name}")
+        c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint) if baseline else None,
+                        with_baseline=baseline is not None, device=device, reporter=progress)
+        # The single model's curve continues into the baseline's run: none without one.
+        curve = single_model_curve(config, layout, c, device=device, reporter=progress) if baseline else None
+    files = [c.markdown_path, c.json_path, c.plot_path]
+    if curve is not None:
+        save_record(layout.curve_json, curve)
+        plot_curve(curve, layout.curve_png, title=f"Single model vs TDC — {layout.root.name}")
+        files += [layout.curve_json, layout.curve_png]
     _log_peak_memory(tracking, tracking.parent_run_id, device, name="eval_peak_gpu_memory_gib")
     # eval.* are tags, not params: MLflow params cannot change, and a re-evaluation changes them.
     eval_tags = {f"eval.{k}": v for k, v in flatten(config.eval).items()}
     for run_id in (tracking.parent_run_id, baseline_run_id):
-        tracking.set_tags(run_id, eval_tags)
+        if run_id is not None:
+            tracking.set_tags(run_id, eval_tags)
     with tracking.child_run(key="stage.shared", name="shared-train") as shared_run_id:
-        _log_evaluation(c, tracking, runs={"tdc": tracking.parent_run_id, "baseline": baseline_run_id,
-                                          "shared": shared_run_id})
+        runs = {"tdc": tracking.parent_run_id, "shared": shared_run_id}
+        _log_evaluation(c, tracking, runs=runs | ({"baseline": baseline_run_id} if baseline_run_id else {}))
     tracking.log_metrics(tracking.parent_run_id, {
         f"tdc_minus_{d.b}_{d.metric}{suffix}": value for d in (*c.heldout_differences, *c.likelihood_differences)
         for suffix, value in (("", d.difference), ("_ci_low", d.ci_low), ("_ci_high", d.ci_high))
     })
-    for p in (c.markdown_path, c.json_path, c.plot_path, layout.curve_json, layout.curve_png):
+    for p in files:
         tracking.log_artifact(tracking.parent_run_id, p, artifact_path="comparison")
-    _log_curve(curve, tracking, baseline_run_id=baseline_run_id)
-    say(f"FID ({c.comparability}): TDC {c.tdc.eval.fid_mean:.4f} ± {c.tdc.eval.fid_std:.4f}, "
-        f"baseline {c.baseline.eval.fid_mean:.4f} ± {c.baseline.eval.fid_std:.4f}")
+    if curve is not None:
+        _log_curve(curve, tracking, baseline_run_id=baseline_run_id)
+    say(f"FID ({c.comparability}): TDC {c.tdc.eval.fid_mean:.4f} ± {c.tdc.eval.fid_std:.4f}"
+        + (f", baseline {c.baseline.eval.fid_mean:.4f} ± {c.baseline.eval.fid_std:.4f}" if c.baseline else ""))
     for d in (*c.heldout_differences, *c.likelihood_differences):
-        if d.b == "baseline":
-            say(f"TDC − baseline {d.metric}: {d.difference:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}] (95 %, "
+        if d.b == "baseline" or c.baseline is None:
+            say(f"TDC − {d.b} {d.metric}: {d.difference:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}] (95 %, "
                 f"{d.n} held-out images)")
     return c
 

@@ -283,6 +283,10 @@ class PruneConfig(_Strict):
 class EvalConfig(_Strict):
     """FID/KID evaluation (clean-fid) of the ensemble and the baseline, identically."""
 
+    # The run's evaluation (FID, precision/recall, held-out ε-MSE and bits/dim): of TDC against the
+    # baseline, or of TDC alone with ``baseline.enabled=false`` (e.g. ablations that compare TDC
+    # variants with each other: about half a digits replicate's time). false: no evaluation.
+    enabled: bool = True
     num_samples: int = Field(1000, ge=2)     # generated images per seed
     seeds: tuple[Seed, ...] = Field((0, 1, 2), min_length=1)  # sample seeds; spread is reported
     feature_extractor: Literal["auto", "inception", "digits"] = "auto"  # auto: digits for digits data

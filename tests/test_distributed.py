@@ -237,7 +237,7 @@ def test_a_killed_worker_costs_only_its_group(cluster):
     env = cluster._own("laptop")
     laptop = subprocess.Popen(
         [str(BIN / "tdc"), "run", "--preset", "smoke", "--run-dir", str(run_dir), *OVERRIDES, "train.seed=1",
-         "finetune.steps=400", "baseline.enabled=false", "orchestration.groups=deployment",
+         "finetune.steps=400", "baseline.enabled=false", "eval.enabled=false", "orchestration.groups=deployment",
          "orchestration.storage=s3://tdc-test/runs"], env=env, cwd=tmp / "laptop", stdout=out, stderr=subprocess.STDOUT)
     try:
         # Wait until worker-a's fine-tune process of this run is writing progress, then kill it all.

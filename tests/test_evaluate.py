@@ -23,6 +23,7 @@ from tdc_core.model.unet import UNet
 from tdc_core.run import stages
 from tdc_core.run.evaluation import compare_run, reference_for_config
 from tdc_core.run.layout import RunLayout
+from tdc_core.run.study import replicate_metrics
 from tdc_core.training.trainer import load_model, run_training, spec_for
 
 # 80 steps at batch 32 (~6 s on one core) already draw digit-like samples: held-out FID with the
@@ -194,7 +195,8 @@ def test_compare_evaluates_both_identically_and_writes_table_json_and_plot(env, 
 
 
 def test_compare_run_over_a_run_folder(tmp_path, tmp_path_factory):
-    """The ``tdc compare`` path: stages → costs → ensemble vs baseline checkpoint, all from disk."""
+    """The ``tdc compare`` path: stages → costs → ensemble vs baseline checkpoint, all from disk;
+    and the ensemble scored alone."""
     overrides = ["train.steps=4", "profile.profile_steps=2", "finetune.steps=2", "grouping.num_groups=2",
                  "profile.num_buckets=4", "eval.num_samples=8", "eval.seeds=[0,1]", "sample.steps=4",
                  f"eval.cache_dir={tmp_path_factory.getbasetemp() / 'tdc-cache'}"]
@@ -224,6 +226,27 @@ def test_compare_run_over_a_run_folder(tmp_path, tmp_path_factory):
     wrong = run_training(other, run_dir=tmp_path / "other", steps=1)
     with pytest.raises(ConfigError, match="different diffusion config"):
         compare_run(cfg, layout, baseline_checkpoint=wrong.checkpoint)
+
+    # TDC alone (baseline.enabled=false): the same numbers for TDC as beside the baseline (same
+    # seeds, noise and held-out draws), none of the baseline's, differences only against shared.
+    alone = compare_run(cfg, layout, with_baseline=False, baseline_checkpoint=tmp_path / "none.pt",
+                        out_dir=tmp_path / "alone")
+    assert alone.baseline is None and alone.fid_difference is None and alone.fid_difference_ci is None
+    assert alone.sampling_flops_ratio is None and alone.training_flops_ratio is None
+    assert [p.fid for p in alone.tdc.eval.per_seed] == pytest.approx([p.fid for p in c.tdc.eval.per_seed])
+    assert alone.tdc.cost == c.tdc.cost
+    assert [h.name for h in alone.heldout] == ["tdc", "shared"]
+    assert alone.heldout[0].eps_mse == pytest.approx(c.heldout[0].eps_mse)
+    assert {(d.b, d.metric) for d in alone.likelihood_differences} == {("shared", "bpd")}
+    assert alone.likelihood_differences[0].difference == pytest.approx(
+        next(d.difference for d in c.likelihood_differences if d.b == "shared"))
+    assert [q.name for q in alone.sample_quality] == ["tdc"]
+    assert Comparison.model_validate_json(Path(alone.json_path).read_text()) == alone
+    markdown = Path(alone.markdown_path).read_text()
+    assert "TDC alone (no baseline)" in markdown and "| baseline |" not in markdown and "TDC − baseline" not in markdown
+    assert Path(alone.plot_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = replicate_metrics(alone)
+    assert metrics["baseline"] == {} and metrics["tdc"] == replicate_metrics(c)["tdc"]
 
 
 def test_with_the_training_split_as_reference_the_held_out_images_are_scored_as_real(env, tmp_path):

@@ -130,6 +130,30 @@ def test_changing_an_eval_setting_reevaluates_without_training(flow_run):
     assert client.get_run(summary.mlflow_run_id).data.tags["eval.heldout_per_image"] == "7"
 
 
+def test_without_a_baseline_the_flow_scores_tdc_alone(harness, tmp_path):
+    """baseline.enabled=false: no single model is trained, and TDC still gets its evaluation
+    (FID, precision/recall, held-out error and bits/dim) in the run folder, report and MLflow."""
+    from flows.pipeline import run_pipeline
+    from tdc_core.run.layout import RunLayout
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(preset="smoke", overrides=[*FAST, "baseline.enabled=false", "eval.num_samples=16",
+                                                 "eval.seeds=[0]"])
+    summary = run_pipeline(cfg, run_dir=str(tmp_path / "run"), workers=2, tracking_uri=uri)
+    layout = RunLayout(Path(summary.run_dir))
+    assert summary.baseline is None and summary.baseline_run_id is None
+    c = summary.comparison
+    assert c.baseline is None and c.fid_difference is None and c.tdc.eval.fid_mean > 0
+    assert [h.name for h in c.heldout] == ["tdc", "shared"] and layout.comparison_json.is_file()
+    assert not layout.baseline_checkpoint.exists() and not layout.curve_json.exists()  # the curve needs a baseline
+    assert "## TDC alone (no baseline)" in (layout.root / "report.md").read_text()
+    client, runs = _runs(uri)
+    assert not [r for r in runs if r.data.tags.get("tdc.kind") == "baseline"]
+    metrics = client.get_run(summary.mlflow_run_id).data.metrics
+    assert {"fid_mean", "bits_per_dim", "precision", "tdc_minus_shared_bpd"} <= set(metrics)
+    assert not any(k.startswith("tdc_minus_baseline") for k in metrics)
+
+
 @pytest.mark.slow
 def test_killed_pipeline_resumes_shared_training(tmp_path):
     """SIGKILL during shared training; the re-run skips profiling and resumes the checkpoint."""
@@ -137,7 +161,7 @@ def test_killed_pipeline_resumes_shared_training(tmp_path):
            f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--run-dir", str(tmp_path / "run"),
             "train.steps=400", "train.checkpoint_every=20", "profile.profile_steps=10", "finetune.steps=2",
-            "baseline.enabled=false"]
+            "baseline.enabled=false", "eval.enabled=false"]
     # Its own process group: the kill takes Prefect's temporary API server (a child) with it.
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -55,6 +55,10 @@ def test_a_row_that_does_not_fit_its_study_is_one_config_error(tmp_path):
             headline_markdown(spec, summaries)
     with pytest.raises(ConfigError, match="no summary of study 'other'"):
         headline_markdown(HeadlineSpec(rows=[{"baseline": "b", "study": "other", "arm": "tdc"}]), summaries)
+    # An arm that scored TDC alone has no difference to put in the table.
+    alone = summarise(name="st", arms={"n2": {s: {"tdc": {"bits_per_dim": 4.5}, "baseline": {}} for s in (0, 1)}})
+    with pytest.raises(ConfigError, match="arm 'n2' of study st evaluated TDC alone"):
+        headline_markdown(HeadlineSpec(rows=[{"baseline": "b", "study": "st", "arm": "n2"}]), {"st": alone})
     bad = tmp_path / "h.yaml"
     bad.write_text("rows:\n  - {baseline: b, study: st, arm: tdc, contrast: x}\n")
     with pytest.raises(ConfigError, match=r"headline file .*h\.yaml: rows\.0: .*exactly one of arm"):

@@ -152,8 +152,9 @@ def test_missing_inception_weights_are_found_before_training(tmp_path: Path, mon
     monkeypatch.setattr(pf, "locate_inception_weights", offline)
     with pytest.raises(ConfigError, match="Inception weights"):
         pf.preflight(cfg, run_dir=None, needs={"features"}, allow_download=False)
-    # Not needed when nothing is evaluated.
-    assert "features" not in pf.run_needs(_cfg("baseline.enabled=false"))
+    # Not needed when nothing is evaluated; still needed when TDC is evaluated alone.
+    assert "features" not in pf.run_needs(_cfg("eval.enabled=false"))
+    assert "features" in pf.run_needs(_cfg("baseline.enabled=false"))
 
 
 def test_the_llm_proxy_needs_its_key_variable() -> None:

@@ -239,6 +239,43 @@ def test_contrasts_must_name_arms_of_the_study(tmp_path):
         load_study(bad)
 
 
+def test_an_arm_without_baseline_reports_tdc_alone_and_enters_contrasts_as_tdc():
+    """baseline.enabled=false: the arm's TDC numbers with intervals, no difference or verdict
+    made up, and its TDC compared with other arms' models through contrasts."""
+    from tdc_core.run.study import ALONE, Contrast, difference_panels, summary_metrics
+
+    arms = {"n5": {s: _replicate(1.0 + 0.1 * s, 1.2) for s in (0, 1, 2)},
+            "n2": {s: {"tdc": {"bits_per_dim": 1.03 + 0.1 * s, "precision": 0.5}, "baseline": {}} for s in (0, 1, 2)}}
+    s = summarise(name="x", arms=arms, contrasts=[Contrast(name="n2-vs-n5", a="n2.tdc", b="n5.tdc")])
+    alone = next(a for a in s.arms if a.arm == "n2")
+    m = next(m for m in alone.metrics if m.metric == "bits_per_dim")
+    assert m.baseline is None and m.difference is None and m.verdict == ALONE
+    assert m.tdc.values == pytest.approx([1.03, 1.13, 1.23]) and m.tdc.low < m.tdc.mean < m.tdc.high
+    d = next(m for m in s.contrasts[0].metrics if m.metric == "bits_per_dim")
+    assert d.difference.values == pytest.approx([0.03, 0.03, 0.03]) and d.verdict == "b better"
+    # The difference plot and the MLflow metrics hold the arm with a baseline only; the alone arm's
+    # TDC numbers are still logged.
+    assert all(r.label == "n5" for _, rows in difference_panels(s) for r in rows)
+    flat = summary_metrics(s)
+    assert flat["n2.bits_per_dim.tdc"] == pytest.approx(m.tdc.mean) and "n2.bits_per_dim.difference" not in flat
+    md = study_markdown(s)
+    assert "## Arm `n2`: 3 training seeds [0, 1, 2], TDC alone (no baseline)" in md
+    assert f"| held-out bits/dim | {m.tdc.mean:.4g} [" in md
+
+
+def test_a_study_refuses_an_arm_without_evaluation_and_the_baseline_of_an_arm_without_one(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: s\narms: [{name: a, preset: smoke}, {name: b, preset: smoke, overrides: "
+                 "[baseline.enabled=false]}]\nseeds: [0]\ncontrasts: [{name: c, a: a.tdc, b: b.tdc}]\n")
+    assert [a.name for a in load_study(f).arms] == ["a", "b"]  # TDC alone is a valid arm
+    f.write_text(f.read_text().replace("b: b.tdc", "b: b.baseline"))
+    with pytest.raises(ConfigError, match=r"contrast c: b='b.baseline', but arm b has baseline.enabled=false"):
+        load_study(f)
+    f.write_text(f.read_text().replace("baseline.enabled=false", "eval.enabled=false").replace("b.baseline", "b.tdc"))
+    with pytest.raises(ConfigError, match="arm b: eval.enabled=false leaves the study nothing to summarise"):
+        load_study(f)
+
+
 def test_summary_only_rederives_the_study_from_its_replicates(tmp_path, capsys):
     """`tdc study --summary-only`: from replicates.json alone (no run folders), nothing trained."""
     import json

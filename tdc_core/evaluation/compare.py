@@ -1,5 +1,6 @@
 """The comparison: TDC and the single-model baseline (and, on held-out data, any other model)
-measured identically, every number with its sample size and uncertainty.
+measured identically, every number with its sample size and uncertainty. Without a baseline
+(``baseline=None``) TDC is scored alone: the same numbers for it, no TDC − baseline ones.
 
 For the two contenders (same :class:`EvalSetup`: sample count, seeds, sampler, steps, hence the
 same initial noise per seed):
@@ -79,7 +80,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def compare(
     *,
     tdc: Contender,
-    baseline: Contender,
+    baseline: Contender | None,
     diffusion: Diffusion,
     setup: EvalSetup,
     image_shape: tuple[int, int, int],
@@ -97,13 +98,16 @@ def compare(
     """Evaluate the contenders with the same ``setup`` and write the comparison.
 
     Args:
+        baseline: the single model, sampled and scored exactly as TDC; None scores TDC alone (no
+            FID difference, no bootstrap, no TDC − baseline held-out differences).
         heldout_images: uint8 ``[M x C x H x W]``, never trained on: the real held-out FID row, the
             held-out evaluator and bits/dim (all skipped when None).
         training_images: uint8, what the models were trained on: memorization (skipped when None).
         boundaries: the run's group edges ``[0, ..., T]`` for per-group numbers (default ``[0, T]``).
         others: models scored on held-out data only (no sampling), e.g. the shared model.
     """
-    names = [c.name for c in (tdc, baseline, *others)]
+    contenders = [tdc] if baseline is None else [tdc, baseline]
+    names = [c.name for c in (*contenders, *others)]
     if len(set(names)) != len(names):
         raise ValueError(f"the models need different names (their files share out_dir), got {names}")
     reporter = reporter or NullReporter()
@@ -111,34 +115,38 @@ def compare(
     boundaries = list(boundaries) if boundaries is not None else [0, diffusion.num_steps]
     sampled = {c.name: sample_and_score(c.model, diffusion, name=c.name, setup=setup, image_shape=image_shape,
                                         extractor=extractor, reference=reference, device=device, out_dir=out_dir,
-                                        reporter=reporter) for c in (tdc, baseline)}
-    rows = {c.name: ComparisonRow(eval=sampled[c.name].result, cost=c.cost) for c in (tdc, baseline)}
-    t, b = rows[tdc.name], rows[baseline.name]
+                                        reporter=reporter) for c in contenders}
+    rows = {c.name: ComparisonRow(eval=sampled[c.name].result, cost=c.cost) for c in contenders}
+    t, b = rows[tdc.name], (rows[baseline.name] if baseline is not None else None)
     # With the held-out split as the reference, a "real held-out" row would score the reference
     # against itself (FID ≈ 0): the real-vs-real floor below is the real images' row then.
     held_out_reference = reference.info.split == "heldout"
     real = (score_real(heldout_images, extractor=extractor, reference=reference, batch_size=setup.batch_size)
             if heldout_images is not None and not held_out_reference else None)
-    pooled = setup.num_samples * len(setup.seeds)
-    reporter.message(f"paired bootstrap of the FID difference ({BOOTSTRAP_REPLICATES} replicates, n = {pooled})")
-    fid_ci = paired_bootstrap_fid(sampled[tdc.name].features, sampled[baseline.name].features, reference.stats,
-                                  n_boot=BOOTSTRAP_REPLICATES, seed=0)
+    fid_ci = None
+    if baseline is not None:
+        pooled = setup.num_samples * len(setup.seeds)
+        reporter.message(f"paired bootstrap of the FID difference ({BOOTSTRAP_REPLICATES} replicates, n = {pooled})")
+        fid_ci = paired_bootstrap_fid(sampled[tdc.name].features, sampled[baseline.name].features, reference.stats,
+                                      n_boot=BOOTSTRAP_REPLICATES, seed=0)
     floor_n = min(setup.num_samples, reference.features.shape[0] // 2)
     floor = real_floor(reference.features, n=floor_n, repeats=FLOOR_REPEATS, seed=0) if floor_n >= 2 else None
     quality = [_sample_quality(name, s, reference=reference, training_images=training_images, out_dir=out_dir)
                for name, s in sampled.items()]
     heldout, likelihood = [], []
     if heldout_images is not None:
-        models = [(c.name, c.model) for c in (tdc, *others, baseline)]
+        models = [(c.name, c.model) for c in (tdc, *others, *contenders[1:])]
         heldout, likelihood = score_heldout_models(models, diffusion=diffusion, images=heldout_images, setup=setup,
                                                    boundaries=boundaries, device=device, reporter=reporter)
-    others_for_diff = [c.name for c in (baseline, *others)]
+    others_for_diff = [c.name for c in (*contenders[1:], *others)]
+    alone = ["TDC is evaluated alone (baseline.enabled=false): no single model was trained beside it."
+             ] if b is None else []
     comparison = Comparison(
         setup=setup, **extractor.describe(), tdc=t, baseline=b, real_heldout=real,
-        fid_difference=t.eval.fid_mean - b.eval.fid_mean,
-        sampling_flops_ratio=t.cost.sampling_flops_per_image / b.cost.sampling_flops_per_image,
-        training_flops_ratio=_ratio(t.cost.training_flops, b.cost.training_flops),
-        notes=_notes([*notes, *(["The FID reference is the held-out split, so no real held-out row is scored "
+        fid_difference=t.eval.fid_mean - b.eval.fid_mean if b is not None else None,
+        sampling_flops_ratio=_ratio(t.cost.sampling_flops_per_image, b.cost.sampling_flops_per_image if b else None),
+        training_flops_ratio=_ratio(t.cost.training_flops, b.cost.training_flops) if b is not None else None,
+        notes=_notes([*alone, *notes, *(["The FID reference is the held-out split, so no real held-out row is scored "
                                  "(it would be the reference against itself); the real-vs-real floor stands in "
                                  "for it."] if held_out_reference else [])],
                      extractor=extractor, real=real, setup=setup, floor_n=floor_n),

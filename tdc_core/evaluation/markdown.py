@@ -24,12 +24,14 @@ def _fmt_ratio(x: float | None) -> str:
 def comparison_markdown(c: Comparison) -> str:
     """The comparison as a Markdown table with a header that states how it was measured."""
     s = c.setup
+    rows = (c.tdc,) if c.baseline is None else (c.tdc, c.baseline)
     lines = [
-        "## TDC vs single-model baseline",
+        "## TDC vs single-model baseline" if c.baseline is not None else "## TDC alone (no baseline)",
         "",
         f"- features: `{c.feature_extractor}`, mode `{c.fid_mode}` — **{c.comparability}**",
         f"- {s.num_samples} samples per seed, seeds {list(s.seeds)}, sampler {s.sampler}, "
-        f"{c.tdc.eval.sampling_steps} steps, eta {s.eta:g}; both models get the same seeds (and initial noise)",
+        f"{c.tdc.eval.sampling_steps} steps, eta {s.eta:g}"
+        + ("; both models get the same seeds (and initial noise)" if c.baseline is not None else ""),
         f"- reference: {c.tdc.eval.reference.num_images} images, the "
         f"{'held-out split (disjoint from training)' if c.tdc.eval.reference.split == 'heldout' else 'training split'} "
         f"(dataset {c.tdc.eval.reference.dataset_fingerprint}, {c.tdc.eval.reference.resolution} px)",
@@ -38,7 +40,7 @@ def comparison_markdown(c: Comparison) -> str:
         "| sampling ms / image | training FLOPs |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in (c.tdc, c.baseline):
+    for row in rows:
         e = row.eval
         seeds = ", ".join(f"{p.fid:.3f}" for p in e.per_seed)
         kid = f"{e.kid_mean:.5f} ± {e.kid_std:.5f}" if e.kid_mean is not None else "– (n < 2,000)"
@@ -51,14 +53,15 @@ def comparison_markdown(c: Comparison) -> str:
         r = c.real_heldout
         kid = f"{r.kid:.5f}" if r.kid is not None else "–"
         lines.append(f"| {r.name} ({r.num_images} images) | {r.fid:.3f} | – | {kid} | – | – | – |")
-    lines += [
-        "",
-        f"TDC − baseline FID: {c.fid_difference:+.3f} (negative: TDC better) · sampling FLOPs TDC/baseline: "
-        f"{_fmt_ratio(c.sampling_flops_ratio)} · training FLOPs TDC/baseline: {_fmt_ratio(c.training_flops_ratio)}",
-        "",
-        f"- TDC training: {c.tdc.cost.training_detail}",
-        f"- baseline training: {c.baseline.cost.training_detail}",
-    ]
+    if c.baseline is not None:
+        lines += [
+            "",
+            f"TDC − baseline FID: {c.fid_difference:+.3f} (negative: TDC better) · sampling FLOPs TDC/baseline: "
+            f"{_fmt_ratio(c.sampling_flops_ratio)} · training FLOPs TDC/baseline: {_fmt_ratio(c.training_flops_ratio)}",
+        ]
+    lines += ["", f"- TDC training: {c.tdc.cost.training_detail}"]
+    if c.baseline is not None:
+        lines.append(f"- baseline training: {c.baseline.cost.training_detail}")
     lines += _evidence_lines(c)
     lines += ["", "Notes:", *[f"- {n}" for n in c.notes]] if c.notes else []
     return "\n".join(lines) + "\n"

@@ -191,9 +191,9 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
     triples for every model), sampling GFLOPs per image (with measured ms per image), training FLOPs."""
     fig = Figure(figsize=(17.0, 4.4), layout="constrained")
     ax_fid, ax_groups, ax_samp, ax_train = fig.subplots(1, 4)
-    rows = (c.tdc, c.baseline)
+    rows = (c.tdc,) if c.baseline is None else (c.tdc, c.baseline)
     names = [r.eval.name for r in rows]
-    colours = [_TDC_COLOUR, _BASE_COLOUR]
+    colours = [_TDC_COLOUR, _BASE_COLOUR][:len(rows)]
     x = np.arange(len(rows))
     ax_fid.bar(x, [r.eval.fid_mean for r in rows], yerr=[r.eval.fid_std for r in rows], capsize=6,
                color=colours, alpha=0.55, label="mean ± std over seeds")
@@ -231,7 +231,8 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
         ax_train.text(0.5, 0.5, "training cost unknown", ha="center", va="center", transform=ax_train.transAxes)
     ax_train.set_xticks(x, names)
     ax_train.set_title("Training cost", fontsize=10)
-    fig.suptitle(f"TDC vs baseline — {c.comparability}", fontsize=11)
+    fig.suptitle(f"{'TDC vs baseline' if c.baseline is not None else 'TDC alone (no baseline)'} — "
+                 f"{c.comparability}", fontsize=11)
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -240,14 +241,16 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
 
 
 def _plot_group_errors(ax: Axes, c: Comparison) -> None:
-    """Held-out ε-MSE of each model on each group's timesteps, as a ratio to the baseline's."""
+    """Held-out ε-MSE of each model on each group's timesteps, as a ratio to the baseline's (to
+    the shared model's when TDC is evaluated alone)."""
     scores = {h.name: h for h in c.heldout}
-    base = scores.get("baseline")
+    ref = "baseline" if "baseline" in scores else "shared"
+    base = scores.get(ref)
     if base is None:
         ax.text(0.5, 0.5, "no held-out evaluation", ha="center", va="center", transform=ax.transAxes)
         return
     groups = np.arange(len(base.group_eps_mse))
-    others = [n for n in scores if n != "baseline"]
+    others = [n for n in scores if n != ref]
     width = 0.8 / max(len(others), 1)
     colours = {"tdc": _TDC_COLOUR, "shared": "tab:green"}
     lo, hi = 1.0, 1.0
@@ -256,13 +259,13 @@ def _plot_group_errors(ax: Axes, c: Comparison) -> None:
         lo, hi = min(lo, float(np.nanmin(ratio))), max(hi, float(np.nanmax(ratio)))
         ax.bar(groups + (i - (len(others) - 1) / 2) * width, ratio, width, color=colours.get(name, "0.5"),
                alpha=0.8, label=name)
-    ax.axhline(1.0, color=_BASE_COLOUR, linewidth=1.5, label="baseline")
+    ax.axhline(1.0, color=_BASE_COLOUR if ref == "baseline" else "tab:green", linewidth=1.5, label=ref)
     pad = 0.15 * (hi - lo) + 0.01  # zoomed on the ratios: differences of a few % must be visible
     ax.set_ylim(lo - pad, hi + pad)
     edges = base.boundaries
     ax.set_xticks(groups, [f"[{lo},{hi})" for lo, hi in zip(edges[:-1], edges[1:])], fontsize=8)
     ax.set_xlabel("timestep group")
-    ax.set_ylabel("held-out ε-MSE / baseline's (below 1: better)")
+    ax.set_ylabel(f"held-out ε-MSE / {ref}'s (below 1: better)")
     ax.set_title(f"Held-out ε-MSE by group ({base.num_images} images × {base.per_image} t)", fontsize=10)
     ax.legend(fontsize=8)
 

@@ -164,10 +164,10 @@ class Comparison(_Record):
     fid_mode: str
     comparability: str
     tdc: ComparisonRow
-    baseline: ComparisonRow
+    baseline: ComparisonRow | None           # None: TDC evaluated alone (baseline.enabled=false)
     real_heldout: RealScore | None
-    fid_difference: float                    # TDC − baseline mean FID (negative: TDC better)
-    sampling_flops_ratio: float              # TDC / baseline, per image
+    fid_difference: float | None             # TDC − baseline mean FID (negative: TDC better); None alone
+    sampling_flops_ratio: float | None       # TDC / baseline, per image; None alone
     training_flops_ratio: float | None       # TDC / baseline
     notes: list[str]
     heldout: list[HeldoutScore] = []         # every model on the same held-out triples

@@ -47,10 +47,13 @@ def single_model_curve(config: PipelineConfig, layout: RunLayout, comparison: Co
     """Score the dense run's snapshots and place every point (see the module docstring).
 
     Raises:
-        ValueError: the comparison has no held-out scores (it ran without held-out images).
+        ValueError: the comparison has no held-out scores (it ran without held-out images), or
+            no baseline (the curve's last point is the baseline).
     """
     if not comparison.heldout or not comparison.likelihood:
         raise ValueError("the comparison has no held-out scores: the curve needs them")
+    if comparison.baseline is None:
+        raise ValueError("the comparison scored TDC alone: the curve needs the baseline, its last point")
     cost = load_record(layout.costs_json, CostReport, what="cost report").training
     per_step = cost.base_flops * cost.batch_size * cost.backward_factor
     # The shared model's own step, not the steps TDC is charged for: the one-stage ablation is

@@ -95,6 +95,7 @@ def compare_run(
     layout: RunLayout,
     *,
     baseline_checkpoint: Path | None = None,
+    with_baseline: bool = True,
     out_dir: Path | None = None,
     setup: EvalSetup | None = None,
     device: torch.device | str = "cpu",
@@ -102,7 +103,8 @@ def compare_run(
 ) -> Comparison:
     """``tdc compare``: the run's routed ensemble vs the baseline checkpoint (default
     :func:`default_baseline_checkpoint`), evaluated identically; costs from the run's cost
-    stage and from FlopCounterMode. Output goes to ``out_dir`` (default ``<run>/eval``).
+    stage and from FlopCounterMode. Output goes to ``out_dir`` (default ``<run>/eval``). With
+    ``with_baseline=False`` the ensemble is scored alone (``baseline.enabled=false``).
 
     Raises:
         CheckpointError: group checkpoints or the baseline checkpoint are missing.
@@ -110,7 +112,7 @@ def compare_run(
             diffusion than the run.
     """
     baseline_checkpoint = Path(baseline_checkpoint or default_baseline_checkpoint(layout))
-    if not baseline_checkpoint.is_file():
+    if with_baseline and not baseline_checkpoint.is_file():
         raise CheckpointError(
             f"baseline checkpoint {baseline_checkpoint} does not exist; train the single-model baseline first "
             f"(tdc run does, into {default_baseline_checkpoint(layout)}; by hand: tdc train --out-dir "
@@ -121,8 +123,8 @@ def compare_run(
     # First, so that missing Inception weights fail before any model is loaded or costed.
     extractor = build_extractor(config.eval, config.data, device=device)
     router = assemble_router(layout, device=device)
-    base = load_model(baseline_checkpoint, device=device)
-    for field in ("data", "diffusion"):
+    base = load_model(baseline_checkpoint, device=device) if with_baseline else None
+    for field in ("data", "diffusion") if base is not None else ():
         if getattr(base.config, field) != getattr(config, field):
             raise ConfigError(
                 f"baseline {baseline_checkpoint} was trained with a different {field} config than the run "
@@ -136,17 +138,24 @@ def compare_run(
                                                            image_size=config.data.image_size)]
     tdc_sampling = sampling_cost(visited_timesteps=visited, boundaries=router.boundaries, group_flops=expert_flops,
                                  base_flops=report.training.base_flops)
-    base_flops = float(count_forward_flops(base.model, in_channels=config.data.channels,
-                                           image_size=config.data.image_size))
     factor = report.training.backward_factor
-    # docs/METHOD.md's baseline cost: steps × F × batch × (forward + backward factor).
-    base_training = base.step * base_flops * base.config.train.batch_size * factor
     tr = report.training
     notes = []
-    if base_training < tr.tdc_flops:
-        notes.append(f"The baseline was trained with {base_training / tr.tdc_flops:.0%} of TDC's training FLOPs; "
-                     f"docs/METHOD.md asks for at least 100 % ({tr.baseline_steps} steps at batch "
-                     f"{tr.baseline_batch_size}).")
+    baseline = None
+    if base is not None:
+        base_flops = float(count_forward_flops(base.model, in_channels=config.data.channels,
+                                               image_size=config.data.image_size))
+        # docs/METHOD.md's baseline cost: steps × F × batch × (forward + backward factor).
+        base_training = base.step * base_flops * base.config.train.batch_size * factor
+        baseline = Contender(name="baseline", model=base.model, cost=ContenderCost(
+            forward_flops=[base_flops], sampling_flops_per_image=base_flops * len(visited),
+            training_flops=base_training,
+            training_detail=f"{base.step} steps × batch {base.config.train.batch_size} × F, backward factor {factor:g}",
+        ))
+        if base_training < tr.tdc_flops:
+            notes.append(f"The baseline was trained with {base_training / tr.tdc_flops:.0%} of TDC's training "
+                         f"FLOPs; docs/METHOD.md asks for at least 100 % ({tr.baseline_steps} steps at batch "
+                         f"{tr.baseline_batch_size}).")
     if not report.budgets_met:
         notes.append("Some experts exceed their FLOPs budgets, so TDC's sampling cost is above plan.")
     tdc = Contender(name="tdc", model=router, cost=ContenderCost(
@@ -156,10 +165,6 @@ def compare_run(
                          f" + fine-tunes {tr.finetune_steps} "
                          f"steps × batch {tr.finetune_batch_size} + pruning {fmt_flops(tr.pruning_flops)}, "
                          f"backward factor {factor:g}"),
-    ))
-    baseline = Contender(name="baseline", model=base.model, cost=ContenderCost(
-        forward_flops=[base_flops], sampling_flops_per_image=base_flops * len(visited), training_flops=base_training,
-        training_detail=f"{base.step} steps × batch {base.config.train.batch_size} × F, backward factor {factor:g}",
     ))
     reference, heldout, train_images = reference_for_config(config, extractor, batch_size=setup.batch_size)
     # The shared model is scored on the held-out data beside them: what stage 2 changed.

@@ -74,6 +74,9 @@ def _row_metrics(row: HeadlineRow, summary: StudySummary) -> tuple[list[int], di
         if arm is None:
             raise ConfigError(f"headline row {row.baseline!r}: study {summary.name} has no arm {row.arm!r} "
                               f"(arms: {', '.join(a.arm for a in summary.arms)})")
+        if any(m.difference is None for m in arm.metrics):
+            raise ConfigError(f"headline row {row.baseline!r}: arm {row.arm!r} of study {summary.name} evaluated "
+                              f"TDC alone (no baseline); name a contrast of that study instead")
         return arm.seeds, {m.metric: (m.tdc, m.baseline, m.difference, m.verdict) for m in arm.metrics}
     c = next((c for c in summary.contrasts if c.name == row.contrast), None)
     if c is None:

@@ -80,8 +80,8 @@ def run_stages(
     Args:
         finetune: runs the groups' fine-tunes and returns their results in group order;
             default one after another in this process (the flow runs each in its own process).
-        until: the last stage to run; ``baseline`` and ``evaluate`` run only when
-            ``baseline.enabled``.
+        until: the last stage to run; ``baseline`` runs only when ``baseline.enabled``, and
+            ``evaluate`` when ``eval.enabled`` (TDC against the baseline, or alone).
         on_stage: called with (stage, seconds) after each stage.
     """
     last = STAGES.index(until)
@@ -108,11 +108,12 @@ def run_stages(
     if not wanted("costs"):
         return result
     result.costs = timed("costs", lambda: cost_stage(config, layout))
-    if not config.baseline.enabled or not wanted("baseline"):
-        return result
-    steps = config.baseline.steps or result.costs.training.baseline_steps
-    result.baseline = timed("baseline", lambda: baseline_stage(config, layout, steps=steps, reporter=reporter))
-    if wanted("evaluate"):
+    if config.baseline.enabled and wanted("baseline"):
+        steps = config.baseline.steps or result.costs.training.baseline_steps
+        result.baseline = timed("baseline", lambda: baseline_stage(config, layout, steps=steps, reporter=reporter))
+    if config.eval.enabled and wanted("evaluate"):
+        baseline = result.baseline
         result.comparison = timed("evaluate", lambda: compare_run(
-            config, layout, baseline_checkpoint=result.baseline.checkpoint, reporter=reporter))
+            config, layout, baseline_checkpoint=baseline.checkpoint if baseline is not None else None,
+            with_baseline=baseline is not None, reporter=reporter))
     return result

@@ -56,9 +56,9 @@ _MIN_HELDOUT_FOR_EVAL = 2
 
 def run_needs(config: PipelineConfig) -> frozenset[Need]:
     """What the whole pipeline (``tdc run``, the flow ``tdc``) needs: everything, except the
-    feature extractor when no evaluation runs (``baseline.enabled=false``)."""
+    feature extractor when no evaluation runs (``eval.enabled=false``)."""
     needs = set(ALL_NEEDS)
-    if not config.baseline.enabled:
+    if not config.eval.enabled:
         needs.discard("features")
     return frozenset(needs)
 

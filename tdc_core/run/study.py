@@ -16,6 +16,10 @@ reported as missing, never as zero.
 that share a stage 1 differ only in what the contrast isolates (e.g. stage 2's recipe), and a
 model may be any arm's TDC or baseline (e.g. TDC against another arm's Min-SNR single model).
 
+An arm with ``baseline.enabled=false`` trains and scores TDC alone (about half a replicate's
+time): its table has TDC's numbers without a difference, and it enters contrasts as ``<arm>.tdc``
+only. That suits ablations whose question is TDC against TDC (N, grouping cost, proxies).
+
 Pure: reading the study file and aggregating records; running the pipelines is the caller's
 (``flows/study.py``).
 """
@@ -82,6 +86,7 @@ METRICS: dict[str, str] = {
     "training_flops": "training FLOPs",
 }
 HIGHER_IS_BETTER = {"precision", "recall"}
+ALONE = "TDC alone (no baseline)"  # the verdict of an arm with baseline.enabled=false
 # Costs are not outcomes: the baseline's training FLOPs are set to at least TDC's by design, so
 # a verdict there would only restate the design; their ratio is reported instead.
 COSTS = {"sampling_flops_per_image", "training_flops"}
@@ -194,9 +199,21 @@ def load_study(path: str | Path) -> StudySpec:
         ConfigError: naming the file and the field.
     """
     spec = load_yaml_model(path, StudySpec, what="study file")
+    alone = set()
     for arm in spec.arms:
         for seed in spec.seeds:
-            replicate_config(arm, seed=seed)
+            cfg = replicate_config(arm, seed=seed)
+        if not cfg.eval.enabled:
+            raise ConfigError(f"study file {path}: arm {arm.name}: eval.enabled=false leaves the study nothing to "
+                              f"summarise; allowed: eval.enabled=true (baseline.enabled=false scores TDC alone)")
+        if not cfg.baseline.enabled:
+            alone.add(arm.name)
+    for c in spec.contrasts:
+        for which in ("a", "b"):
+            arm, model = c.parts(which)
+            if model == "baseline" and arm in alone:
+                raise ConfigError(f"study file {path}: contrast {c.name}: {which}={getattr(c, which)!r}, but arm "
+                                  f"{arm} has baseline.enabled=false (TDC alone); allowed: {arm}.tdc")
     return spec
 
 
@@ -223,7 +240,7 @@ class ReplicateEstimate(BaseModel):
     stage1_flops: float          # probe + shared model (once per stage-1 folder)
     stage2_flops: float          # group fine-tunes at their budgets (pruning search not included)
     baseline_extra_flops: float  # the baseline's steps beyond the shared run it continues (all, under cosine)
-    eval_sampling_flops: float   # sampling the evaluation's images, TDC and baseline (upper bound)
+    eval_sampling_flops: float   # sampling the evaluation's images, TDC (and the baseline; upper bound)
     stage1_imported: bool = False  # train.init_from: stage 1 is IDDPM's, charged but not run
 
 
@@ -247,16 +264,20 @@ def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
     continued = cfg.train.steps if cfg.train.length_free else 0
     baseline_extra = max(0, baseline_steps - continued) * per_step if cfg.baseline.enabled else 0.0
     steps = cfg.sample.steps or cfg.diffusion.num_timesteps
-    sampling = 2 * cfg.eval.num_samples * len(cfg.eval.seeds) * steps * base
+    models = (1 + int(cfg.baseline.enabled)) * int(cfg.eval.enabled)  # TDC, and the baseline beside it
+    sampling = models * cfg.eval.num_samples * len(cfg.eval.seeds) * steps * base
     return ReplicateEstimate(arm=arm.name, seed=seed, stage1_key=stage1_key(cfg), stage1_flops=stage1,
                              stage2_flops=stage2, baseline_extra_flops=baseline_extra, eval_sampling_flops=sampling,
                              stage1_imported=cfg.train.init_from is not None)
 
 
 def replicate_metrics(c: Comparison) -> dict[str, dict[str, float]]:
-    """``{"tdc": {metric: value}, "baseline": {...}}`` of one replicate's comparison."""
-    out: dict[str, dict[str, float]] = {}
+    """``{"tdc": {metric: value}, "baseline": {...}}`` of one replicate's comparison; the
+    baseline's is empty when TDC was evaluated alone."""
+    out: dict[str, dict[str, float]] = {"baseline": {}}
     for name, row in (("tdc", c.tdc), ("baseline", c.baseline)):
+        if row is None:
+            continue
         m: dict[str, float] = {"fid_mean": row.eval.fid_mean,
                                "sampling_flops_per_image": row.cost.sampling_flops_per_image}
         if row.cost.training_flops is not None:
@@ -302,8 +323,8 @@ class MetricSummary(BaseModel):
 
     metric: str
     tdc: Interval
-    baseline: Interval
-    difference: Interval     # TDC − baseline, paired by seed
+    baseline: Interval | None    # None: the arm evaluated TDC alone (baseline.enabled=false)
+    difference: Interval | None  # TDC − baseline, paired by seed; None alone
     verdict: str             # from the difference's interval; "—" without one
 
 
@@ -439,6 +460,12 @@ def summarise(*, name: str, arms: Mapping[str, Mapping[int, dict[str, dict[str, 
     for arm, by_seed in arms.items():
         seeds = sorted(by_seed)
         metrics = []
+        if not any(by_seed[s]["baseline"] for s in seeds):  # TDC alone: its numbers, no difference
+            metrics = [MetricSummary(metric=metric, tdc=interval([by_seed[s]["tdc"][metric] for s in seeds]),
+                                     baseline=None, difference=None, verdict=ALONE)
+                       for metric in METRICS if all(metric in by_seed[s]["tdc"] for s in seeds)]
+            out.append(ArmSummary(arm=arm, seeds=seeds, metrics=metrics))
+            continue
         for metric in METRICS:
             if not all(metric in by_seed[s]["tdc"] and metric in by_seed[s]["baseline"] for s in seeds):
                 continue
@@ -473,6 +500,16 @@ def study_markdown(s: StudySummary) -> str:
         reused = f" ({s.reused} of {n} replicates were already finished and reused)" if s.reused else ""
         lines += [f"Wall time of this invocation: {s.seconds / 60:.1f} min{reused}.", ""]
     for arm in s.arms:
+        if any(m.difference is None for m in arm.metrics):
+            lines += [f"## Arm `{arm.arm}`: {len(arm.seeds)} training seeds {arm.seeds}, TDC alone (no baseline)", "",
+                      "Mean [95 % t interval over training seeds]. The arm trained no baseline "
+                      "(`baseline.enabled=false`): compare it with other arms through the contrasts below.", "",
+                      "| metric | TDC |", "|---|---|"]
+            for m in arm.metrics:
+                scale = 1e9 if "flops" in m.metric else 1.0
+                lines.append(f"| {METRICS[m.metric]}{' (GFLOP)' if scale != 1.0 else ''} | {_fmt(m.tdc, scale)} |")
+            lines.append("")
+            continue
         lines += [f"## Arm `{arm.arm}`: {len(arm.seeds)} training seeds {arm.seeds}", "",
                   "Mean [95 % t interval over training seeds]; the difference is TDC − baseline, taken per seed.",
                   "", "| metric | TDC | baseline | TDC − baseline | verdict |", "|---|---|---|---|---|"]
@@ -525,7 +562,7 @@ def difference_panels(s: StudySummary) -> list[tuple[str, list[DifferenceRow]]]:
     panels: dict[str, list[DifferenceRow]] = {}
     for arm in s.arms:
         for m in arm.metrics:
-            if m.metric in COSTS:
+            if m.metric in COSTS or m.difference is None:
                 continue
             d = m.difference
             panels.setdefault(m.metric, []).append(
@@ -540,8 +577,10 @@ def summary_metrics(s: StudySummary) -> dict[str, float]:
     for arm in s.arms:
         for m in arm.metrics:
             key = f"{arm.arm}.{m.metric}"
-            out |= {f"{key}.tdc": m.tdc.mean, f"{key}.baseline": m.baseline.mean,
-                    f"{key}.difference": m.difference.mean}
+            out[f"{key}.tdc"] = m.tdc.mean
+            if m.difference is None:  # TDC alone
+                continue
+            out |= {f"{key}.baseline": m.baseline.mean, f"{key}.difference": m.difference.mean}
             if m.difference.low is not None:
                 out |= {f"{key}.difference_ci_low": m.difference.low, f"{key}.difference_ci_high": m.difference.high}
     for c in s.contrasts:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 RUNS, LOG_EVERY = 4, 5
 # One torch thread each: four runs (and their group workers) share two cores.
 TINY = ["train.steps=20", "profile.profile_steps=10", "finetune.steps=10", f"train.log_every={LOG_EVERY}",
-        "grouping.num_groups=2", "baseline.enabled=false", "train.num_threads=1"]
+        "grouping.num_groups=2", "baseline.enabled=false", "eval.enabled=false", "train.num_threads=1"]
 CHILDREN = {"profile", "group", "shared-train", "group-0", "group-1"}
 
 

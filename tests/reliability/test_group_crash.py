@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 FINETUNE, LOG_EVERY = 40, 5
 OVERRIDES = ["train.steps=20", "profile.profile_steps=10", "train.checkpoint_every=10",
-             f"finetune.steps={FINETUNE}", f"train.log_every={LOG_EVERY}", "baseline.enabled=false"]
+             f"finetune.steps={FINETUNE}", f"train.log_every={LOG_EVERY}", "baseline.enabled=false",
+             "eval.enabled=false"]
 
 
 def _worker_pid(run_dir: Path, group: int) -> int | None:

@@ -267,7 +267,7 @@ def test_secrets_never_reach_params_tags_logs_or_artifacts(tmp_path: Path) -> No
         "MLFLOW_TRACKING_USERNAME": "tdc-test", **SENTINELS,
     }
     overrides = [
-        "train.steps=12", "profile.profile_steps=6", "finetune.steps=4", "baseline.enabled=false",
+        "train.steps=12", "profile.profile_steps=6", "finetune.steps=4", "baseline.enabled=false", "eval.enabled=false",
         "prune.proxy=llm", "prune.llm_url=http://127.0.0.1:9/v1",  # nothing listens on port 9
         "prune.llm_api_key_env=TDC_TEST_LLM_SECRET", "prune.llm_timeout_s=2",
         f"eval.cache_dir={tmp_path / 'cache'}",
