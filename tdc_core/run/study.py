@@ -201,8 +201,8 @@ def load_study(path: str | Path) -> StudySpec:
     spec = load_yaml_model(path, StudySpec, what="study file")
     alone = set()
     for arm in spec.arms:
-        for seed in spec.seeds:
-            cfg = replicate_config(arm, seed=seed)
+        # Seeds change only train.seed: what the arm evaluates is read from its first config.
+        cfg, *_ = (replicate_config(arm, seed=seed) for seed in spec.seeds)
         if not cfg.eval.enabled:
             raise ConfigError(f"study file {path}: arm {arm.name}: eval.enabled=false leaves the study nothing to "
                               f"summarise; allowed: eval.enabled=true (baseline.enabled=false scores TDC alone)")
