@@ -50,7 +50,10 @@ def render_report(summary: dict) -> tuple[str, list[dict]]:
         "",
         "## Cost",
         "",
-        "| | TDC | single model | ratio |",
+        # Without a baseline the single-model column is what one would cost at TDC's training
+        # FLOPs; say so, lest it read as a model that was trained.
+        "| | TDC | " + ("single model" if summary.get("baseline") else "single model (not trained: its cost)")
+        + " | ratio |",
         "|---|---|---|---|",
         f"| sampling FLOPs per image ({costs['sampler']}, {costs['sampling_steps']} steps) | "
         f"{s['total_flops']:.4g} | {s['single_model_flops']:.4g} | {s['ratio']:.3f} |",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tdc_core.config import load_config
-from tests.helpers.servers import free_port, wait_http
+from tests.helpers.servers import free_port, stop_process_groups, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -109,14 +109,7 @@ class Cluster:
                               env=env, cwd=self.tmp / "laptop", capture_output=True, text=True, timeout=timeout)
 
     def close(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)  # a test cluster: no need to wait out a graceful shutdown
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_process_groups(self.procs, grace_s=5)  # a test cluster: no need to wait out a graceful shutdown
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.tmp / "logs").iterdir()))

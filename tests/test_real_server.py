@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers.servers import free_port, wait_http
+from tests.helpers.servers import free_port, stop_process_groups, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -87,11 +86,4 @@ def test_full_pipeline_deployment_on_a_real_server_and_worker(tmp_path):
         assert parent.data.tags["prefect.flow_run_id"]
         assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "costs.json"}
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=5)  # test servers: no need to wait out a graceful shutdown
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_process_groups(procs, grace_s=5)  # test servers: no need to wait out a graceful shutdown

@@ -1,13 +1,15 @@
-"""Starting real servers in tests: a free local port, and waiting until a URL answers."""
+"""Real servers in tests: a free local port, waiting until a URL answers, stopping them after."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
 import urllib.request
 
-__all__ = ["free_port", "wait_http"]
+__all__ = ["free_port", "stop_process_groups", "wait_http"]
 
 
 def free_port() -> int:
@@ -29,3 +31,26 @@ def wait_http(url: str, *, timeout: float, proc: subprocess.Popen) -> None:
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} not healthy after {timeout} s")
+
+
+def stop_process_groups(procs: list[subprocess.Popen], *, grace_s: float) -> None:
+    """SIGTERM the process group of every process still running (last started first, so that
+    workers go before their servers), wait up to ``grace_s`` seconds for each, then SIGKILL the
+    group of any that has not exited. Each process must have been started with
+    ``start_new_session=True``, so its group holds it and its children only."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            _signal_group(p, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(p, signal.SIGKILL)
+            p.wait()
+
+
+def _signal_group(p: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:  # exited between the check and the signal
+        pass
