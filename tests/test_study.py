@@ -207,6 +207,22 @@ def test_equivalence_is_the_matching_single_model_flops_over_tdcs_per_seed():
                                "TDC worse than the curve's first point (< 0.250)"]
 
 
+def test_the_curves_zoom_keeps_the_end_of_every_run_in_view():
+    """Arms of very different lengths (a short and a 4x longer stage 1): the y axis shows the end
+    of both, TDC included, and still leaves the far worse early snapshots out."""
+    from matplotlib.figure import Figure
+
+    from tdc_core.evaluation.curves import _zoom
+
+    short = [(1.0, 8.0), (2.0, 4.8), (3.0, 4.65), (4.0, 4.6), (4.0, 4.58)]       # (training FLOPs, bits/dim)
+    long = [(1.0, 8.0), (4.0, 4.6), (8.0, 4.4), (12.0, 4.35), (16.0, 4.3), (16.0, 4.28)]
+    ax = Figure().subplots()
+    _zoom(ax, [short, long])
+    lo, hi = ax.get_ylim()
+    assert lo < 4.28 and hi > 4.65  # the last half of each run, its TDC point included
+    assert hi < 8.0  # the first snapshots stay out of the zoom
+
+
 def test_contrasts_pair_two_arms_models_by_seed():
     from tdc_core.run.study import Contrast
 

@@ -100,7 +100,7 @@ def plot_curve(curve: Curve, path: str | Path, *, title: str = "") -> Path:
         ax.set_xlabel(f"training {unit} (total)")
         ax.set_ylabel(f"{label} (lower is better)")
         ax.legend(fontsize=8)
-        _zoom(ax, [(p.training_flops, getattr(p, metric)) for p in (*curve.single, curve.tdc)])
+        _zoom(ax, [[(p.training_flops, getattr(p, metric)) for p in (*curve.single, curve.tdc)]])
     ax_bpd.set_title("Quality vs training compute", fontsize=10)
     ax_eps.set_title(f"same {curve.num_images} held-out images × {curve.heldout_per_image} timesteps for every point",
                      fontsize=10)
@@ -120,16 +120,16 @@ def plot_curve(curve: Curve, path: str | Path, *, title: str = "") -> Path:
     return render_png(fig, path)
 
 
-def _zoom(ax: Axes, points: Sequence[tuple[float, float]]) -> None:
-    """Limit the y axis to the points in the second half of the compute (where TDC sits): the
-    early snapshots are far worse and would flatten the part that matters; say so when any
-    point is left above."""
-    right = max(x for x, _ in points) / 2
-    ys = [y for x, y in points if x >= right]
+def _zoom(ax: Axes, runs: Sequence[Sequence[tuple[float, float]]]) -> None:
+    """Limit the y axis to each run's points in the second half of its own compute (where its
+    TDC sits): the early snapshots are far worse and would flatten the part that matters; say so
+    when any point is left above. Per run, so that arms of very different lengths (a stage 1 of
+    1,200 vs 4,800 steps) all keep their ends in view."""
+    ys = [y for run in runs for x, y in run if x >= max(x for x, _ in run) / 2]
     lo, hi = min(ys), max(ys)
     pad = 0.15 * (hi - lo or abs(hi) or 1.0)
     ax.set_ylim(lo - pad, hi + pad)
-    if any(y > hi + pad for _, y in points):
+    if any(y > hi + pad for run in runs for _, y in run):
         ax.text(0.02, 0.98, "zoomed: earlier snapshots above", transform=ax.transAxes, fontsize=8, va="top",
                 color="0.35")
 
@@ -159,7 +159,7 @@ def plot_curves(curves: Mapping[str, Sequence[Curve]], path: str | Path, *, titl
                          alpha=0.6, label=f"{arm}: single model (end)" if j == 0 else None)
             ax_samp.plot([c.tdc.sampling_flops_per_image / s_scale], [c.tdc.bits_per_dim], "*", color=colour,
                          markersize=13, markeredgecolor="black", label=f"{arm}: TDC" if j == 0 else None)
-    _zoom(ax_train, [(p.training_flops, p.bits_per_dim) for c in every for p in (*c.single, c.tdc)])
+    _zoom(ax_train, [[(p.training_flops, p.bits_per_dim) for p in (*c.single, c.tdc)] for c in every])
     ax_train.set_xlabel(f"training {unit} (total)")
     ax_train.set_ylabel("held-out bits/dim (lower is better)")
     ax_train.set_title("Quality vs training compute", fontsize=10)
