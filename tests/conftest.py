@@ -37,3 +37,12 @@ def one_thread():
     with threadpool_limits(limits=1):
         yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files that hold a slow test run first; otherwise collection order is kept. pytest-xdist
+    hands out whole files (``--dist loadfile``) in collection order, so a minutes-long file
+    collected late (``test_study.py``) would run alone at the end while the other worker idles:
+    longest first is the usual cure for that tail."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: order within a file is kept
