@@ -223,7 +223,9 @@ def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None) -> StudyS
             r = by_key[(arm.name, seed)]
             kept.append(r)
             results.setdefault(arm.name, {})[seed] = {"tdc": r["tdc"], "baseline": r["baseline"]}
-            if (curve := _curve_of(r["run_dir"])) is not None:
+            # A TDC-alone replicate has no curve (the curve's last point is the baseline), even one
+            # whose numbers were taken from a run that trained a baseline beside the same TDC.
+            if r["baseline"] and (curve := _curve_of(r["run_dir"])) is not None:
                 curves.setdefault(arm.name, []).append(curve)
     previous = None
     if (out / "study.json").is_file():

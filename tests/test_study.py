@@ -332,6 +332,41 @@ def test_summary_only_rederives_the_study_from_its_replicates(tmp_path, capsys):
     assert "lacks 1 replicate(s) of the study file: b seed 1" in capsys.readouterr().err
 
 
+def test_summary_only_draws_no_curve_for_a_tdc_alone_replicate(tmp_path):
+    """A TDC-alone arm's replicate may take its numbers from a run that also trained a baseline
+    (TDC's numbers do not depend on it); that run's single-model curve is not the arm's."""
+    import json
+
+    from flows.cli import main
+    from tdc_core.evaluation.curves import Curve, CurvePoint
+    from tdc_core.run.layout import RunLayout
+
+    def pt(flops, bpd, kind="single"):
+        return CurvePoint(name="x", kind=kind, step=None, training_flops=flops, sampling_flops_per_image=1.0,
+                          bits_per_dim=bpd, bits_per_dim_se=0.1, eps_mse=0.1, eps_mse_se=0.01, x0_mse=0.1,
+                          eps_mse_min_snr=0.1)
+
+    run = tmp_path / "run-with-baseline"
+    RunLayout(run).curve_json.parent.mkdir(parents=True)
+    RunLayout(run).curve_json.write_text(Curve(single=[pt(1.0, 5.0), pt(2.0, 4.0)], tdc=pt(2.0, 3.9, kind="tdc"),
+                                               num_images=1, heldout_per_image=1, bpd_timesteps=None).model_dump_json())
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("name: s\narms: [{name: a, preset: smoke, overrides: [baseline.enabled=false]}]\n"
+                         "seeds: [0, 1]\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    reps = [{"arm": "a", "seed": seed, "run_dir": str(run), "tdc": {"bits_per_dim": t}, "baseline": {}}
+            for seed, t in ((0, 3.9), (1, 3.8))]
+    (out / "replicates.json").write_text(json.dumps(reps))
+    assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out)]) == 0
+    assert not (out / "curves.png").exists()
+    reps = [{**r, "baseline": {"bits_per_dim": 4.0}} for r in reps]  # the same runs, as a with-baseline arm
+    spec_file.write_text(spec_file.read_text().replace("overrides: [baseline.enabled=false]", "overrides: []"))
+    (out / "replicates.json").write_text(json.dumps(reps))
+    assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out)]) == 0
+    assert (out / "curves.png").stat().st_size > 1000
+
+
 def test_every_committed_study_file_loads_with_valid_replicate_configs():
     """What a reader re-runs must still parse: a renamed config field or a removed preset shows
     here, not in the middle of someone's multi-hour study."""
