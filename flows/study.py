@@ -13,10 +13,11 @@ publishes its results to the study's ``storage``, and they come back into the re
 folder here (``summary.json``, ``eval/``), so the summary reads them as it reads a local one.
 
 Writes ``<out>/study.json``, ``study.md``, ``replicates.json`` (every replicate's numbers and
-run folder), ``study.png`` (each arm's paired differences with their intervals) and
-``curves.png`` (every replicate's single model along its training, its TDC beside it). One
-MLflow run ``study-<name>`` holds the study's numbers and files, with every pipeline and
-baseline run beneath it.
+run folder), ``study.png`` (each arm's paired differences with their intervals),
+``contrasts.png`` (each contrast's, when the study file has ``contrasts``) and ``curves.png``
+(every replicate's single model along its training, its TDC beside it). One MLflow run
+``study-<name>`` holds the study's numbers and files, with every pipeline and baseline run
+beneath it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tdc_core.run.layout import RunLayout, default_run_dir
 from tdc_core.run.study import (
     StudySpec,
     StudySummary,
+    contrast_panels,
     difference_panels,
     equivalence,
     estimate,
@@ -260,6 +262,9 @@ def _write(out: Path, result: StudySummary, *, replicates: list[dict], curves: d
     if panels:
         files.append(plot_intervals(panels, out / "study.png", title=f"Study {result.name}: TDC − baseline per "
                                     f"arm (diamond = mean, bar = 95 % interval over training seeds, dots = seeds)"))
+    if panels := contrast_panels(result):
+        files.append(plot_intervals(panels, out / "contrasts.png", title=f"Study {result.name}: contrasts, a − b "
+                                    f"(diamond = mean, bar = 95 % interval over training seeds, dots = seeds)"))
     if curves:
         files.append(plot_curves(curves, out / "curves.png", title=f"Study {result.name}: single model vs TDC, "
                                  f"every training seed"))

@@ -258,7 +258,7 @@ def test_contrasts_must_name_arms_of_the_study(tmp_path):
 def test_an_arm_without_baseline_reports_tdc_alone_and_enters_contrasts_as_tdc():
     """baseline.enabled=false: the arm's TDC numbers with intervals, no difference or verdict
     made up, and its TDC compared with other arms' models through contrasts."""
-    from tdc_core.run.study import ALONE, Contrast, difference_panels, summary_metrics
+    from tdc_core.run.study import ALONE, Contrast, contrast_panels, difference_panels, summary_metrics
 
     arms = {"n5": {s: _replicate(1.0 + 0.1 * s, 1.2) for s in (0, 1, 2)},
             "n2": {s: {"tdc": {"bits_per_dim": 1.03 + 0.1 * s, "precision": 0.5}, "baseline": {}} for s in (0, 1, 2)}}
@@ -272,6 +272,10 @@ def test_an_arm_without_baseline_reports_tdc_alone_and_enters_contrasts_as_tdc()
     # The difference plot and the MLflow metrics hold the arm with a baseline only; the alone arm's
     # TDC numbers are still logged.
     assert all(r.label == "n5" for _, rows in difference_panels(s) for r in rows)
+    # The contrast plot holds every contrast, the alone arm's included: a − b per seed.
+    panels = dict(contrast_panels(s))
+    (row,) = panels["held-out bits/dim: a − b"]
+    assert row.label == "n2-vs-n5" and row.values == pytest.approx((0.03, 0.03, 0.03))
     flat = summary_metrics(s)
     assert flat["n2.bits_per_dim.tdc"] == pytest.approx(m.tdc.mean) and "n2.bits_per_dim.difference" not in flat
     md = study_markdown(s)
@@ -314,6 +318,7 @@ def test_summary_only_rederives_the_study_from_its_replicates(tmp_path, capsys):
     ab = next(m for m in s.contrasts[0].metrics if m.metric == "bits_per_dim")
     assert ab.difference.values == pytest.approx([-0.1, -0.2])
     assert "### `ab`" in (out / "study.md").read_text()
+    assert (out / "contrasts.png").stat().st_size > 1000
     # The wall time of the invocation that ran the replicates survives a re-summary of the same
     # replicates, but not one that adds a seed (it no longer describes them).
     (out / "study.json").write_text(s.model_copy(update={"seconds": 600.0, "reused": 1}).model_dump_json())

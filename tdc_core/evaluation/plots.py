@@ -296,7 +296,7 @@ def plot_intervals(panels: Sequence[tuple[str, Sequence[IntervalRow]]], path: st
             ax.plot([it.mean], [yi], "D", color="tab:orange", markersize=7)
         ax.axvline(0.0, color="tab:red", linewidth=1, linestyle="--", label=zero_label)
         ax.set_yticks(y, [it.label for it in items])
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # long labels (0.00150) would overlap at 8
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long labels (-0.0015) overlap at 5
         ax.set_title(name, fontsize=10)
         ax.margins(y=0.4)
     for ax in axes[len(panels):]:

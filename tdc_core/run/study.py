@@ -59,6 +59,7 @@ __all__ = [
     "ReplicateEstimate",
     "StudySpec",
     "StudySummary",
+    "contrast_panels",
     "difference_panels",
     "equivalence",
     "estimate",
@@ -568,6 +569,20 @@ def difference_panels(s: StudySummary) -> list[tuple[str, list[DifferenceRow]]]:
             panels.setdefault(m.metric, []).append(
                 DifferenceRow(label=arm.arm, mean=d.mean, low=d.low, high=d.high, values=tuple(d.values)))
     return [(f"{METRICS[k]}: TDC − baseline", v) for k, v in panels.items()]
+
+
+def contrast_panels(s: StudySummary) -> list[tuple[str, list[DifferenceRow]]]:
+    """Per outcome metric (costs left out), each contrast's a − b: mean, 95 % interval and the
+    per-seed differences; the row is labelled with the contrast's name."""
+    panels: dict[str, list[DifferenceRow]] = {}
+    for c in s.contrasts:
+        for m in c.metrics:
+            if m.metric in COSTS:
+                continue
+            d = m.difference
+            panels.setdefault(m.metric, []).append(
+                DifferenceRow(label=c.name, mean=d.mean, low=d.low, high=d.high, values=tuple(d.values)))
+    return [(f"{METRICS[k]}: a − b", v) for k, v in panels.items()]
 
 
 def summary_metrics(s: StudySummary) -> dict[str, float]:
