@@ -41,6 +41,7 @@ from tdc_core.evaluation.plots import plot_intervals
 from tdc_core.evaluation.units import fmt_flops
 from tdc_core.records import load_record
 from tdc_core.run.layout import RunLayout, default_run_dir
+from tdc_core.run.stage1 import stage1_dir
 from tdc_core.run.study import (
     StudySpec,
     StudySummary,
@@ -81,9 +82,13 @@ def plan_lines(spec: StudySpec) -> list[str]:
             total["stage2"] += est.stage2_flops
             total["baseline"] += est.baseline_extra_flops
             total["sampling"] += est.eval_sampling_flops
+            # A stage-1 folder left by another study or run is reused (what it lacks is trained).
+            found = stage1_dir(cfg, runs_root=folder.parent)
             stage1 = (f"stage 1 shared with {shared}" if shared
                       else f"stage 1 imported from {cfg.train.init_from} (charged {fmt_flops(est.stage1_flops)}, "
                            f"not run)" if est.stage1_imported
+                      else f"stage 1 reused from {found} (started or finished by an earlier run)"
+                      if (found / "checkpoints" / "last.pt").is_file()
                       else f"stage 1 trained here ({fmt_flops(est.stage1_flops)})")
             lines.append(f"  {arm.name} seed {seed}: {cfg.preset}, {cfg.train.steps} shared steps, "
                          f"{cfg.grouping.num_groups} groups × {cfg.finetune.steps} fine-tune steps, "

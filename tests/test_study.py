@@ -93,10 +93,11 @@ SMOKE = ["train.steps=12", "profile.profile_steps=6", "finetune.steps=4", "eval.
          "eval.heldout_per_image=10", "eval.bpd_timesteps=10"]
 
 
-def test_the_dry_run_lists_shared_stage1_folders_and_planned_compute(tmp_path):
+def test_the_dry_run_lists_shared_stage1_folders_and_planned_compute(tmp_path, monkeypatch):
     from flows.study import plan_lines
     from tdc_core.run.study import StudySpec, estimate
 
+    monkeypatch.chdir(tmp_path)  # run folders are relative: none of a developer's runs/ is seen
     spec = StudySpec(name="s", seeds=(0, 1), arms=(Arm(name="a", preset="smoke", overrides=tuple(SMOKE)),
                                                    Arm(name="b", preset="smoke", overrides=(*SMOKE, "budget.k=0.8"))))
     lines = plan_lines(spec)
@@ -110,6 +111,24 @@ def test_the_dry_run_lists_shared_stage1_folders_and_planned_compute(tmp_path):
     assert b.stage2_flops > a.stage2_flops
     unpruned = estimate(Arm(name="c", preset="smoke", overrides=(*SMOKE, "prune.enabled=false")), seed=0)
     assert unpruned.stage2_flops == pytest.approx(n * 4 * f)  # every expert at full width
+
+
+def test_the_dry_run_says_when_a_stage1_folder_is_already_there(tmp_path, monkeypatch):
+    """A stage 1 left by another study (same stage-1 fields) is reused, and the plan says so."""
+    from flows.study import plan_lines
+    from tdc_core.run.layout import default_run_dir
+    from tdc_core.run.stage1 import stage1_dir
+    from tdc_core.run.study import StudySpec, replicate_config
+
+    monkeypatch.chdir(tmp_path)
+    spec = StudySpec(name="s", seeds=(0, 1), arms=(Arm(name="a", preset="smoke", overrides=tuple(SMOKE)),))
+    cfg = replicate_config(spec.arms[0], seed=1)
+    found = stage1_dir(cfg, runs_root=default_run_dir(cfg).parent)
+    (found / "checkpoints").mkdir(parents=True)
+    (found / "checkpoints" / "last.pt").write_bytes(b"")
+    lines = plan_lines(spec)
+    assert "stage 1 trained here" in lines[1]  # seed 0: nothing there
+    assert f"stage 1 reused from {found} (started or finished by an earlier run)" in lines[2]
 
 
 @pytest.mark.slow
