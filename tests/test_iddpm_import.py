@@ -248,9 +248,11 @@ def test_pipeline_option_imports_when_stage_1_is_missing_and_preflight_checks_it
         preflight(bad, run_dir=None, needs={"data"})
 
 
-def test_a_study_plan_says_an_imported_stage_1_is_charged_but_not_run():
+def test_a_study_plan_says_an_imported_stage_1_is_charged_but_not_run(tmp_path, monkeypatch):
     from flows.study import plan_lines
     from tdc_core.run.study import Arm, StudySpec
+
+    monkeypatch.chdir(tmp_path)  # run folders are relative: none of a developer's runs/ is seen
 
     arm = Arm(name="in64", preset="imagenet64",
               overrides=("data.path=/data/in64", "train.init_from=/ckpt/imagenet64_uncond_100M_1500K.pt"))
