@@ -41,7 +41,7 @@ from tdc_core.evaluation.plots import plot_intervals
 from tdc_core.evaluation.units import fmt_flops
 from tdc_core.records import load_record
 from tdc_core.run.layout import RunLayout, default_run_dir
-from tdc_core.run.stage1 import stage1_dir
+from tdc_core.run.stage1 import holds_stage1, stage1_dir
 from tdc_core.run.study import (
     StudySpec,
     StudySummary,
@@ -88,7 +88,7 @@ def plan_lines(spec: StudySpec) -> list[str]:
                       else f"stage 1 imported from {cfg.train.init_from} (charged {fmt_flops(est.stage1_flops)}, "
                            f"not run)" if est.stage1_imported
                       else f"stage 1 reused from {found} (started or finished by an earlier run)"
-                      if (found / "checkpoints" / "last.pt").is_file()
+                      if holds_stage1(found)
                       else f"stage 1 trained here ({fmt_flops(est.stage1_flops)})")
             lines.append(f"  {arm.name} seed {seed}: {cfg.preset}, {cfg.train.steps} shared steps, "
                          f"{cfg.grouping.num_groups} groups × {cfg.finetune.steps} fine-tune steps, "

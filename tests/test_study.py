@@ -18,6 +18,15 @@ def _replicate(tdc_bpd: float, base_bpd: float) -> dict[str, dict[str, float]]:
             "baseline": {"bits_per_dim": base_bpd, "precision": 0.4}}
 
 
+def _curve_point(flops: float, bpd: float, kind: str = "single"):
+    """A curve point with only training FLOPs and bits/dim of interest (the rest fixed)."""
+    from tdc_core.evaluation.curves import CurvePoint
+
+    return CurvePoint(name="x", kind=kind, step=None, training_flops=flops, sampling_flops_per_image=1.0,
+                      bits_per_dim=bpd, bits_per_dim_se=0.1, eps_mse=0.1, eps_mse_se=0.01, x0_mse=0.1,
+                      eps_mse_min_snr=0.1)
+
+
 def test_intervals_are_students_t_over_seeds_and_differences_are_paired():
     tdc, base = [1.00, 1.10, 0.95], [1.05, 1.16, 1.005]
     s = summarise(name="x", arms={"a": {seed: _replicate(t, b) for seed, t, b in zip((0, 1, 2), tdc, base)}})
@@ -206,13 +215,10 @@ def test_a_two_arm_two_seed_study_is_killed_and_resumes_without_redoing_finished
 
 
 def test_equivalence_is_the_matching_single_model_flops_over_tdcs_per_seed():
-    from tdc_core.evaluation.curves import Curve, CurvePoint
+    from tdc_core.evaluation.curves import Curve
     from tdc_core.run.study import equivalence
 
-    def pt(flops, bpd, kind="single"):
-        return CurvePoint(name="x", kind=kind, step=None, training_flops=flops, sampling_flops_per_image=1.0,
-                          bits_per_dim=bpd, bits_per_dim_se=0.1, eps_mse=0.1, eps_mse_se=0.01, x0_mse=0.1,
-                          eps_mse_min_snr=0.1)
+    pt = _curve_point
 
     def curve(tdc_bpd):
         return Curve(single=[pt(1.0, 5.0), pt(2.0, 4.0), pt(4.0, 3.0)], tdc=pt(4.0, tdc_bpd, kind="tdc"),
@@ -362,13 +368,10 @@ def test_summary_only_draws_no_curve_for_a_tdc_alone_replicate(tmp_path):
     import json
 
     from flows.cli import main
-    from tdc_core.evaluation.curves import Curve, CurvePoint
+    from tdc_core.evaluation.curves import Curve
     from tdc_core.run.layout import RunLayout
 
-    def pt(flops, bpd, kind="single"):
-        return CurvePoint(name="x", kind=kind, step=None, training_flops=flops, sampling_flops_per_image=1.0,
-                          bits_per_dim=bpd, bits_per_dim_se=0.1, eps_mse=0.1, eps_mse_se=0.01, x0_mse=0.1,
-                          eps_mse_min_snr=0.1)
+    pt = _curve_point
 
     run = tmp_path / "run-with-baseline"
     RunLayout(run).curve_json.parent.mkdir(parents=True)

@@ -26,7 +26,7 @@ from tdc_core.config import PipelineConfig, stage1_key, write_run_config
 from tdc_core.run.layout import RunLayout
 from tdc_core.run.runlock import RunLock, hold_run_folder
 
-__all__ = ["attach_stage1", "hold_stage1", "stage1_dir"]
+__all__ = ["attach_stage1", "hold_stage1", "holds_stage1", "stage1_dir"]
 
 
 def stage1_dir(config: PipelineConfig, *, runs_root: str | Path) -> Path:
@@ -34,7 +34,8 @@ def stage1_dir(config: PipelineConfig, *, runs_root: str | Path) -> Path:
     return Path(runs_root) / f"stage1-{stage1_key(config)}"
 
 
-def _holds_stage1(root: Path) -> bool:
+def holds_stage1(root: Path) -> bool:
+    """Whether ``root`` holds stage-1 outputs (a shared checkpoint or a profile), finished or not."""
     return (root / "checkpoints" / "last.pt").exists() or (root / "profile" / "profile.json").exists()
 
 
@@ -42,7 +43,7 @@ def attach_stage1(layout: RunLayout, config: PipelineConfig) -> Path:
     """Point the run folder at its config's stage-1 folder (``stage1.json``, relative, written
     atomically) and return where stage 1 lives. A folder already holding stage-1 outputs of its
     own keeps them (old run folders resume unchanged)."""
-    if _holds_stage1(layout.root):
+    if holds_stage1(layout.root):
         return layout.root
     target = stage1_dir(config, runs_root=layout.root.resolve().parent)
     target.mkdir(parents=True, exist_ok=True)

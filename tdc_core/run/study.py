@@ -548,13 +548,17 @@ def study_markdown(s: StudySummary) -> str:
 
 @dataclass(frozen=True)
 class DifferenceRow:
-    """One arm's paired difference on one metric (drawn by ``plot_intervals``)."""
+    """One arm's TDC − baseline, or one contrast's a − b, on one metric (drawn by ``plot_intervals``)."""
 
     label: str
     mean: float
     low: float | None
     high: float | None
     values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, label: str, d: Interval) -> DifferenceRow:
+        return cls(label=label, mean=d.mean, low=d.low, high=d.high, values=tuple(d.values))
 
 
 def difference_panels(s: StudySummary) -> list[tuple[str, list[DifferenceRow]]]:
@@ -565,9 +569,7 @@ def difference_panels(s: StudySummary) -> list[tuple[str, list[DifferenceRow]]]:
         for m in arm.metrics:
             if m.metric in COSTS or m.difference is None:
                 continue
-            d = m.difference
-            panels.setdefault(m.metric, []).append(
-                DifferenceRow(label=arm.arm, mean=d.mean, low=d.low, high=d.high, values=tuple(d.values)))
+            panels.setdefault(m.metric, []).append(DifferenceRow.of(arm.arm, m.difference))
     return [(f"{METRICS[k]}: TDC − baseline", v) for k, v in panels.items()]
 
 
@@ -579,9 +581,7 @@ def contrast_panels(s: StudySummary) -> list[tuple[str, list[DifferenceRow]]]:
         for m in c.metrics:
             if m.metric in COSTS:
                 continue
-            d = m.difference
-            panels.setdefault(m.metric, []).append(
-                DifferenceRow(label=c.name, mean=d.mean, low=d.low, high=d.high, values=tuple(d.values)))
+            panels.setdefault(m.metric, []).append(DifferenceRow.of(c.name, m.difference))
     return [(f"{METRICS[k]}: a − b", v) for k, v in panels.items()]
 
 
