@@ -141,11 +141,13 @@ def compare(
     others_for_diff = [c.name for c in (*contenders[1:], *others)]
     alone = ["TDC is evaluated alone (baseline.enabled=false): no single model was trained beside it."
              ] if b is None else []
+    # TDC against the single model; all None when TDC is evaluated alone.
+    versus = dict.fromkeys(("fid_difference", "sampling_flops_ratio", "training_flops_ratio")) if b is None else dict(
+        fid_difference=t.eval.fid_mean - b.eval.fid_mean,
+        sampling_flops_ratio=_ratio(t.cost.sampling_flops_per_image, b.cost.sampling_flops_per_image),
+        training_flops_ratio=_ratio(t.cost.training_flops, b.cost.training_flops))
     comparison = Comparison(
-        setup=setup, **extractor.describe(), tdc=t, baseline=b, real_heldout=real,
-        fid_difference=t.eval.fid_mean - b.eval.fid_mean if b is not None else None,
-        sampling_flops_ratio=_ratio(t.cost.sampling_flops_per_image, b.cost.sampling_flops_per_image if b else None),
-        training_flops_ratio=_ratio(t.cost.training_flops, b.cost.training_flops) if b is not None else None,
+        setup=setup, **extractor.describe(), tdc=t, baseline=b, real_heldout=real, **versus,
         notes=_notes([*alone, *notes, *(["The FID reference is the held-out split, so no real held-out row is scored "
                                  "(it would be the reference against itself); the real-vs-real floor stands in "
                                  "for it."] if held_out_reference else [])],

@@ -33,20 +33,57 @@ def wait_http(url: str, *, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError(f"{url} not healthy after {timeout} s")
 
 
-def stop_process_groups(procs: list[subprocess.Popen], *, grace_s: float) -> None:
+def stop_process_groups(procs: list[subprocess.Popen], *, grace_s: float, settle_s: float = 60.0) -> None:
     """SIGTERM the process group of every process still running (last started first, so that
     workers go before their servers), wait up to ``grace_s`` seconds for each, then SIGKILL the
-    group of any that has not exited. Each process must have been started with
-    ``start_new_session=True``, so its group holds it and its children only."""
-    for p in reversed(procs):
-        if p.poll() is None:
-            _signal_group(p, signal.SIGTERM)
-    for p in procs:
+    group of any that has not exited; return once no process of these groups runs (children
+    included: a signal is delivered asynchronously, so on a loaded machine a child can still be
+    running for a moment after its group was signalled). Each process must have been started with
+    ``start_new_session=True``, so its group holds it and its children only.
+
+    Raises:
+        AssertionError: a process of these groups still runs ``settle_s`` seconds after SIGKILL.
+    """
+    running = [p for p in procs if p.poll() is None]
+    for p in reversed(running):
+        _signal_group(p, signal.SIGTERM)
+    for p in running:
         try:
             p.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             _signal_group(p, signal.SIGKILL)
             p.wait()
+    groups = {p.pid for p in running}  # not an exited one's: its pid may belong to another process by now
+    deadline = time.monotonic() + settle_s
+    while (left := _running_in(groups)) and time.monotonic() < deadline:
+        for pid in left:  # a child that outlived its parent's SIGTERM: its group is killed now
+            _signal_pid(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    assert not left, f"processes {sorted(left)} of groups {sorted(groups)} still run {settle_s} s after SIGKILL"
+
+
+def _running_in(groups: set[int]) -> list[int]:
+    """The pids of processes in ``groups`` that have not exited (zombies have), from /proc (Linux);
+    empty where /proc is absent."""
+    pids = []
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+        except OSError:  # exited while we looked
+            continue
+        if fields[0] not in "ZX" and int(fields[2]) in groups:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _signal_pid(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _signal_group(p: subprocess.Popen, sig: signal.Signals) -> None:
