@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -56,8 +57,9 @@ def stop_process_groups(procs: list[subprocess.Popen], *, grace_s: float, settle
     groups = {p.pid for p in running}  # not an exited one's: its pid may belong to another process by now
     deadline = time.monotonic() + settle_s
     while (left := _running_in(groups)) and time.monotonic() < deadline:
-        for pid in left:  # a child that outlived its parent's SIGTERM: its group is killed now
-            _signal_pid(pid, signal.SIGKILL)
+        for pid in left:  # e.g. a child that outlived its parent's SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
     assert not left, f"processes {sorted(left)} of groups {sorted(groups)} still run {settle_s} s after SIGKILL"
 
@@ -65,25 +67,18 @@ def stop_process_groups(procs: list[subprocess.Popen], *, grace_s: float, settle
 def _running_in(groups: set[int]) -> list[int]:
     """The pids of processes in ``groups`` that have not exited (zombies have), from /proc (Linux);
     empty where /proc is absent."""
+    if not os.path.isdir("/proc"):
+        return []
     pids = []
-    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.name.isdigit():
-            continue
+    for name in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{entry.name}/stat") as f:
+            with open(f"/proc/{name}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
         except OSError:  # exited while we looked
             continue
         if fields[0] not in "ZX" and int(fields[2]) in groups:
-            pids.append(int(entry.name))
+            pids.append(int(name))
     return pids
-
-
-def _signal_pid(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _signal_group(p: subprocess.Popen, sig: signal.Signals) -> None:
