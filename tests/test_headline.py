@@ -30,8 +30,8 @@ def _summaries() -> dict[str, StudySummary]:
 
 
 def test_rows_read_the_arms_difference_and_the_contrasts_worded_for_tdc():
-    spec = HeadlineSpec(rows=[{"baseline": "single model", "study": "st", "arm": "tdc"},
-                              {"baseline": "control", "study": "st", "contrast": "vs-control"}])
+    spec = HeadlineSpec(rows=[{"label": "single model", "study": "st", "arm": "tdc"},
+                              {"label": "control", "study": "st", "contrast": "vs-control"}])
     rows = [ln for ln in headline_markdown(spec, _summaries()).splitlines() if ln.startswith("| single")
             or ln.startswith("| control")]
     single, control = (ln.split(" | ") for ln in rows)
@@ -50,25 +50,26 @@ def test_a_row_that_does_not_fit_its_study_is_one_config_error(tmp_path):
     for row, words in [({"arm": "nope"}, "has no arm 'nope' (arms: tdc, control)"),
                        ({"contrast": "nope"}, "has no contrast 'nope' (contrasts: vs-control, backwards)"),
                        ({"contrast": "backwards"}, "its a must be a TDC ensemble")]:
-        spec = HeadlineSpec(rows=[{"baseline": "b", "study": "st", **row}])
+        spec = HeadlineSpec(rows=[{"label": "b", "study": "st", **row}])
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
             headline_markdown(spec, summaries)
     with pytest.raises(ConfigError, match="no summary of study 'other'"):
-        headline_markdown(HeadlineSpec(rows=[{"baseline": "b", "study": "other", "arm": "tdc"}]), summaries)
+        headline_markdown(HeadlineSpec(rows=[{"label": "b", "study": "other", "arm": "tdc"}]), summaries)
     # An arm that scored TDC alone has no difference to put in the table.
     alone = summarise(name="st", arms={"n2": {s: {"tdc": {"bits_per_dim": 4.5}, "baseline": {}} for s in (0, 1)}})
     with pytest.raises(ConfigError, match="arm 'n2' of study st evaluated TDC alone"):
-        headline_markdown(HeadlineSpec(rows=[{"baseline": "b", "study": "st", "arm": "n2"}]), {"st": alone})
+        headline_markdown(HeadlineSpec(rows=[{"label": "b", "study": "st", "arm": "n2"}]), {"st": alone})
     bad = tmp_path / "h.yaml"
-    bad.write_text("rows:\n  - {baseline: b, study: st, arm: tdc, contrast: x}\n")
+    bad.write_text("rows:\n  - {label: b, study: st, arm: tdc, contrast: x}\n")
     with pytest.raises(ConfigError, match=r"headline file .*h\.yaml: rows\.0: .*exactly one of arm"):
         load_headline(bad)
 
 
-def test_the_committed_results_table_is_what_the_committed_studies_say():
-    """studies/RESULTS.md is regenerated from studies/*/study.json, byte for byte: a study
-    re-summarised without regenerating the table fails here."""
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "headline", "studies/headline.yaml"], cwd=ROOT,
+@pytest.mark.parametrize(("spec", "table"), [("headline.yaml", "RESULTS.md"), ("levers.yaml", "LEVERS.md")])
+def test_the_committed_tables_are_what_the_committed_studies_say(spec, table):
+    """studies/RESULTS.md and LEVERS.md are regenerated from studies/*/study.json, byte for byte: a
+    study re-summarised without regenerating the tables fails here."""
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "headline", f"studies/{spec}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout == (ROOT / "studies" / "RESULTS.md").read_text()
+    assert done.stdout == (ROOT / "studies" / table).read_text()

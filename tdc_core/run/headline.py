@@ -1,7 +1,9 @@
-"""The headline table: TDC against each baseline, one row per committed study result.
+"""The headline tables: TDC against each baseline (``studies/headline.yaml``), or TDC at each
+setting against its equal-FLOPs single model (``studies/levers.yaml``), one row per committed
+study result.
 
-A headline file (``studies/headline.yaml``) names, per row, a study and where in its summary
-TDC meets that baseline:
+A headline file names, per row, a label, a study and where in its summary TDC meets the other
+model:
 
 - ``arm: tdc``: the arm's own paired difference, TDC − its equal-FLOPs single model;
 - ``contrast: NAME``: a study contrast whose ``a`` is a TDC ensemble (``<arm>.tdc``), e.g.
@@ -37,7 +39,7 @@ _COSTS = ("sampling_flops_per_image", "training_flops")
 class HeadlineRow(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    baseline: str = Field(min_length=1)  # what TDC is compared with, as the table says it
+    label: str = Field(min_length=1)     # the row's first cell: the baseline, or TDC's setting
     study: str = Field(min_length=1)     # studies/<study>/study.json
     arm: str | None = None               # TDC − this arm's own baseline
     contrast: str | None = None          # or this contrast of the study (a = TDC)
@@ -54,6 +56,8 @@ class HeadlineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     title: str = "TDC against each baseline"
+    row_header: str = "TDC vs"                # the first column's header
+    cells: str = "TDC − the baseline"         # what every cell is, for the table's first lines
     rows: list[HeadlineRow] = Field(min_length=1)
 
 
@@ -72,18 +76,18 @@ def _row_metrics(row: HeadlineRow, summary: StudySummary) -> tuple[list[int], di
     if row.arm is not None:
         arm = next((a for a in summary.arms if a.arm == row.arm), None)
         if arm is None:
-            raise ConfigError(f"headline row {row.baseline!r}: study {summary.name} has no arm {row.arm!r} "
+            raise ConfigError(f"headline row {row.label!r}: study {summary.name} has no arm {row.arm!r} "
                               f"(arms: {', '.join(a.arm for a in summary.arms)})")
         if any(m.difference is None for m in arm.metrics):
-            raise ConfigError(f"headline row {row.baseline!r}: arm {row.arm!r} of study {summary.name} evaluated "
+            raise ConfigError(f"headline row {row.label!r}: arm {row.arm!r} of study {summary.name} evaluated "
                               f"TDC alone (no baseline); name a contrast of that study instead")
         return arm.seeds, {m.metric: (m.tdc, m.baseline, m.difference, m.verdict) for m in arm.metrics}
     c = next((c for c in summary.contrasts if c.name == row.contrast), None)
     if c is None:
-        raise ConfigError(f"headline row {row.baseline!r}: study {summary.name} has no contrast {row.contrast!r} "
+        raise ConfigError(f"headline row {row.label!r}: study {summary.name} has no contrast {row.contrast!r} "
                           f"(contrasts: {', '.join(x.name for x in summary.contrasts) or 'none'})")
     if not c.a.endswith(".tdc"):
-        raise ConfigError(f"headline row {row.baseline!r}: contrast {c.name} compares {c.a} with {c.b}; "
+        raise ConfigError(f"headline row {row.label!r}: contrast {c.name} compares {c.a} with {c.b}; "
                           f"its a must be a TDC ensemble (<arm>.tdc)")
     # A contrast's verdict names its side ("a better"); here a is TDC.
     worded = {"a better": "TDC better", "b better": "TDC worse"}
@@ -103,11 +107,11 @@ def headline_markdown(spec: HeadlineSpec, summaries: Mapping[str, StudySummary],
     Raises:
         ConfigError: a row names a study, arm or contrast that the summaries lack.
     """
-    head = ["TDC vs", "seeds", *(METRICS[m] for m in OUTCOMES), "sampling FLOPs TDC / vs", "training FLOPs TDC / vs",
+    head = [spec.row_header, "seeds", *(METRICS[m] for m in OUTCOMES), "sampling FLOPs TDC / vs", "training FLOPs TDC / vs",
             "re-derive"]
     lines = [f"# {spec.title}", "",
              f"Generated from the committed studies by `uv run tdc headline {source or 'HEADLINE.yaml'}`; do not "
-             "edit by hand. Each cell is TDC − the baseline, paired by training seed: mean [95 % Student-t "
+             f"edit by hand. Each cell is {spec.cells}, paired by training seed: mean [95 % Student-t "
              "interval over seeds] and the verdict (n.s.: the interval includes 0). Lower is better except "
              "precision and recall; precision, recall and the memorized share are in percentage points. "
              "FLOPs are ratios of the means.", "",
@@ -115,10 +119,10 @@ def headline_markdown(spec: HeadlineSpec, summaries: Mapping[str, StudySummary],
     for row in spec.rows:
         summary = summaries.get(row.study)
         if summary is None:
-            raise ConfigError(f"headline row {row.baseline!r}: no summary of study {row.study!r} "
+            raise ConfigError(f"headline row {row.label!r}: no summary of study {row.study!r} "
                               f"(studies/{row.study}/study.json)")
         seeds, metrics = _row_metrics(row, summary)
-        cells = [row.baseline, ", ".join(map(str, seeds))]
+        cells = [row.label, ", ".join(map(str, seeds))]
         for m in OUTCOMES:
             cells.append(_cell(metrics[m][2], metrics[m][3], percent=m in _POINTS, decimals=_DECIMALS.get(m, 3))
                          if m in metrics else "not measured")
