@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--summary-only", action="store_true",
                     help="re-derive study.{md,json,png} from <out-dir>/replicates.json (e.g. after adding "
                          "contrasts); runs nothing")
+    st.add_argument("--partial", action="store_true",
+                    help="with --summary-only: summarise a part-run study over the replicates it has, naming "
+                         "the arm × seeds and contrasts not run yet")
     st.add_argument("--verbose", action="store_true", help="show Prefect's own logs and full tracebacks")
 
     hl = sub.add_parser("headline", help="the headline table, TDC against each baseline, from the committed "
@@ -135,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
                                         "and training cost")
     cm.add_argument("--run-dir", type=Path, required=True)
     cm.add_argument("--baseline", type=Path,
-                    help="baseline checkpoint (default: <run-dir>/baseline/checkpoints/last.pt)")
+                    help="baseline checkpoint (default: <run-dir>/baseline/checkpoints/last.pt; a run with "
+                         "baseline.enabled=false and no --baseline is scored alone)")
     cm.add_argument("--out-dir", type=Path, help="table, JSON, plot and sample grids (default: <run-dir>/eval)")
     eval_args(cm)
 
@@ -553,13 +557,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     device = _setup(cfg)
     setup = _eval_setup(args, cfg)
     _preflight(cfg, None, "data", "features")
-    _print_scores_header(f"TDC ({args.run_dir}) and its baseline", setup, device, cfg)
-    c = compare_run(cfg, layout, baseline_checkpoint=args.baseline, out_dir=args.out_dir, setup=setup, device=device,
+    # The run's own baseline unless it was run without one: then TDC is scored alone, as it was.
+    baseline = args.baseline or (layout.baseline_checkpoint if cfg.baseline.enabled else None)
+    _print_scores_header(f"TDC ({args.run_dir})" + (" and its baseline" if baseline else " alone (no baseline)"),
+                         setup, device, cfg)
+    c = compare_run(cfg, layout, baseline_checkpoint=baseline, out_dir=args.out_dir, setup=setup, device=device,
                     reporter=_LineReporter())
     print()
     print(comparison_markdown(c))
     print(f"  {c.markdown_path}\n  {c.json_path}\n  {c.plot_path}")
-    if args.baseline is None and c.heldout:  # the run's own dense run: its curve, TDC beside it
+    if args.baseline is None and c.baseline is not None and c.heldout:  # the run's own dense run: its curve
         from tdc_core.evaluation.curves import plot_curve
         from tdc_core.records import save_record
         from tdc_core.run.curve import single_model_curve
@@ -599,10 +606,15 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from flows.checks import check_before_run
     from flows.study import plan_lines
 
+    if args.partial and not args.summary_only:
+        from tdc_core.errors import ConfigError
+
+        raise ConfigError("--partial summarises the replicates a study has (with --summary-only); a run of the "
+                          "study makes all of them")
     if args.summary_only:
         from flows.study import resummarise
 
-        result = resummarise(spec, out_dir=args.out_dir)
+        result = resummarise(spec, out_dir=args.out_dir, partial=args.partial)
         print(study_markdown(result))
         return 0
     print("\n".join(plan_lines(spec)))

@@ -49,6 +49,7 @@ from tdc_core.run.study import (
     difference_panels,
     equivalence,
     estimate,
+    not_run_yet,
     replicate_config,
     replicate_metrics,
     study_key,
@@ -202,14 +203,17 @@ def _curve_of(run_dir: str | Path) -> Curve | None:
     return load_record(path, Curve, what="curve") if path.is_file() else None
 
 
-def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None) -> StudySummary:
+def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None, partial: bool = False) -> StudySummary:
     """Re-derive a study's summary files from its ``replicates.json`` without running anything
     (``tdc study --summary-only``): e.g. after adding ``contrasts`` to the study file. Curves are
     read back from the replicates' run folders where those still exist; the wall time recorded by
-    the invocation that ran the replicates is kept.
+    the invocation that ran the replicates is kept. With ``partial`` (``--partial``), a study whose
+    replicates are not all there yet is summarised over those that are: each arm over its seeds,
+    each contrast over the seeds both its arms ran, and what is missing named in ``not_run``.
 
     Raises:
-        ConfigError: ``replicates.json`` is missing or unreadable, or lacks an arm × seed of ``spec``.
+        ConfigError: ``replicates.json`` is missing or unreadable, or (unless ``partial``) lacks an
+            arm × seed of ``spec``; with ``partial``, holds none of them.
     """
     out = Path(out_dir or Path("studies") / spec.name)
     path = out / "replicates.json"
@@ -219,14 +223,17 @@ def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None) -> StudyS
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path} cannot be read as a study's replicates ({exc}); run the study first") from None
     missing = [f"{a.name} seed {s}" for a in spec.arms for s in spec.seeds if (a.name, s) not in by_key]
-    if missing:
+    if missing and not partial:
         raise ConfigError(f"{path} lacks {len(missing)} replicate(s) of the study file: {', '.join(missing[:5])}; "
-                          f"run the study (without --summary-only) to make them")
+                          f"run the study (without --summary-only) to make them, or summarise the others "
+                          f"with --partial")
+    if len(missing) == len(spec.arms) * len(spec.seeds):
+        raise ConfigError(f"{path} holds no replicate of the study file's arms and seeds; run the study first")
     results: dict[str, dict[int, dict]] = {}
     curves: dict[str, list[Curve]] = {}
     kept = []
     for arm in spec.arms:
-        for seed in spec.seeds:
+        for seed in (s for s in spec.seeds if (arm.name, s) in by_key):
             r = by_key[(arm.name, seed)]
             kept.append(r)
             results.setdefault(arm.name, {})[seed] = {"tdc": r["tdc"], "baseline": r["baseline"]}
@@ -244,9 +251,10 @@ def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None) -> StudyS
     # while the summary covers the same arms and seeds (not after replicates were added by hand).
     same = previous is not None and {(a.arm, tuple(a.seeds)) for a in previous.arms} == {
         (a.name, tuple(spec.seeds)) for a in spec.arms}
+    contrasts, not_run = not_run_yet(spec, results)
     result = summarise(name=spec.name, arms=results, seconds=previous.seconds if same else None,
-                       contrasts=spec.contrasts)
-    update: dict = {"reused": previous.reused if same else 0}
+                       contrasts=contrasts)
+    update: dict = {"reused": previous.reused if same else 0, "not_run": not_run}
     if curves and all(len(v) == len(spec.seeds) for v in curves.values()):
         update["equivalence"] = equivalence(curves)
     elif previous:

@@ -452,7 +452,7 @@ def evaluate_task(config: PipelineConfig, run_dir: str, run_uid: str, tracking: 
     reset_peak_memory(device)
     with StageProgress("evaluation") as progress:
         c = compare_run(config, layout, baseline_checkpoint=Path(baseline.checkpoint) if baseline else None,
-                        with_baseline=baseline is not None, device=device, reporter=progress)
+                        device=device, reporter=progress)
         # The single model's curve continues into the baseline's run: none without one.
         curve = single_model_curve(config, layout, c, device=device, reporter=progress) if baseline else None
     files = [c.markdown_path, c.json_path, c.plot_path]

@@ -12,10 +12,11 @@ from tdc_core.run.layout import RunLayout
 from tdc_core.training.trainer import run_training
 
 
-def _smoke_run_with_baseline(root, cache):
-    """A tiny TDC run folder with its baseline in <run>/baseline, as `tdc run` leaves it."""
+def _smoke_run(root, cache, *, baseline=True):
+    """A tiny TDC run folder with its baseline in <run>/baseline, as `tdc run` leaves it; with
+    ``baseline=False``, a run with ``baseline.enabled=false`` (TDC alone)."""
     overrides = ["train.steps=4", "profile.profile_steps=2", "finetune.steps=2", "grouping.num_groups=2",
-                 "profile.num_buckets=4", f"eval.cache_dir={cache}"]
+                 "profile.num_buckets=4", f"eval.cache_dir={cache}", f"baseline.enabled={str(baseline).lower()}"]
     cfg = load_config(preset="smoke", overrides=overrides)
     layout = RunLayout(root)
     root.mkdir(parents=True)
@@ -25,14 +26,15 @@ def _smoke_run_with_baseline(root, cache):
     stages.shared_stage(cfg, layout)
     for g in range(cfg.grouping.num_groups):
         stages.finetune_group_stage(cfg, layout, group=g)
-    run_training(cfg, run_dir=root / "baseline", steps=4)
+    if baseline:
+        run_training(cfg, run_dir=root / "baseline", steps=4)
     return layout
 
 
-def test_compare_and_fid_print_scores_and_write_the_table(tmp_path, capsys):
+def test_compare_and_fid_print_scores_and_write_the_table(tmp_path, tmp_path_factory, capsys):
     from flows.cli import main
 
-    layout = _smoke_run_with_baseline(tmp_path / "run", tmp_path / "cache")
+    layout = _smoke_run(tmp_path / "run", tmp_path_factory.getbasetemp() / "tdc-cache")
     assert main(["compare", "--run-dir", str(layout.root), "--num", "8", "--seeds", "0,1", "--steps", "4"]) == 0
     out = capsys.readouterr().out
     assert "| tdc |" in out and "| baseline |" in out and "not comparable with Inception FID" in out
@@ -60,6 +62,19 @@ def test_fid_with_inception_and_no_weights_offline_is_one_clear_line(tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "inception-2015-12-05.pt" in err and "TDC_INCEPTION_WEIGHTS" in err and "eval.inception_weights" in err
+
+
+def test_compare_scores_a_run_without_a_baseline_alone(tmp_path, tmp_path_factory, capsys):
+    """A run with baseline.enabled=false has no baseline to compare with: `tdc compare` scores
+    TDC alone, as the pipeline did, instead of asking for a baseline the run never meant to train."""
+    from flows.cli import main
+
+    layout = _smoke_run(tmp_path / "run", tmp_path_factory.getbasetemp() / "tdc-cache", baseline=False)
+    assert main(["compare", "--run-dir", str(layout.root), "--num", "8", "--seeds", "0", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "alone (no baseline)" in out and "| tdc |" in out and "| baseline |" not in out
+    assert (layout.root / "eval" / "comparison.json").is_file()
+    assert not (layout.root / "eval" / "curve.json").exists()  # the single model's curve needs its run
 
 
 def test_compare_without_a_baseline_says_how_to_train_it(tmp_path, capsys):

@@ -229,8 +229,7 @@ def test_compare_run_over_a_run_folder(tmp_path, tmp_path_factory):
 
     # TDC alone (baseline.enabled=false): the same numbers for TDC as beside the baseline (same
     # seeds, noise and held-out draws), none of the baseline's, differences only against shared.
-    alone = compare_run(cfg, layout, with_baseline=False, baseline_checkpoint=tmp_path / "none.pt",
-                        out_dir=tmp_path / "alone")
+    alone = compare_run(cfg, layout, baseline_checkpoint=None, out_dir=tmp_path / "alone")
     assert alone.baseline is None and alone.fid_difference is None and alone.fid_difference_ci is None
     assert alone.sampling_flops_ratio is None and alone.training_flops_ratio is None
     assert [p.fid for p in alone.tdc.eval.per_seed] == pytest.approx([p.fid for p in c.tdc.eval.per_seed])

@@ -360,6 +360,23 @@ def test_summary_only_rederives_the_study_from_its_replicates(tmp_path, capsys):
     (out / "replicates.json").write_text(json.dumps(reps[:3]))
     assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out)]) != 0
     assert "lacks 1 replicate(s) of the study file: b seed 1" in capsys.readouterr().err
+    # A part-run study (--partial): each arm over the seeds it ran, the contrast over the seeds
+    # both arms ran, and what is missing named, in study.json and at the top of study.md.
+    assert main(["study", str(spec_file), "--summary-only", "--partial", "--out-dir", str(out)]) == 0
+    s = StudySummary.model_validate_json((out / "study.json").read_text())
+    assert s.not_run == ["b seeds 1"] and [a.seeds for a in s.arms] == [[0, 1], [0]]
+    assert s.contrasts[0].seeds == [0]
+    assert next(m for m in s.contrasts[0].metrics if m.metric == "bits_per_dim").difference.values == pytest.approx(
+        [-0.1])
+    assert "**Part run.** Not run yet, so not below: b seeds 1." in (out / "study.md").read_text()
+    (out / "replicates.json").write_text(json.dumps(reps[:2]))  # arm b not run at all: its contrast neither
+    assert main(["study", str(spec_file), "--summary-only", "--partial", "--out-dir", str(out)]) == 0
+    s = StudySummary.model_validate_json((out / "study.json").read_text())
+    assert s.not_run == ["b seeds 0, 1", "contrast ab (needs b)"] and s.contrasts == []
+    assert [a.arm for a in s.arms] == ["a"]
+    capsys.readouterr()
+    assert main(["study", str(spec_file), "--partial"]) == 2
+    assert "--partial summarises the replicates a study has (with --summary-only)" in capsys.readouterr().err
 
 
 def test_summary_only_draws_no_curve_for_a_tdc_alone_replicate(tmp_path):

@@ -25,7 +25,7 @@ from tdc_core.run.stages import assemble_router, cost_stage
 from tdc_core.training.data import dataset_fingerprint
 from tdc_core.training.trainer import load_model, prepare_data
 
-__all__ = ["compare_run", "default_baseline_checkpoint", "evaluate_config", "reference_for_config"]
+__all__ = ["compare_run", "evaluate_config", "reference_for_config"]
 
 
 def reference_for_config(
@@ -85,37 +85,31 @@ def evaluate_config(
     return result, score_real(heldout, extractor=extractor, reference=reference, batch_size=setup.batch_size)
 
 
-def default_baseline_checkpoint(layout: RunLayout) -> Path:
-    """``<run>/baseline/checkpoints/last.pt``: where the pipeline's baseline task trains it."""
-    return layout.baseline_checkpoint
-
-
 def compare_run(
     config: PipelineConfig,
     layout: RunLayout,
     *,
-    baseline_checkpoint: Path | None = None,
-    with_baseline: bool = True,
+    baseline_checkpoint: Path | None,
     out_dir: Path | None = None,
     setup: EvalSetup | None = None,
     device: torch.device | str = "cpu",
     reporter: Reporter | None = None,
 ) -> Comparison:
-    """``tdc compare``: the run's routed ensemble vs the baseline checkpoint (default
-    :func:`default_baseline_checkpoint`), evaluated identically; costs from the run's cost
-    stage and from FlopCounterMode. Output goes to ``out_dir`` (default ``<run>/eval``). With
-    ``with_baseline=False`` the ensemble is scored alone (``baseline.enabled=false``).
+    """``tdc compare``: the run's routed ensemble vs the single model in ``baseline_checkpoint``
+    (the pipeline trains it into ``layout.baseline_checkpoint``), evaluated identically; costs
+    from the run's cost stage and from FlopCounterMode. Output goes to ``out_dir`` (default
+    ``<run>/eval``). With ``baseline_checkpoint=None`` the ensemble is scored alone (what a run
+    with ``baseline.enabled=false`` evaluates).
 
     Raises:
         CheckpointError: group checkpoints or the baseline checkpoint are missing.
         ConfigError: the baseline was trained on other data, another image size or another
             diffusion than the run.
     """
-    baseline_checkpoint = Path(baseline_checkpoint or default_baseline_checkpoint(layout))
-    if with_baseline and not baseline_checkpoint.is_file():
+    if baseline_checkpoint is not None and not Path(baseline_checkpoint).is_file():
         raise CheckpointError(
             f"baseline checkpoint {baseline_checkpoint} does not exist; train the single-model baseline first "
-            f"(tdc run does, into {default_baseline_checkpoint(layout)}; by hand: tdc train --out-dir "
+            f"(tdc run does, into {layout.baseline_checkpoint}; by hand: tdc train --out-dir "
             f"{layout.root / 'baseline'} with the run's config and train.steps ≥ training.baseline_steps in "
             f"{layout.costs_json})"
         )
@@ -123,7 +117,7 @@ def compare_run(
     # First, so that missing Inception weights fail before any model is loaded or costed.
     extractor = build_extractor(config.eval, config.data, device=device)
     router = assemble_router(layout, device=device)
-    base = load_model(baseline_checkpoint, device=device) if with_baseline else None
+    base = load_model(Path(baseline_checkpoint), device=device) if baseline_checkpoint is not None else None
     for field in ("data", "diffusion") if base is not None else ():
         if getattr(base.config, field) != getattr(config, field):
             raise ConfigError(

@@ -107,8 +107,8 @@ def headline_markdown(spec: HeadlineSpec, summaries: Mapping[str, StudySummary],
     Raises:
         ConfigError: a row names a study, arm or contrast that the summaries lack.
     """
-    head = [spec.row_header, "seeds", *(METRICS[m] for m in OUTCOMES), "sampling FLOPs TDC / vs", "training FLOPs TDC / vs",
-            "re-derive"]
+    head = [spec.row_header, "seeds", *(METRICS[m] for m in OUTCOMES), "sampling FLOPs TDC / vs",
+            "training FLOPs TDC / vs", "re-derive"]
     lines = [f"# {spec.title}", "",
              f"Generated from the committed studies by `uv run tdc headline {source or 'HEADLINE.yaml'}`; do not "
              f"edit by hand. Each cell is {spec.cells}, paired by training seed: mean [95 % Student-t "

@@ -115,5 +115,5 @@ def run_stages(
         baseline = result.baseline
         result.comparison = timed("evaluate", lambda: compare_run(
             config, layout, baseline_checkpoint=baseline.checkpoint if baseline is not None else None,
-            with_baseline=baseline is not None, reporter=reporter))
+            reporter=reporter))
     return result

@@ -64,6 +64,7 @@ __all__ = [
     "equivalence",
     "estimate",
     "load_study",
+    "not_run_yet",
     "replicate_config",
     "replicate_metrics",
     "study_key",
@@ -382,6 +383,9 @@ class StudySummary(BaseModel):
     seconds: float | None = None   # wall time of the invocation that wrote it
     reused: int = 0                # replicates that invocation found finished (their time is not in it)
     equivalence: list[Equivalence] = []
+    # A part-run study (``tdc study --summary-only --partial``): the study file's arm × seeds and
+    # contrasts with no replicates yet, e.g. "n3 seeds 0, 1, 2", "contrast n3-vs-n5 (needs n3)".
+    not_run: list[str] = []
 
 
 def equivalence(curves: Mapping[str, Sequence[Curve]], *, metric: str = "bits_per_dim") -> list[Equivalence]:
@@ -453,6 +457,23 @@ def summarise_contrast(contrast: Contrast, arms: Mapping[str, Mapping[int, dict[
     return ContrastSummary(name=contrast.name, a=contrast.a, b=contrast.b, seeds=seeds, metrics=metrics)
 
 
+def not_run_yet(spec: StudySpec, arms: Mapping[str, Mapping[int, object]]) -> tuple[list[Contrast], list[str]]:
+    """What a part-run study can summarise: ``(contrasts with a seed both their arms ran, what is
+    not run yet)``, the latter as text, e.g. ``"n3 seeds 0, 1, 2"``, ``"contrast n3-vs-n5 (needs
+    n3)"``; ``arms`` maps each arm to its replicates by seed."""
+    not_run = [f"{a.name} seeds {', '.join(map(str, seeds))}" for a in spec.arms
+               if (seeds := [s for s in spec.seeds if s not in arms.get(a.name, {})])]
+    contrasts = []
+    for c in spec.contrasts:
+        arm_a, arm_b = c.parts("a")[0], c.parts("b")[0]
+        if set(arms.get(arm_a, {})) & set(arms.get(arm_b, {})):
+            contrasts.append(c)
+        else:  # named, not drawn as an empty table
+            absent = [arm for arm in dict.fromkeys((arm_a, arm_b)) if arm not in arms]
+            not_run.append(f"contrast {c.name} (needs {' and '.join(absent) or 'a seed both arms ran'})")
+    return contrasts, not_run
+
+
 def summarise(*, name: str, arms: Mapping[str, Mapping[int, dict[str, dict[str, float]]]],
               seconds: float | None = None, contrasts: Sequence[Contrast] = ()) -> StudySummary:
     """Aggregate ``{arm: {seed: replicate_metrics(...)}}`` (see the module docstring), and the
@@ -493,13 +514,22 @@ def _table_row(metric: str, first: Interval, second: Interval, difference: Inter
             f"{_fmt(difference, scale)} | {verdict} |")
 
 
-def study_markdown(s: StudySummary) -> str:
-    """The study as Markdown: per arm, each metric's TDC, baseline and paired difference."""
-    lines = [f"# Study `{s.name}`", ""]
+def _preamble(s: StudySummary) -> list[str]:
+    """What the study is missing (a part-run one) and how long its invocation took."""
+    lines = []
+    if s.not_run:
+        lines += [f"**Part run.** Not run yet, so not below: {'; '.join(s.not_run)}. Every number below is "
+                  "over the seeds its arm or contrast names; running the study file runs the rest.", ""]
     if s.seconds is not None:
         n = sum(len(a.seeds) for a in s.arms)
         reused = f" ({s.reused} of {n} replicates were already finished and reused)" if s.reused else ""
         lines += [f"Wall time of this invocation: {s.seconds / 60:.1f} min{reused}.", ""]
+    return lines
+
+
+def study_markdown(s: StudySummary) -> str:
+    """The study as Markdown: per arm, each metric's TDC, baseline and paired difference."""
+    lines = [f"# Study `{s.name}`", "", *_preamble(s)]
     for arm in s.arms:
         if any(m.difference is None for m in arm.metrics):
             lines += [f"## Arm `{arm.arm}`: {len(arm.seeds)} training seeds {arm.seeds}, TDC alone (no baseline)", "",
