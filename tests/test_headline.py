@@ -43,6 +43,9 @@ def test_rows_read_the_arms_difference_and_the_contrasts_worded_for_tdc():
     # TDC 4.50, 4.51, 4.52 against the control's 4.40, 4.41, 4.42: the contrast's "b better" is TDC worse.
     assert control[2].startswith("+0.100") and control[2].endswith("**TDC worse**")
     assert control[8] == "0.72" and "`tdc study studies/st.yaml --summary-only`" in control[-1]
+    # A part-run study is re-derived with --partial: the row says so.
+    part = {"st": _summaries()["st"].model_copy(update={"not_run": ["other seeds 0"]})}
+    assert "`tdc study studies/st.yaml --summary-only --partial`" in headline_markdown(spec, part)
 
 
 def test_a_row_that_does_not_fit_its_study_is_one_config_error(tmp_path):

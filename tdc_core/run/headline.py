@@ -129,6 +129,7 @@ def headline_markdown(spec: HeadlineSpec, summaries: Mapping[str, StudySummary],
         for m in _COSTS:
             tdc, other = (metrics[m][0].mean, metrics[m][1].mean) if m in metrics else (0.0, 0.0)
             cells.append(f"{tdc / other:.2f}" if other else "—")
-        cells.append(f"`tdc study studies/{row.study}.yaml --summary-only`")
+        partial = " --partial" if summary.not_run else ""  # a part-run study re-derives only so
+        cells.append(f"`tdc study studies/{row.study}.yaml --summary-only{partial}`")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
