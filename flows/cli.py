@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--partial", action="store_true",
                     help="with --summary-only: summarise a part-run study over the replicates it has, naming "
                          "the arm × seeds and contrasts not run yet")
+    st.add_argument("--add", action="append", default=[], metavar="SOURCE",
+                    help="with --summary-only: first copy replicates run elsewhere into <out-dir>/replicates.json, "
+                         "each checked against its arm's config (SOURCE: a replicates.json or a study folder, "
+                         "optionally :THEIRS=OURS to take arm THEIRS as arm OURS; repeatable)")
     st.add_argument("--verbose", action="store_true", help="show Prefect's own logs and full tracebacks")
 
     hl = sub.add_parser("headline", help="the headline table, TDC against each baseline, from the committed "
@@ -597,6 +601,20 @@ def _prefect_settings(*, verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _check_summary_flags(args: argparse.Namespace) -> None:
+    """``--partial`` and ``--add`` belong to ``--summary-only``: one clear error otherwise."""
+    from tdc_core.errors import ConfigError
+
+    if args.summary_only:
+        return
+    if args.partial:
+        raise ConfigError("--partial summarises the replicates a study has (with --summary-only); a run of the "
+                          "study makes all of them")
+    if args.add:
+        raise ConfigError("--add copies replicates into a study's summary (with --summary-only); a run of the "
+                          "study makes its own")
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     _prefect_settings(verbose=args.verbose)
     from tdc_core.run.layout import default_run_dir
@@ -606,14 +624,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from flows.checks import check_before_run
     from flows.study import plan_lines
 
-    if args.partial and not args.summary_only:
-        from tdc_core.errors import ConfigError
-
-        raise ConfigError("--partial summarises the replicates a study has (with --summary-only); a run of the "
-                          "study makes all of them")
+    _check_summary_flags(args)
     if args.summary_only:
-        from flows.study import resummarise
+        from flows.study import add_replicates, resummarise
 
+        if args.add:
+            print("\n".join(add_replicates(spec, sources=args.add, out_dir=args.out_dir)))
         result = resummarise(spec, out_dir=args.out_dir, partial=args.partial)
         print(study_markdown(result))
         return 0

@@ -34,7 +34,7 @@ from tasks.console import say
 from tasks.on_workers import replicate_on_worker_task
 from tasks.tracking import open_study_tracking
 from tdc_core.atomic import atomic_write_bytes
-from tdc_core.config import PipelineConfig
+from tdc_core.config import PipelineConfig, read_run_config
 from tdc_core.errors import ConfigError, TDCError
 from tdc_core.evaluation.curves import Curve, plot_curves
 from tdc_core.evaluation.plots import plot_intervals
@@ -49,16 +49,19 @@ from tdc_core.run.study import (
     difference_panels,
     equivalence,
     estimate,
+    merge_replicates,
     not_run_yet,
     replicate_config,
+    replicate_differences,
     replicate_metrics,
     study_key,
     study_markdown,
     summarise,
     summary_metrics,
+    take_replicates,
 )
 
-__all__ = ["plan_lines", "resummarise", "tdc_study"]
+__all__ = ["add_replicates", "plan_lines", "resummarise", "tdc_study"]
 
 
 def plan_lines(spec: StudySpec) -> list[str]:
@@ -201,6 +204,86 @@ def _curve_of(run_dir: str | Path) -> Curve | None:
     """A replicate's single-model curve, when its run folder still holds one."""
     path = RunLayout(Path(run_dir)).curve_json
     return load_record(path, Curve, what="curve") if path.is_file() else None
+
+
+def add_replicates(spec: StudySpec, *, sources: list[str], out_dir: str | Path | None = None) -> list[str]:
+    """Copy replicates run elsewhere into the study's ``replicates.json`` (``tdc study
+    --summary-only --add SOURCE``): one-replicate study files run side by side, or another
+    study's arm reused. SOURCE is a ``replicates.json`` or a study folder holding one, optionally
+    followed by ``:THEIRS=OURS`` to take its arm THEIRS as arm OURS. An added replicate replaces
+    one of the same arm and seed, and records where it came from (``added_from``).
+
+    Each one is checked to be a replicate of its arm before anything is written: the config its
+    run folder was made with must be the arm's at that seed (see
+    :func:`tdc_core.run.study.replicate_differences`) or, with the folder gone, the folder's name
+    must carry the arm's config hash. Returns what was done, one line each.
+
+    Raises:
+        ConfigError: a source cannot be read, names an arm the study lacks, or holds a run that
+            is not (or cannot be shown to be) a replicate of its arm; nothing is written then.
+    """
+    out = Path(out_dir or Path("studies") / spec.name)
+    path = out / "replicates.json"
+    existing = _read_replicates(path) if path.is_file() else []
+    added, lines = [], []
+    for source in sources:
+        where, rename = _parse_source(source)
+        taken, notes = take_replicates(spec, _read_replicates(where), source=source, rename=rename)
+        lines += notes
+        for r in taken:
+            lines.append(f"added {r['arm']} seed {r['seed']} from {source}: {_check_replicate(spec, r, source=source)}")
+        added += taken
+    merged, replaced = merge_replicates(spec, existing=existing, added=added)
+    lines += [f"replaced {key} (the earlier record is in git's history, if it was committed)" for key in replaced]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(merged, indent=1).encode())
+    return lines
+
+
+def _parse_source(source: str) -> tuple[Path, tuple[str, str] | None]:
+    """``PATH`` or ``PATH:THEIRS=OURS`` → (the replicates.json, the rename)."""
+    where, sep, arms = source.rpartition(":")
+    if not sep or "=" not in arms:
+        where, rename = source, None
+    else:
+        theirs, _, ours = arms.partition("=")
+        if not theirs or not ours:
+            raise ConfigError(f"--add {source}: after ':' comes THEIRS=OURS (an arm of the source, an arm of the "
+                              f"study), e.g. studies/digits-final:tdc=n5-combined")
+        rename = (theirs, ours)
+    path = Path(where)
+    return (path / "replicates.json" if path.is_dir() else path), rename
+
+
+def _read_replicates(path: Path) -> list[dict]:
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as a study's replicates ({exc})") from None
+    if not isinstance(records, list):
+        raise ConfigError(f"{path} is not a study's replicates: a JSON list of replicates was expected")
+    return records
+
+
+def _check_replicate(spec: StudySpec, record: dict, *, source: str) -> str:
+    """How ``record`` was shown to be a replicate of its arm (raises ConfigError when it is not)."""
+    arm = next(a for a in spec.arms if a.name == record["arm"])
+    seed = int(record["seed"])
+    run = RunLayout(Path(str(record.get("run_dir", ""))))
+    what = f"--add {source}: {arm.name} seed {seed}"
+    if run.config.is_file():
+        differences = replicate_differences(arm, seed=seed, made_with=read_run_config(run))
+        if differences:
+            raise ConfigError(f"{what}: its run folder {run.root} was made with other settings than the arm "
+                              f"({len(differences)}, as 'key: run value, arm value'): "
+                              f"{'; '.join(differences[:6])}")
+        return f"its run folder's config.yaml is the arm's ({run.root})"
+    expected = default_run_dir(replicate_config(arm, seed=seed)).name
+    if run.root.name != expected:
+        raise ConfigError(f"{what}: its run folder {run.root} is gone and its name is not the arm's config's "
+                          f"({expected}), so it cannot be shown to be a replicate of the arm; run it (e.g. a study "
+                          f"file of that arm and seed) and add that")
+    return f"run folder gone; its name carries the arm's config hash ({expected})"
 
 
 def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None, partial: bool = False) -> StudySummary:

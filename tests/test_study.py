@@ -379,6 +379,101 @@ def test_summary_only_rederives_the_study_from_its_replicates(tmp_path, capsys):
     assert "--partial summarises the replicates a study has (with --summary-only)" in capsys.readouterr().err
 
 
+def test_a_run_is_a_replicate_of_an_arm_when_only_where_it_ran_or_an_unscored_baseline_differ():
+    from tdc_core.config import apply_overrides
+    from tdc_core.run.study import replicate_differences
+
+    alone = Arm(name="a", preset="smoke", overrides=("baseline.enabled=false", "finetune.steps=3"))
+    made = replicate_config(alone, seed=1)
+    assert replicate_differences(alone, seed=1, made_with=made) == []
+    # where it ran, and the baseline that TDC's numbers do not depend on, do not count...
+    elsewhere = apply_overrides(made, ["orchestration.group_retries=3", "baseline.enabled=true"])
+    assert replicate_differences(alone, seed=1, made_with=elsewhere) == []
+    # ...but a training setting or the seed does, and the baseline for an arm that scores one
+    assert replicate_differences(alone, seed=0, made_with=made) == ["train.seed: 1, 0"]
+    assert replicate_differences(alone, seed=1, made_with=apply_overrides(made, ["finetune.steps=4"])) == [
+        "finetune.steps: 4, 3"]
+    with_baseline = Arm(name="b", preset="smoke", overrides=("finetune.steps=3",))
+    assert replicate_differences(with_baseline, seed=1, made_with=made) == ["baseline.enabled: False, True"]
+
+
+def test_summary_only_adds_replicates_run_elsewhere_checked_against_their_arms(tmp_path, capsys):
+    """`tdc study --summary-only --add SOURCE`: replicates run as one-replicate study files (or
+    another study's arm, renamed) join the study, each shown to be a replicate of its arm."""
+    import json
+
+    from flows.cli import main
+    from tdc_core.config import write_run_config
+    from tdc_core.run.layout import RunLayout, default_run_dir
+    from tdc_core.run.study import StudySummary
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("name: s\narms: [{name: a, preset: smoke, overrides: [baseline.enabled=false]}, "
+                         "{name: b, preset: smoke, overrides: [baseline.enabled=false, finetune.steps=3]}]\n"
+                         "seeds: [0, 1]\ncontrasts: [{name: ab, a: b.tdc, b: a.tdc}]\n")
+    spec = load_study(spec_file)
+    a, b = spec.arms
+
+    def rep(arm: str, seed: int, bpd: float, run_dir) -> dict:
+        return {"arm": arm, "seed": seed, "run_dir": str(run_dir), "tdc": {"bits_per_dim": bpd}, "baseline": {}}
+
+    def folder(name: str, arm: Arm, seed: int):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        write_run_config(RunLayout(run), replicate_config(arm, seed=seed))
+        return run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    original = [rep("a", 0, 1.0, tmp_path / "gone"), rep("a", 1, 1.2, tmp_path / "gone"),
+                rep("b", 0, 0.9, tmp_path / "gone")]
+    (out / "replicates.json").write_text(json.dumps(original))
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "replicates.json").write_text(json.dumps([rep("b", 1, 1.0, folder("b1", b, 1)),
+                                                    rep("b", 7, 1.0, tmp_path / "gone")]))
+    assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out), "--add", str(one)]) == 0
+    said = capsys.readouterr().out
+    assert f"added b seed 1 from {one}: its run folder's config.yaml is the arm's" in said
+    assert "b seed 7 left out (study s replicates seeds 0, 1)" in said
+    s = StudySummary.model_validate_json((out / "study.json").read_text())
+    assert s.not_run == [] and [x.seeds for x in s.arms] == [[0, 1], [0, 1]]
+    assert next(m for m in s.contrasts[0].metrics if m.metric == "bits_per_dim").difference.values == pytest.approx(
+        [-0.1, -0.2])
+    added = json.loads((out / "replicates.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in added] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert added[3]["added_from"] == str(one)
+
+    # Another study's arm, renamed; its folder is gone but carries the arm's config hash: it
+    # replaces the replicate of that arm and seed, and says so.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([rep("x", 0, 1.1, tmp_path / "runs" / default_run_dir(
+        replicate_config(a, seed=0)).name), rep("y", 0, 5.0, tmp_path / "gone")]))
+    assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out), "--add", f"{other}:x=a"]) == 0
+    said = capsys.readouterr().out
+    assert "run folder gone; its name carries the arm's config hash" in said and "replaced a seed 0" in said
+    added = json.loads((out / "replicates.json").read_text())
+    assert added[0]["tdc"] == {"bits_per_dim": 1.1} and added[0]["added_from"] == f"{other}:x=a arm x"
+
+    # What cannot be shown to be a replicate of its arm is refused, and nothing is written.
+    before = (out / "replicates.json").read_text()
+    for records, source_suffix, message in (
+            ([rep("a", 1, 9.0, folder("a-as-b", b, 1))], "", "made with other settings than the arm (1, as "
+                                                            "'key: run value, arm value'): finetune.steps: 3, "),
+            ([rep("a", 1, 9.0, tmp_path / "runs" / "elsewhere")], "", "is gone and its name is not the arm's"),
+            ([rep("z", 1, 9.0, tmp_path / "gone")], "", "arm z is not an arm of study s; allowed: a, b"),
+            ([rep("a", 1, 9.0, tmp_path / "gone")], ":q=a", "holds no replicate of arm q"),
+            ([{"arm": "a", "seed": 1}], "", "is not a study replicate")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(records))
+        assert main(["study", str(spec_file), "--summary-only", "--out-dir", str(out), "--add",
+                     f"{bad}{source_suffix}"]) == 2
+        assert message in capsys.readouterr().err
+        assert (out / "replicates.json").read_text() == before
+    assert main(["study", str(spec_file), "--add", str(one)]) == 2
+    assert "--add copies replicates into a study's summary (with --summary-only)" in capsys.readouterr().err
+
+
 def test_summary_only_draws_no_curve_for_a_tdc_alone_replicate(tmp_path):
     """A TDC-alone arm's replicate may take its numbers from a run that also trained a baseline
     (TDC's numbers do not depend on it); that run's single-model curve is not the arm's."""

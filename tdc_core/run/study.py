@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from scipy import stats
 
-from tdc_core.config import PipelineConfig, Seed, load_config, stage1_key
+from tdc_core.config import PipelineConfig, Seed, flatten, load_config, stage1_key
 from tdc_core.errors import ConfigError
 from tdc_core.evaluation.curves import Curve
 from tdc_core.evaluation.results import Comparison
@@ -64,14 +64,17 @@ __all__ = [
     "equivalence",
     "estimate",
     "load_study",
+    "merge_replicates",
     "not_run_yet",
     "replicate_config",
+    "replicate_differences",
     "replicate_metrics",
     "study_key",
     "study_markdown",
     "summarise",
     "summarise_contrast",
     "summary_metrics",
+    "take_replicates",
 ]
 
 # Metrics taken from each replicate's comparison (lower is better for all but precision/recall).
@@ -222,6 +225,79 @@ def load_study(path: str | Path) -> StudySpec:
 def replicate_config(arm: Arm, *, seed: int) -> PipelineConfig:
     """The pipeline config of one replicate: the arm's preset and overrides, ``train.seed = seed``."""
     return load_config(preset=arm.preset, overrides=[*arm.overrides, f"train.seed={seed}"])
+
+
+# Where a run ran does not change what it trains or scores; TDC's numbers do not depend on the
+# single model trained beside it, so an arm that scores TDC alone ignores the baseline's settings.
+_WHERE_IT_RAN = ("orchestration",)
+
+
+def replicate_differences(arm: Arm, *, seed: int, made_with: PipelineConfig) -> list[str]:
+    """How ``made_with`` (the config a run folder was made with) differs from the replicate
+    ``arm`` × ``seed``, one ``"key: run value, arm value"`` per setting; empty when that run is
+    this replicate. Where it ran (``orchestration``) does not count, nor, for an arm that scores
+    TDC alone, the ``baseline`` section."""
+    want = replicate_config(arm, seed=seed)
+    ignored = _WHERE_IT_RAN + (() if want.baseline.enabled else ("baseline",))
+    have, need = flatten(made_with), flatten(want)
+    return [f"{key}: {have.get(key, '(absent)')}, {need.get(key, '(absent)')}"
+            for key in sorted(have.keys() | need.keys())
+            if key.split(".")[0] not in ignored and have.get(key) != need.get(key)]
+
+
+def take_replicates(spec: StudySpec, records: Sequence[Mapping], *, source: str,
+                    rename: tuple[str, str] | None = None) -> tuple[list[dict], list[str]]:
+    """The records of another study's ``replicates.json`` that belong to ``spec``: every record,
+    or with ``rename=(theirs, ours)`` those of arm ``theirs``, taken as arm ``ours``. Each gets
+    ``added_from`` (``source``). Returns ``(taken, notes)``; seeds the study does not replicate
+    are left, each named in ``notes``.
+
+    Raises:
+        ConfigError: a record is not a replicate's (arm, seed, tdc and baseline metrics), names an
+            arm the study lacks, or ``rename`` names an arm ``source`` does not hold.
+    """
+    arms = {a.name for a in spec.arms}
+    taken, notes = [], []
+    for r in records:
+        try:
+            arm, seed = str(r["arm"]), int(r["seed"])
+            if not isinstance(r["tdc"], Mapping) or not isinstance(r["baseline"], Mapping) or not r["tdc"]:
+                raise TypeError("tdc and baseline must be metric tables, tdc not empty")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: {dict(r) if isinstance(r, Mapping) else r!r:.120} is not a study replicate "
+                              f"({exc}); allowed: records of a replicates.json written by tdc study") from None
+        if rename is not None:
+            if arm != rename[0]:
+                continue
+            arm = rename[1]
+        if arm not in arms:
+            raise ConfigError(f"{source}: arm {arm} is not an arm of study {spec.name}; allowed: "
+                              f"{', '.join(sorted(arms))} (or name one with {source}:THEIRS=OURS)")
+        if seed not in spec.seeds:
+            notes.append(f"{source}: {arm} seed {seed} left out (study {spec.name} replicates seeds "
+                         f"{', '.join(map(str, spec.seeds))})")
+            continue
+        taken.append({**r, "arm": arm, "seed": seed,
+                      "added_from": source + (f" arm {rename[0]}" if rename and rename[0] != arm else "")})
+    if rename is not None and not taken and not notes:
+        raise ConfigError(f"{source} holds no replicate of arm {rename[0]}")
+    return taken, notes
+
+
+def merge_replicates(spec: StudySpec, *, existing: Sequence[Mapping],
+                     added: Sequence[Mapping]) -> tuple[list[dict], list[str]]:
+    """``existing`` replicates with ``added`` ones, an added one replacing any of the same arm and
+    seed, in the study's arm and seed order (records of arms or seeds the study no longer has
+    are dropped, as a summary drops them). Returns ``(replicates, replaced)``, the latter as
+    ``"<arm> seed <s>"``."""
+    by_key = {(r["arm"], int(r["seed"])): dict(r) for r in existing}
+    replaced = []
+    for r in added:
+        key = (r["arm"], int(r["seed"]))
+        if key in by_key and by_key[key] != r:
+            replaced.append(f"{key[0]} seed {key[1]}")
+        by_key[key] = dict(r)
+    return [by_key[(a.name, s)] for a in spec.arms for s in spec.seeds if (a.name, s) in by_key], replaced
 
 
 def study_key(spec: StudySpec) -> str:
