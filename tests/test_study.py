@@ -518,3 +518,23 @@ def test_every_committed_study_file_loads_with_valid_replicate_configs():
     for f in files:
         spec = load_study(f)  # builds every arm × seed config
         assert spec.arms and spec.seeds, f
+
+
+def test_forest_panels_with_the_same_rows_name_them_once_per_figure_row():
+    """Contrast names are long: repeated in every panel they crowd the x tick labels."""
+    from tdc_core.evaluation.plots import interval_figure
+    from tdc_core.run.study import DifferenceRow
+
+    def row(label: str) -> DifferenceRow:
+        return DifferenceRow(label=label, mean=0.1, low=0.0, high=0.2, values=(0.05, 0.15))
+
+    rows = [row("sensitivity-vs-single-model"), row("carried-vs-fresh-adamw")]
+    fig = interval_figure([(f"metric {i}", rows) for i in range(4)])
+    def named(fig) -> list[list[str]]:
+        return [[t.get_text() for t in ax.get_yticklabels() if t.get_text()] for ax in fig.axes if ax.get_visible()]
+
+    assert named(fig) == [["sensitivity-vs-single-model", "carried-vs-fresh-adamw"], [], [],
+                     ["sensitivity-vs-single-model", "carried-vs-fresh-adamw"]]
+    fig = interval_figure([("a", rows), ("b", rows[:1])])  # different rows: each panel names its own
+    assert named(fig) == [
+        ["sensitivity-vs-single-model", "carried-vs-fresh-adamw"], ["sensitivity-vs-single-model"]]

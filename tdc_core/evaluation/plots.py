@@ -25,7 +25,8 @@ from tdc_core.evaluation.units import flops_unit
 from tdc_core.method.grouping import Grouping
 from tdc_core.method.profiling import DifficultyProfile
 
-__all__ = ["IntervalRow", "plot_comparison", "plot_grouping", "plot_intervals", "plot_profile", "render_png"]
+__all__ = ["IntervalRow", "interval_figure", "plot_comparison", "plot_grouping", "plot_intervals", "plot_profile",
+           "render_png"]
 
 _LOSS_COLOUR = "tab:blue"
 _SNR_COLOUR = "tab:red"
@@ -280,14 +281,25 @@ class IntervalRow(Protocol):
 
 def plot_intervals(panels: Sequence[tuple[str, Sequence[IntervalRow]]], path: str | Path, *, title: str = "",
                    zero_label: str = "no difference") -> Path:
+    """Write :func:`interval_figure` to ``path`` (PNG, atomically); returns ``path``."""
+    return render_png(interval_figure(panels, title=title, zero_label=zero_label), path)
+
+
+def interval_figure(panels: Sequence[tuple[str, Sequence[IntervalRow]]], *, title: str = "",
+                    zero_label: str = "no difference") -> Figure:
     """Forest plot, one panel per metric: each row's mean with its 95 % interval (bar) and every
     value behind it (dots), against a zero line."""
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4.6 * cols, 0.9 + 1.0 * max(len(r) for _, r in panels) * rows + 1.2 * rows),
+    # Panels with the same rows name them once, left of each figure row: repeated long names
+    # (contrast names) would take most of every panel's width and crowd its x tick labels.
+    same_rows = len({tuple(it.label for it in items) for _, items in panels}) == 1
+    label_inches = 0.075 * max(len(it.label) for _, items in panels for it in items)
+    fig = Figure(figsize=(4.6 * cols + (label_inches if same_rows else 0.0),
+                          0.9 + 1.0 * max(len(r) for _, r in panels) * rows + 1.2 * rows),
                  layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    for ax, (name, items) in zip(axes, panels):
+    for i, (ax, (name, items)) in enumerate(zip(axes, panels)):
         y = np.arange(len(items))[::-1]
         for yi, it in zip(y, items):
             ax.plot(list(it.values), np.full(len(it.values), yi), "o", color="0.45", markersize=4)
@@ -295,7 +307,7 @@ def plot_intervals(panels: Sequence[tuple[str, Sequence[IntervalRow]]], path: st
                 ax.plot([it.low, it.high], [yi, yi], "-", color="black", linewidth=2)
             ax.plot([it.mean], [yi], "D", color="tab:orange", markersize=7)
         ax.axvline(0.0, color="tab:red", linewidth=1, linestyle="--", label=zero_label)
-        ax.set_yticks(y, [it.label for it in items])
+        ax.set_yticks(y, [it.label for it in items] if i % cols == 0 or not same_rows else [])
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long labels (-0.0015) overlap at 5
         ax.set_title(name, fontsize=10)
         ax.margins(y=0.4)
@@ -304,4 +316,4 @@ def plot_intervals(panels: Sequence[tuple[str, Sequence[IntervalRow]]], path: st
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    return render_png(fig, path)
+    return fig
