@@ -3,6 +3,8 @@ and step count (every parameter the pruning left whole), instead of from zero mo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,7 +20,9 @@ BASE = [f"train.steps={SHARED_STEPS}", "profile.profile_steps=2", "profile.num_b
         "finetune.steps=1"]
 
 
-def _stage2(tmp_path, name: str, *extra: str) -> tuple[RunLayout, dict]:
+def _stage2(tmp_path, name: str, *extra: str, monkeypatch=None) -> tuple[RunLayout, dict]:
+    """Stage 1 and one group's fine-tune; with ``monkeypatch``, asserts the fine-tune reads the
+    shared checkpoint once (the model, the reference and AdamW's state come from one read)."""
     cfg = load_config(preset="smoke", overrides=[*BASE, *extra])
     layout = RunLayout(tmp_path / name)
     profile_stage(cfg, layout)
@@ -26,7 +30,19 @@ def _stage2(tmp_path, name: str, *extra: str) -> tuple[RunLayout, dict]:
     shared_stage(cfg, layout)
     # The group with the smallest budget: pruned when pruning is on.
     group = min(range(cfg.grouping.num_groups), key=lambda g: load_plan(layout).budgets[g].fraction)
+    reads = []
+    if monkeypatch is not None:
+        import tdc_core.training.trainer as trainer_module
+
+        def counted(path, **kwargs):
+            reads.append(Path(path))
+            return load_checkpoint(path, **kwargs)
+
+        monkeypatch.setattr(trainer_module, "load_checkpoint", counted)
     finetune_group_stage(cfg, layout, group=group)
+    if monkeypatch is not None:
+        assert reads.count(layout.shared_checkpoint) == 1, reads
+        monkeypatch.undo()
     return layout, load_checkpoint(layout.group_checkpoint(group))
 
 
@@ -42,8 +58,9 @@ def test_fresh_adamw_counts_only_the_fine_tunes_steps(tmp_path):
     assert set(_steps_by_name(layout, ckpt).values()) == {1}
 
 
-def test_carried_adamw_continues_the_shared_models_moments(tmp_path):
-    layout, ckpt = _stage2(tmp_path, "carried", "prune.enabled=false", "finetune.optimizer=shared")
+def test_carried_adamw_continues_the_shared_models_moments(tmp_path, monkeypatch):
+    layout, ckpt = _stage2(tmp_path, "carried", "prune.enabled=false", "finetune.optimizer=shared",
+                           monkeypatch=monkeypatch)
     assert set(_steps_by_name(layout, ckpt).values()) == {SHARED_STEPS + 1}  # every parameter carried
     # The moments continue the shared run's: one more AdamW update of its exp_avg_sq, not a fresh one.
     shared = load_checkpoint(layout.shared_checkpoint)["optimizer"]["state"]

@@ -263,7 +263,9 @@ def finetune_group_stage(
     ckpt = layout.group_checkpoint(group)
     scratch = config.finetune.init == "scratch"
     prune = config.prune.enabled and budget.fraction < 1.0 and not scratch
-    shared = load_model(layout.shared_checkpoint, device=device).model  # loaded once: start and reference
+    # Read once: the start, the reference, and (carried) AdamW's state.
+    loaded = load_model(layout.shared_checkpoint, device=device, keep_optimizer=config.finetune.optimizer == "shared")
+    shared = loaded.model
     if ckpt.exists():
         spec, start = UNetSpec.from_dict(load_checkpoint(ckpt)["spec"]), None  # pruned widths live there
     elif scratch:  # the one-stage ablation: no stage 1 in the expert, its budget's widths from the start
@@ -287,7 +289,8 @@ def finetune_group_stage(
         trainer.resume(ckpt)  # its optimizer state too, carried or not
     else:
         if config.finetune.optimizer == "shared":
-            carried, total = trainer.carry_optimizer_state(layout.shared_checkpoint)
+            carried, total = trainer.carry_optimizer_state(loaded.optimizer_state, source=layout.shared_checkpoint)
+            loaded.optimizer_state = None  # not needed past here
             if reporter is not None:
                 reporter.message(f"AdamW state of the shared model carried for {carried} of {total} parameters"
                                  + (" (pruned tensors start fresh)" if carried < total else ""))

@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,23 +268,23 @@ class Trainer:
         except _REBUILD_ERRORS as exc:  # an edited or foreign checkpoint: name the file, one line
             raise CheckpointError(f"checkpoint {path} is inconsistent: {_one_line(exc)}") from None
 
-    def carry_optimizer_state(self, path: str | Path) -> tuple[int, int]:
-        """Start AdamW from the optimizer state in the training checkpoint ``path`` (the shared
-        model's): each parameter of this trainer's model whose shape is the checkpoint's takes
-        that parameter's moments and step count; any other (a pruned tensor, whose channels no
-        longer line up) starts fresh. A pruned model keeps the dense model's modules, so its
-        parameters come in the same order. Weights, EMA, step and RNG are untouched: this is a
-        new run that inherits only the optimizer's statistics.
+    def carry_optimizer_state(self, saved: Mapping[str, Any] | None, *, source: str | Path) -> tuple[int, int]:
+        """Start AdamW from ``saved``, the optimizer state of the training checkpoint ``source``
+        (the shared model's; see :func:`load_model`'s ``keep_optimizer``): each parameter of this
+        trainer's model whose shape is the checkpoint's takes that parameter's moments and step
+        count; any other (a pruned tensor, whose channels no longer line up) starts fresh. A
+        pruned model keeps the dense model's modules, so its parameters come in the same order.
+        Weights, EMA, step and RNG are untouched: this is a new run that inherits only the
+        optimizer's statistics.
 
         Returns:
             (parameters carried, parameters of the model).
 
         Raises:
-            CheckpointError: unreadable, or without optimizer state (an imported checkpoint).
+            CheckpointError: ``source`` holds no optimizer state (an imported checkpoint).
         """
-        saved = load_checkpoint(path, map_location="cpu").get("optimizer")
         if saved is None:
-            raise CheckpointError(f"checkpoint {path} holds no optimizer state to carry (imported weights?)")
+            raise CheckpointError(f"checkpoint {source} holds no optimizer state to carry (imported weights?)")
         params = list(self.model.parameters())
         mine = self.optimizer.state_dict()
         # torch's load_state_dict puts each state on its parameter's device and dtype (and AdamW's
@@ -616,10 +616,15 @@ class LoadedModel:
     spec: UNetSpec
     step: int
     t_range: tuple[int, int]
+    # AdamW's state in the checkpoint (on CPU), only when asked for: it is twice the weights.
+    optimizer_state: dict[str, Any] | None = None
 
 
-def load_model(path: str | Path, *, use_ema: bool = True, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild a model from its checkpoint alone (config and spec are stored inside)."""
+def load_model(path: str | Path, *, use_ema: bool = True, device: torch.device | str = "cpu",
+               keep_optimizer: bool = False) -> LoadedModel:
+    """Rebuild a model from its checkpoint alone (config and spec are stored inside); with
+    ``keep_optimizer``, also return the checkpoint's optimizer state (None in an imported one),
+    so a caller that needs both reads the file once."""
     p = load_checkpoint(path, map_location="cpu")
     try:
         config = validate_config(p["config"], source=f"checkpoint {path}")
@@ -630,7 +635,8 @@ def load_model(path: str | Path, *, use_ema: bool = True, device: torch.device |
     except _REBUILD_ERRORS as exc:  # an edited or foreign checkpoint: name the file, one line
         raise CheckpointError(f"checkpoint {path} cannot be rebuilt: {_one_line(exc)}") from None
     model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model=model, config=config, spec=spec, step=step, t_range=t_range)
+    return LoadedModel(model=model, config=config, spec=spec, step=step, t_range=t_range,
+                       optimizer_state=p.get("optimizer") if keep_optimizer else None)
 
 
 # ValueError covers pydantic's ValidationError; TDCError our ConfigError and DataError.
