@@ -123,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
 
     def eval_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--num", type=int, help="samples per seed (default: eval.num_samples)")
+        sp.add_argument("--num", type=int, help="samples per seed (default: eval.num_samples); the FID reference "
+                        "stays the split the run's eval.num_samples chose (eval.reference=auto), so the scores "
+                        "compare with the run's")
         sp.add_argument("--seeds", type=_int_list, help="comma-separated sample seeds (default: eval.seeds)")
         sp.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: sample.sampler")
         sp.add_argument("--steps", type=int, help="respaced sampling steps (default: sample.steps)")
