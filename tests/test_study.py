@@ -538,3 +538,16 @@ def test_forest_panels_with_the_same_rows_name_them_once_per_figure_row():
     fig = interval_figure([("a", rows), ("b", rows[:1])])  # different rows: each panel names its own
     assert named(fig) == [
         ["sensitivity-vs-single-model", "carried-vs-fresh-adamw"], ["sensitivity-vs-single-model"]]
+
+
+def test_forest_panels_keep_at_most_two_rows_of_padding_however_many_rows():
+    """A margin proportional to the rows left a third of an 11-contrast panel empty."""
+    from tdc_core.evaluation.plots import interval_figure
+    from tdc_core.run.study import DifferenceRow
+
+    for n in (1, 3, 11):
+        rows = [DifferenceRow(label=f"c{i}", mean=0.1, low=0.0, high=0.2, values=(0.05, 0.15)) for i in range(n)]
+        ax = interval_figure([("m", rows)]).axes[0]
+        low, high = ax.get_ylim()
+        assert low < 0 and high > n - 1  # every row inside the panel
+        assert (high - low) - (n - 1) <= 2.0  # padding above and below together at most two rows

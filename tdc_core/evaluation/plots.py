@@ -295,8 +295,9 @@ def interval_figure(panels: Sequence[tuple[str, Sequence[IntervalRow]]], *, titl
     # (contrast names) would take most of every panel's width and crowd its x tick labels.
     same_rows = len({tuple(it.label for it in items) for _, items in panels}) == 1
     label_inches = 0.075 * max(len(it.label) for _, items in panels for it in items)
+    # Half an inch per row, plus room for the title, the x ticks and (above the top row) the legend.
     fig = Figure(figsize=(4.6 * cols + (label_inches if same_rows else 0.0),
-                          0.9 + 1.0 * max(len(r) for _, r in panels) * rows + 1.2 * rows),
+                          0.9 + (0.45 * (max(len(r) for _, r in panels) + 1.4) + 1.0) * rows),
                  layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for i, (ax, (name, items)) in enumerate(zip(axes, panels)):
@@ -310,7 +311,9 @@ def interval_figure(panels: Sequence[tuple[str, Sequence[IntervalRow]]], *, titl
         ax.set_yticks(y, [it.label for it in items] if i % cols == 0 or not same_rows else [])
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long labels (-0.0015) overlap at 5
         ax.set_title(name, fontsize=10)
-        ax.margins(y=0.4)
+        # Fixed padding, not a margin proportional to the rows: with many rows a proportional
+        # margin left a third of every panel empty. The extra row on top holds the legend.
+        ax.set_ylim(-0.6, len(items) + 0.4)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)
