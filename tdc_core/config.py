@@ -514,6 +514,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample": {"sampler": "ddim", "steps": 50, "num_samples": 64},
         "profile": {"profile_steps": 300, "num_buckets": 50},
         "grouping": {"num_groups": 5},
+        # Budgets ranked by the measured rise of the probe's error when pruned, chosen on
+        # validation seeds 100-102 (studies/SELECTION.md, digits-levers-validation).
+        "budget": {"difficulty": "sensitivity"},
         # Stage 2's own schedule, chosen on validation seeds 100-102 (studies/SELECTION.md):
         # inheriting train's 100-step warm-up and EMA 0.995 cost TDC 0.14 bits/dim.
         "finetune": {"steps": 150, "lr": 5e-4, "warmup_steps": 10, "ema_decay": 0.95, "lr_schedule": "cosine"},
