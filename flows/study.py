@@ -54,6 +54,7 @@ from tdc_core.run.study import (
     replicate_config,
     replicate_differences,
     replicate_metrics,
+    select,
     study_key,
     study_markdown,
     summarise,
@@ -145,6 +146,7 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
                                    "mlflow_run_id": summary.mlflow_run_id, **metrics})
         result = summarise(name=spec.name, arms=results, seconds=time.perf_counter() - t0, contrasts=spec.contrasts)
         result = result.model_copy(update={"equivalence": equivalence(curves), "reused": reused})
+        result = result.model_copy(update={"selection": select(spec, result)})
         files = _write(out, result, replicates=replicates, curves=curves)
         tracking.log_metrics(tracking.parent_run_id, {
             **summary_metrics(result),
@@ -343,6 +345,7 @@ def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None, partial: 
     elif previous:
         update["equivalence"] = previous.equivalence  # run folders gone: keep what was measured
     result = result.model_copy(update=update)
+    result = result.model_copy(update={"selection": select(spec, result)})
     _write(out, result, replicates=kept, curves=curves)
     return result
 

@@ -98,6 +98,23 @@ def test_replicates_differ_in_training_seed_only():
     assert a.data == b.data  # the same split: every replicate is scored on the same held-out images
 
 
+def test_study_overrides_apply_to_every_arm_before_its_own(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: s\noverrides: [train.steps=12, train.lr=0.001]\n"
+                 "arms: [{name: a, preset: smoke}, {name: b, preset: smoke, overrides: [train.lr=0.002]}]\n"
+                 "seeds: [0]\n")
+    a, b = (replicate_config(arm, seed=0) for arm in load_study(f).arms)
+    assert a.train.steps == b.train.steps == 12
+    assert a.train.lr == 0.001 and b.train.lr == 0.002  # the arm's own value wins
+    # the same configs as the study-level values written into each arm
+    f.write_text("name: s\narms: [{name: a, preset: smoke, overrides: [train.steps=12, train.lr=0.001]},\n"
+                 "  {name: b, preset: smoke, overrides: [train.steps=12, train.lr=0.002]}]\nseeds: [0]\n")
+    assert [replicate_config(arm, seed=0) for arm in load_study(f).arms] == [a, b]
+    f.write_text("name: s\noverrides: [train.stepz=7]\narms: [{name: a, preset: smoke}]\nseeds: [0]\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        load_study(f)
+
+
 SMOKE = ["train.steps=12", "profile.profile_steps=6", "finetune.steps=4", "eval.num_samples=16",
          "eval.heldout_per_image=10", "eval.bpd_timesteps=10"]
 

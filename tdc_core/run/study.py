@@ -44,6 +44,7 @@ from tdc_core.evaluation.curves import Curve
 from tdc_core.evaluation.results import Comparison
 from tdc_core.method.budgets import budget_fractions
 from tdc_core.method.pruning.space import count_spec_flops
+from tdc_core.run.selection import Candidate, Selection, SelectionRule, choose, selection_markdown
 from tdc_core.training.trainer import spec_for
 
 __all__ = [
@@ -69,6 +70,8 @@ __all__ = [
     "replicate_config",
     "replicate_differences",
     "replicate_metrics",
+    "select",
+    "settings_changed",
     "study_key",
     "study_markdown",
     "summarise",
@@ -126,15 +129,23 @@ class Contrast(BaseModel):
 
 class StudySpec(BaseModel):
     """A study file: ``name``, ``arms`` (each ``name``, ``preset``, ``overrides``), ``seeds`` and
-    optional ``contrasts`` between arms' models."""
+    optional ``contrasts`` between arms' models.
+
+    ``overrides`` at the top level apply to every arm, before the arm's own (so an arm's own
+    value of the same key wins): e.g. a study that ran before a preset's default changed names the
+    earlier value once. Once read, each arm's ``overrides`` hold the study's followed by its own,
+    which is what every replicate's config is built from."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    overrides: tuple[str, ...] = ()
     arms: tuple[Arm, ...] = Field(min_length=1)
     seeds: tuple[Seed, ...] = Field(min_length=1)
     workers: int | None = Field(None, ge=1)  # parallel group fine-tunes inside each pipeline run
     contrasts: tuple[Contrast, ...] = ()
+    # A validation study's rule for choosing among its candidates (tdc_core/run/selection.py).
+    selection: SelectionRule | None = None
     # Where replicates run: here, one after another (local), or each as a flow run of
     # ``deployment`` on any worker of its pool, all submitted at once (deployment). Workers
     # publish results to ``storage`` (any fsspec URL), from where the study reads them.
@@ -151,11 +162,13 @@ class StudySpec(BaseModel):
 
     @field_validator("arms")
     @classmethod
-    def _distinct_arms(cls, arms: tuple[Arm, ...]) -> tuple[Arm, ...]:
+    def _distinct_arms(cls, arms: tuple[Arm, ...], info) -> tuple[Arm, ...]:
         names = [a.name for a in arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be distinct, got {names}")
-        return arms
+        shared = info.data.get("overrides", ())
+        # Folded in here, once, so everything downstream reads an arm's overrides alone.
+        return tuple(a.model_copy(update={"overrides": (*shared, *a.overrides)}) for a in arms) if shared else arms
 
     @field_validator("contrasts")
     @classmethod
@@ -172,6 +185,22 @@ class StudySpec(BaseModel):
         if len({c.name for c in contrasts}) != len(contrasts):
             raise ValueError("contrast names must be distinct")
         return contrasts
+
+    @model_validator(mode="after")
+    def _selection_names_arms_or_contrasts(self) -> StudySpec:
+        if self.selection is None:
+            return self
+        arms, contrasts = {a.name for a in self.arms}, {c.name for c in self.contrasts}
+        for name in self.selection.candidates:
+            if (name in arms) == (name in contrasts):
+                raise ValueError(f"selection: candidate {name!r} must name exactly one arm or contrast; arms: "
+                                 f"{sorted(arms)}, contrasts: {sorted(contrasts)}")
+        for key in ("metric", "tiebreak"):
+            metric = getattr(self.selection, key)
+            if metric is not None and (metric not in METRICS or metric in COSTS):
+                raise ValueError(f"selection: {key} {metric!r} is not an outcome metric; allowed: "
+                                 f"{sorted(set(METRICS) - COSTS)}")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -213,6 +242,11 @@ def load_study(path: str | Path) -> StudySpec:
                               f"summarise; allowed: eval.enabled=true (baseline.enabled=false scores TDC alone)")
         if not cfg.baseline.enabled:
             alone.add(arm.name)
+    for name in spec.selection.candidates if spec.selection else ():
+        if name in alone:
+            raise ConfigError(f"study file {path}: selection: candidate {name} is an arm with baseline.enabled=false "
+                              f"(TDC alone), which has no TDC − baseline; allowed: a contrast of {name}.tdc against "
+                              f"a single model")
     for c in spec.contrasts:
         for which in ("a", "b"):
             arm, model = c.parts(which)
@@ -459,6 +493,7 @@ class StudySummary(BaseModel):
     seconds: float | None = None   # wall time of the invocation that wrote it
     reused: int = 0                # replicates that invocation found finished (their time is not in it)
     equivalence: list[Equivalence] = []
+    selection: Selection | None = None  # the study file's selection rule applied (see select)
     # A part-run study (``tdc study --summary-only --partial``): the study file's arm × seeds and
     # contrasts with no replicates yet, e.g. "n3 seeds 0, 1, 2", "contrast n3-vs-n5 (needs n3)".
     not_run: list[str] = []
@@ -649,7 +684,44 @@ def study_markdown(s: StudySummary) -> str:
                                                      for r in e.per_seed])
             lines.append(f"| {e.arm} | {_fmt(e.ratio) if e.ratio else '—'} | {per_seed} |")
         lines.append("")
+    if s.selection:
+        lines += selection_markdown(s.selection, label=lambda m: METRICS[m])
     return "\n".join(lines)
+
+
+def settings_changed(spec: StudySpec, arm: Arm) -> int:
+    """How many settings ``arm`` changes from the study's own configuration (its preset with the
+    study-level overrides), where it runs and an unscored baseline aside: the selection rule's
+    measure of simplicity."""
+    seed = spec.seeds[0]
+    reference = replicate_config(Arm(name="study", preset=arm.preset, overrides=spec.overrides), seed=seed)
+    return len(replicate_differences(arm, seed=seed, made_with=reference))
+
+
+def select(spec: StudySpec, summary: StudySummary) -> Selection | None:
+    """The study file's ``selection`` rule applied to ``summary`` (None without a rule): each
+    candidate's mean paired difference, TDC − baseline for an arm and a − b for a contrast."""
+    if spec.selection is None:
+        return None
+    rule = spec.selection
+    arms = {a.arm: {m.metric: m.difference for m in a.metrics if m.difference} for a in summary.arms}
+    arm_seeds = {a.arm: a.seeds for a in summary.arms}
+    contrasts = {c.name: c for c in summary.contrasts}
+    by_name = {a.name: a for a in spec.arms}
+    candidates = []
+    for name in rule.candidates:
+        if name in by_name:
+            found, seeds, arm = arms.get(name, {}), arm_seeds.get(name, []), by_name[name]
+        else:
+            c = contrasts.get(name)
+            found = {m.metric: m.difference for m in c.metrics} if c else {}
+            seeds = c.seeds if c else []
+            arm = by_name[next(x for x in spec.contrasts if x.name == name).parts("a")[0]]
+        mean = {k: d.mean for k, d in found.items()}
+        candidates.append(Candidate(name=name, metric=mean.get(rule.metric),
+                                    tiebreak=mean.get(rule.tiebreak) if rule.tiebreak else None,
+                                    settings_changed=settings_changed(spec, arm), seeds=tuple(seeds)))
+    return choose(rule, candidates, higher_is_better=lambda m: m in HIGHER_IS_BETTER)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,77 @@
+"""A validation study's selection rule (tdc_core/run/selection.py, `selection:` in a study file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tdc_core.errors import ConfigError
+from tdc_core.run.selection import Candidate, SelectionRule, choose
+from tdc_core.run.study import StudySummary, load_study, select
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+RULE = SelectionRule(candidates=("a", "b", "c"), metric="bits_per_dim", tie=0.005, tiebreak="fid_mean")
+
+
+def _c(name: str, metric: float | None, tiebreak: float | None = 0.0, changed: int = 1) -> Candidate:
+    return Candidate(name=name, metric=metric, tiebreak=tiebreak, settings_changed=changed, seeds=(100, 101, 102))
+
+
+def _lower(metric: str) -> bool:
+    return metric in {"precision", "recall"}
+
+
+def test_the_best_mean_wins_when_nothing_is_within_the_tie():
+    s = choose(RULE, [_c("a", -0.01), _c("b", -0.05, tiebreak=9.0), _c("c", -0.02, tiebreak=-9.0)],
+               higher_is_better=_lower)
+    assert s.choice == "b"  # a tiebreak never overturns a lead larger than the tie
+
+
+def test_within_the_tie_the_better_tiebreak_wins_then_the_simpler_setting():
+    s = choose(RULE, [_c("a", -0.050, tiebreak=0.003), _c("b", -0.054, tiebreak=0.004), _c("c", -0.01)],
+               higher_is_better=_lower)
+    assert s.choice == "a"  # 0.004 from the best mean, and the lower FID
+    s = choose(RULE, [_c("a", -0.050, tiebreak=0.004, changed=2), _c("b", -0.054, tiebreak=0.004, changed=1),
+                      _c("c", -0.049, tiebreak=0.004, changed=0)], higher_is_better=_lower)
+    assert s.choice == "c"  # all tie on both: the fewest settings changed
+    s = choose(RULE.model_copy(update={"tiebreak": None}), [_c("a", -0.05, changed=1), _c("b", -0.05, changed=1)],
+               higher_is_better=_lower)
+    assert s.choice == "a"  # and then the first listed
+
+
+def test_higher_is_better_metrics_are_maximised():
+    rule = SelectionRule(candidates=("a", "b"), metric="recall")
+    assert choose(rule, [_c("a", 0.01), _c("b", 0.03)], higher_is_better=_lower).choice == "b"
+
+
+def test_no_choice_while_a_candidate_has_no_number():
+    s = choose(RULE, [_c("a", -0.05), _c("b", None), _c("c", -0.01)], higher_is_better=_lower)
+    assert s.choice is None and "b" in s.reason
+    s = choose(RULE, [_c("a", -0.05, tiebreak=None), _c("b", -0.05), _c("c", -0.01)], higher_is_better=_lower)
+    assert s.choice is None and "fid_mean" in s.reason
+
+
+@pytest.mark.parametrize(("selection", "match"), [
+    ("{candidates: [a, nope]}", "nope.*exactly one arm or contrast"),
+    ("{candidates: [a, b], metric: training_flops}", "not an outcome metric"),
+    ("{candidates: [a, b], tiebreak: fid}", "tiebreak 'fid'"),
+    ("{candidates: [a, alone]}", "alone is an arm with baseline.enabled=false"),
+])
+def test_a_selection_must_name_candidates_and_metrics_the_study_has(tmp_path, selection, match):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: s\narms: [{name: a, preset: smoke}, {name: b, preset: smoke, overrides: [train.lr=0.002]},\n"
+                 "  {name: alone, preset: smoke, overrides: [baseline.enabled=false]}]\nseeds: [0]\n"
+                 f"selection: {selection}\n")
+    with pytest.raises(ConfigError, match=match):
+        load_study(f)
+
+
+@pytest.mark.parametrize(("study", "chosen"), [
+    ("digits-recipe-validation", "cosine"),                        # SELECTION.md, 2026-12-01
+    ("digits-levers-validation", "sensitivity-vs-single-model"),   # SELECTION.md, 2026-12-03
+])
+def test_the_committed_validation_studies_rule_makes_the_recorded_choice(study, chosen):
+    spec = load_study(STUDIES / f"{study}.yaml")
+    summary = StudySummary.model_validate_json((STUDIES / study / "study.json").read_text())
+    assert select(spec, summary).choice == chosen
