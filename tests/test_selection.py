@@ -49,7 +49,7 @@ def test_no_choice_while_a_candidate_has_no_number():
     s = choose(RULE, [_c("a", -0.05), _c("b", None), _c("c", -0.01)], higher_is_better=_lower)
     assert s.choice is None and "b" in s.reason
     s = choose(RULE, [_c("a", -0.05, tiebreak=None), _c("b", -0.05), _c("c", -0.01)], higher_is_better=_lower)
-    assert s.choice is None and "fid_mean" in s.reason
+    assert s.choice is None and "fid_mean" in s.reason  # the key, as no label was given
 
 
 @pytest.mark.parametrize(("selection", "match"), [

@@ -68,38 +68,40 @@ class Selection(BaseModel):
     reason: str
 
 
-def choose(rule: SelectionRule, candidates: Sequence[Candidate], *,
-           higher_is_better: Callable[[str], bool]) -> Selection:
+def choose(rule: SelectionRule, candidates: Sequence[Candidate], *, higher_is_better: Callable[[str], bool],
+           label: Callable[[str], str] = str) -> Selection:
     """Apply ``rule`` to ``candidates`` (in the rule's order). Undecided, with the reason, while
-    any candidate lacks the metric, or the tiebreak is needed and one of the tied lacks it."""
+    any candidate lacks the metric, or the tiebreak is needed and one of the tied lacks it.
+    ``label`` names a metric in the reason."""
+    metric, tiebreak = label(rule.metric), label(rule.tiebreak) if rule.tiebreak else None
     rows = [SelectionRow(candidate=c.name, metric=c.metric, tiebreak=c.tiebreak,
                          settings_changed=c.settings_changed, seeds=list(c.seeds)) for c in candidates]
     missing = [c.name for c in candidates if c.metric is None]
     if missing:
         return Selection(rule=rule, rows=rows, choice=None,
-                         reason=f"undecided: no {rule.metric} yet for {', '.join(missing)}")
+                         reason=f"undecided: no {metric} yet for {', '.join(missing)}")
     sign = -1.0 if higher_is_better(rule.metric) else 1.0  # compare as "lower is better"
     best = min(sign * c.metric for c in candidates)
     tied = [c for c in candidates if sign * c.metric - best <= rule.tie]
     leader = next(c for c in candidates if sign * c.metric == best)
     if len(tied) == 1:
         return Selection(rule=rule, rows=rows, choice=leader.name,
-                         reason=f"{leader.name} has the best mean {rule.metric} ({leader.metric:+.4g}), and no other "
+                         reason=f"{leader.name} has the best mean {metric} ({leader.metric:+.4g}), and no other "
                                 f"candidate is within {rule.tie:g} of it")
     names = ", ".join(c.name for c in tied)
     if rule.tiebreak is not None:
         if any(c.tiebreak is None for c in tied):
             return Selection(rule=rule, rows=rows, choice=None,
-                             reason=f"undecided: {names} tie on {rule.metric} and not all have {rule.tiebreak}")
+                             reason=f"undecided: {names} tie on {metric} and not all have {tiebreak}")
         tsign = -1.0 if higher_is_better(rule.tiebreak) else 1.0
         tbest = min(tsign * c.tiebreak for c in tied)
         tied_again = [c for c in tied if tsign * c.tiebreak == tbest]
         if len(tied_again) == 1:
             c = tied_again[0]
             return Selection(rule=rule, rows=rows, choice=c.name,
-                             reason=f"{names} are within {rule.tie:g} of the best mean {rule.metric} "
+                             reason=f"{names} are within {rule.tie:g} of the best mean {metric} "
                                     f"({leader.name}, {leader.metric:+.4g}); {c.name} has the best mean "
-                                    f"{rule.tiebreak} among them ({c.tiebreak:+.4g})")
+                                    f"{tiebreak} among them ({c.tiebreak:+.4g})")
         tied = tied_again
     simplest = min(tied, key=lambda c: c.settings_changed)  # min keeps the first listed among equals
     return Selection(rule=rule, rows=rows, choice=simplest.name,

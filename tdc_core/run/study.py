@@ -721,7 +721,7 @@ def select(spec: StudySpec, summary: StudySummary) -> Selection | None:
         candidates.append(Candidate(name=name, metric=mean.get(rule.metric),
                                     tiebreak=mean.get(rule.tiebreak) if rule.tiebreak else None,
                                     settings_changed=settings_changed(spec, arm), seeds=tuple(seeds)))
-    return choose(rule, candidates, higher_is_better=lambda m: m in HIGHER_IS_BETTER)
+    return choose(rule, candidates, higher_is_better=lambda m: m in HIGHER_IS_BETTER, label=lambda m: METRICS[m])
 
 
 @dataclass(frozen=True)
