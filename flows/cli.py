@@ -138,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", type=Path, help="a single model's checkpoint")
     src.add_argument("--run-dir", type=Path, help="a TDC run folder: evaluate its routed ensemble")
     fi.add_argument("--out-dir", type=Path, help="sample grid and scores (default: <run>/eval)")
+    fi.add_argument("--experts", metavar="G[,G...]",
+                    help="with --run-dir: only these groups' experts, the run's baseline on every other group's "
+                         "timesteps (how much those experts move sample quality); scores go to "
+                         "<out>/experts-G-...-eval.json")
     eval_args(fi)
 
     cm = sub.add_parser("compare", help="TDC ensemble vs the single-model baseline: FID/KID over seeds, sampling "
@@ -515,18 +519,40 @@ def _print_scores_header(what: str, setup, device, cfg) -> None:
           f"{setup.sampler} {steps} steps (reference statistics cache: {resolve_cache_dir(cfg.eval.cache_dir)})")
 
 
+def _parse_groups(text: str) -> list[int]:
+    """``--experts 3,4`` → [3, 4]: one clear error for anything else."""
+    from tdc_core.errors import ConfigError
+
+    try:
+        groups = sorted({int(g) for g in text.split(",")})
+    except ValueError:
+        raise ConfigError(f"--experts {text!r}: allowed: comma-separated group indices, e.g. --experts 3,4") from None
+    if not groups or groups[0] < 0:
+        raise ConfigError(f"--experts {text!r}: allowed: comma-separated group indices ≥ 0, e.g. --experts 3,4")
+    return groups
+
+
 def _cmd_fid(args: argparse.Namespace) -> int:
     from tdc_core.config import apply_overrides, read_run_config
+    from tdc_core.errors import ConfigError
     from tdc_core.run.evaluation import evaluate_config
     from tdc_core.run.layout import RunLayout
     from tdc_core.run.stages import assemble_router
     from tdc_core.training.trainer import load_model
 
+    if args.experts is not None and args.run_dir is None:
+        raise ConfigError("--experts swaps a TDC run's experts into its baseline: it needs --run-dir, not --checkpoint")
     if args.run_dir is not None:
         layout = RunLayout(args.run_dir)
         cfg = read_run_config(layout, overrides=args.overrides)  # not written back: eval overrides stay local
         device = _setup(cfg)
-        model, name, what = assemble_router(layout, device=device), "tdc", f"the routed ensemble of {args.run_dir}"
+        if args.experts is None:
+            model, name, what = assemble_router(layout, device=device), "tdc", f"the routed ensemble of {args.run_dir}"
+        else:
+            groups = _parse_groups(args.experts)
+            model = assemble_router(layout, device=device, experts=groups, elsewhere=layout.baseline_checkpoint)
+            name = "experts-" + "-".join(map(str, groups))
+            what = f"the baseline of {args.run_dir} with the experts of groups {groups} on their timesteps"
         out = args.out_dir or layout.eval_dir
     else:
         loaded = load_model(args.checkpoint, device="cpu")

@@ -85,3 +85,35 @@ def test_compare_without_a_baseline_says_how_to_train_it(tmp_path, capsys):
     write_run_config(layout, load_config(preset="smoke"))
     assert main(["compare", "--run-dir", str(layout.root)]) == 2
     assert "baseline checkpoint" in capsys.readouterr().err
+
+
+def test_fid_of_some_experts_swapped_into_the_baseline(tmp_path, tmp_path_factory, capsys):
+    """`tdc fid --run-dir R --experts G`: group G's timesteps by its expert, every other group's
+    by the run's baseline, scored under its own name (the run's own scores stay)."""
+    import re
+
+    import pytest
+    import torch
+
+    from flows.cli import main
+    from tdc_core.errors import ConfigError
+
+    layout = _smoke_run(tmp_path / "run", tmp_path_factory.getbasetemp() / "tdc-cache")
+    router = stages.assemble_router(layout, experts=[1], elsewhere=layout.baseline_checkpoint)
+    expert = stages.assemble_router(layout).experts[1]
+    base = stages.assemble_router(layout, experts=[], elsewhere=layout.baseline_checkpoint).experts[1]
+    assert all(torch.equal(a, b) for a, b in zip(router.experts[1].state_dict().values(),
+                                                  expert.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(router.experts[0].state_dict().values(),
+                                                  base.state_dict().values()))
+    assert main(["fid", "--run-dir", str(layout.root), "--experts", "1", "--num", "8", "--seeds", "0",
+                 "--steps", "4"]) == 0
+    assert "with the experts of groups [1]" in capsys.readouterr().out
+    assert (layout.root / "eval" / "experts-1-eval.json").is_file()
+    assert not (layout.root / "eval" / "tdc-eval.json").exists()
+    for bad, match in ((["--experts", "5"], r"experts \[5\]: .* groups 0..1"), (["--experts", "x"], "allowed: comma")):
+        assert main(["fid", "--run-dir", str(layout.root), *bad, "--num", "8", "--seeds", "0", "--steps", "4"]) != 0
+        err = capsys.readouterr().err
+        assert re.search(match, err) and "Traceback" not in err, err
+    with pytest.raises(ConfigError, match="needs the checkpoint"):
+        stages.assemble_router(layout, experts=[0])

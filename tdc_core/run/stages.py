@@ -22,6 +22,8 @@ import dataclasses
 import math
 import shutil
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -318,10 +320,29 @@ def load_group_result(layout: RunLayout, group: int) -> GroupResult:
     return load_record(layout.group_result(group), GroupResult, what="group result")
 
 
-def assemble_router(layout: RunLayout, *, device: torch.device | str = "cpu") -> ExpertRouter:
-    """The routed ensemble: one fine-tuned expert per group, from checkpoints + boundaries."""
+def assemble_router(layout: RunLayout, *, device: torch.device | str = "cpu",
+                    experts: Sequence[int] | None = None, elsewhere: Path | None = None) -> ExpertRouter:
+    """The routed ensemble: one fine-tuned expert per group, from checkpoints + boundaries.
+
+    With ``experts`` (group indices) only those groups get their expert and every other group's
+    timesteps are served by the checkpoint ``elsewhere`` (e.g. the run's baseline): one expert
+    swapped into the single model shows how much that group's expert moves sample quality.
+
+    Raises:
+        ConfigError: ``experts`` without ``elsewhere``, or naming a group the run lacks.
+        CheckpointError: a checkpoint it needs is missing.
+    """
     grouping = load_grouping(layout)
     checkpoints = [layout.group_checkpoint(g) for g in range(grouping.num_groups)]
+    if experts is not None:
+        bad = sorted(set(experts) - set(range(grouping.num_groups)))
+        if bad:
+            raise ConfigError(f"experts {bad}: {layout.root} has groups 0..{grouping.num_groups - 1}")
+        if elsewhere is None:
+            raise ConfigError("experts needs the checkpoint that serves the other groups (elsewhere)")
+        if not Path(elsewhere).is_file():
+            raise CheckpointError(f"{elsewhere} is not a checkpoint file (it serves the groups other than {experts})")
+        checkpoints = [c if g in experts else Path(elsewhere) for g, c in enumerate(checkpoints)]
     missing = [str(p) for p in checkpoints if not p.is_file()]
     if missing:
         raise CheckpointError(f"group checkpoints missing (fine-tune these groups first): {', '.join(missing)}")
