@@ -520,16 +520,14 @@ def _print_scores_header(what: str, setup, device, cfg) -> None:
 
 
 def _parse_groups(text: str) -> list[int]:
-    """``--experts 3,4`` → [3, 4]: one clear error for anything else."""
+    """``--experts 3,4`` → [3, 4] (parsed as ``--seeds`` is), one clear error otherwise; which
+    groups a run has is checked where the run is read."""
     from tdc_core.errors import ConfigError
 
     try:
-        groups = sorted({int(g) for g in text.split(",")})
-    except ValueError:
+        return sorted(set(_int_list(text)))
+    except argparse.ArgumentTypeError:
         raise ConfigError(f"--experts {text!r}: allowed: comma-separated group indices, e.g. --experts 3,4") from None
-    if not groups or groups[0] < 0:
-        raise ConfigError(f"--experts {text!r}: allowed: comma-separated group indices ≥ 0, e.g. --experts 3,4")
-    return groups
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:

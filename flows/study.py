@@ -145,8 +145,8 @@ def tdc_study(spec: StudySpec, out_dir: str | None = None, tracking_uri: str | N
                 replicates.append({"arm": arm.name, "seed": seed, "run_dir": summary.run_dir,
                                    "mlflow_run_id": summary.mlflow_run_id, **metrics})
         result = summarise(name=spec.name, arms=results, seconds=time.perf_counter() - t0, contrasts=spec.contrasts)
-        result = result.model_copy(update={"equivalence": equivalence(curves), "reused": reused})
-        result = result.model_copy(update={"selection": select(spec, result)})
+        result = result.model_copy(update={"equivalence": equivalence(curves), "reused": reused,
+                                           "selection": select(spec, result)})
         files = _write(out, result, replicates=replicates, curves=curves)
         tracking.log_metrics(tracking.parent_run_id, {
             **summary_metrics(result),
@@ -339,13 +339,12 @@ def resummarise(spec: StudySpec, *, out_dir: str | Path | None = None, partial: 
     contrasts, not_run = not_run_yet(spec, results)
     result = summarise(name=spec.name, arms=results, seconds=previous.seconds if same else None,
                        contrasts=contrasts)
-    update: dict = {"reused": previous.reused if same else 0, "not_run": not_run}
+    update: dict = {"reused": previous.reused if same else 0, "not_run": not_run, "selection": select(spec, result)}
     if curves and all(len(v) == len(spec.seeds) for v in curves.values()):
         update["equivalence"] = equivalence(curves)
     elif previous:
         update["equivalence"] = previous.equivalence  # run folders gone: keep what was measured
     result = result.model_copy(update=update)
-    result = result.model_copy(update={"selection": select(spec, result)})
     _write(out, result, replicates=kept, curves=curves)
     return result
 

@@ -704,19 +704,16 @@ def select(spec: StudySpec, summary: StudySummary) -> Selection | None:
     if spec.selection is None:
         return None
     rule = spec.selection
-    arms = {a.arm: {m.metric: m.difference for m in a.metrics if m.difference} for a in summary.arms}
-    arm_seeds = {a.arm: a.seeds for a in summary.arms}
-    contrasts = {c.name: c for c in summary.contrasts}
+    # What each candidate's numbers are: an arm's TDC − baseline, or a contrast's a − b (a part-run
+    # study may lack either: the candidate then has no number and the rule waits).
+    measured = {a.arm: (a.seeds, {m.metric: m.difference for m in a.metrics if m.difference}) for a in summary.arms}
+    measured |= {c.name: (c.seeds, {m.metric: m.difference for m in c.metrics}) for c in summary.contrasts}
     by_name = {a.name: a for a in spec.arms}
+    arm_a = {c.name: by_name[c.parts("a")[0]] for c in spec.contrasts}  # a contrast's setting is its a's
     candidates = []
     for name in rule.candidates:
-        if name in by_name:
-            found, seeds, arm = arms.get(name, {}), arm_seeds.get(name, []), by_name[name]
-        else:
-            c = contrasts.get(name)
-            found = {m.metric: m.difference for m in c.metrics} if c else {}
-            seeds = c.seeds if c else []
-            arm = by_name[next(x for x in spec.contrasts if x.name == name).parts("a")[0]]
+        seeds, found = measured.get(name, ([], {}))
+        arm = by_name.get(name) or arm_a[name]
         mean = {k: d.mean for k, d in found.items()}
         candidates.append(Candidate(name=name, metric=mean.get(rule.metric),
                                     tiebreak=mean.get(rule.tiebreak) if rule.tiebreak else None,
