@@ -256,6 +256,11 @@ class FinetuneConfig(_Strict):
     # model's (its moments and step count, as the baseline has when it continues the shared run)
     # for every parameter the pruning left whole; a pruned tensor's moments start fresh.
     optimizer: Literal["fresh", "shared"] = "fresh"
+    # Which groups are fine-tuned: None, every group; t, only the groups whose first timestep is
+    # below t. The others keep the shared model (pruned, with the pruning rounds' recovery, where
+    # their budget is below F) and take no fine-tune steps, so TDC's training cost falls. A lever
+    # of the "make TDC win" issue: the mid- and high-noise experts' fine-tunes cost FID on digits.
+    until_t: int | None = Field(None, ge=1)
 
 
 class PruneConfig(_Strict):

@@ -52,10 +52,34 @@ def test_no_choice_while_a_candidate_has_no_number():
     assert s.choice is None and "fid_mean" in s.reason  # the key, as no label was given
 
 
+def test_a_candidate_that_misses_a_required_bound_is_out_whatever_its_metric():
+    rule = SelectionRule(candidates=("a", "b", "c"), metric="fid_mean", tie=0.002, tiebreak="bits_per_dim",
+                         require={"bits_per_dim": 0.0})
+
+    def c(name, fid, bpd):
+        return Candidate(name=name, metric=fid, tiebreak=bpd, settings_changed=1, seeds=(100,),
+                         required={"bits_per_dim": bpd})
+
+    s = choose(rule, [c("a", 0.010, -0.05), c("b", -0.020, +0.01), c("c", 0.005, -0.01)], higher_is_better=_lower)
+    assert s.choice == "c"  # b has the best FID but is worse than the single model on bits/dim
+    assert [r.excluded is not None for r in s.rows] == [False, True, False]
+    s = choose(rule, [c("a", 0.010, 0.0), c("b", -0.020, +0.01), c("c", 0.005, +0.2)], higher_is_better=_lower)
+    assert s.choice is None and "no candidate meets" in s.reason  # a bound of 0 is strict
+    s = choose(rule, [c("a", 0.010, None), c("b", -0.020, +0.01), c("c", 0.005, -0.01)], higher_is_better=_lower)
+    assert s.choice is None and s.reason.endswith(" yet for a")  # a bound it cannot check yet: undecided
+    higher = SelectionRule(candidates=("a", "b"), metric="fid_mean", require={"recall": 0.0})
+    s = choose(higher, [Candidate(name="a", metric=-0.1, tiebreak=None, settings_changed=1, seeds=(1,),
+                                  required={"recall": -0.01}),
+                        Candidate(name="b", metric=0.0, tiebreak=None, settings_changed=1, seeds=(1,),
+                                  required={"recall": 0.01})], higher_is_better=_lower)
+    assert s.choice == "b"  # recall must rise above its bound
+
+
 @pytest.mark.parametrize(("selection", "match"), [
     ("{candidates: [a, nope]}", "nope.*exactly one arm or contrast"),
     ("{candidates: [a, b], metric: training_flops}", "not an outcome metric"),
     ("{candidates: [a, b], tiebreak: fid}", "tiebreak 'fid'"),
+    ("{candidates: [a, b], require: {sampling_flops_per_image: 0}}", "require 'sampling_flops_per_image'"),
     ("{candidates: [a, alone]}", "alone is an arm with baseline.enabled=false"),
 ])
 def test_a_selection_must_name_candidates_and_metrics_the_study_has(tmp_path, selection, match):

@@ -4,7 +4,9 @@ in the study file before its results are seen (``selection:``; studies/SELECTION
 Each candidate is an arm (its paired TDC − baseline) or a contrast (its paired a − b) of the
 study. The rule, applied to means over training seeds:
 
-1. the candidate with the best mean ``metric`` (lowest; highest for precision/recall) leads;
+0. a candidate whose mean of a ``require`` metric is not better than its bound (not below it;
+   not above it for precision/recall) is out;
+1. the remaining candidate with the best mean ``metric`` (lowest; highest for precision/recall) leads;
 2. every candidate whose mean is within ``tie`` of the leader's ties with it, and among those the
    best mean ``tiebreak`` wins;
 3. if still tied (equal tiebreak, or no tiebreak), the simpler setting wins: fewer settings
@@ -17,7 +19,7 @@ which alone support a claim. Pure: no files, no study runner.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +35,9 @@ class SelectionRule(BaseModel):
     metric: str = "bits_per_dim"
     tie: float = Field(0.0, ge=0.0)  # in the metric's units
     tiebreak: str | None = None
+    # Bounds a candidate must beat to be chosen, e.g. {bits_per_dim: 0.0}: its TDC − baseline
+    # bits/dim must be below zero (TDC better) for it to compete on the metric.
+    require: dict[str, float] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Candidate:
     tiebreak: float | None
     settings_changed: int
     seeds: tuple[int, ...]
+    required: dict[str, float | None] = field(default_factory=dict)  # mean of each ``require`` metric
 
 
 class SelectionRow(BaseModel):
@@ -55,6 +61,8 @@ class SelectionRow(BaseModel):
     tiebreak: float | None
     settings_changed: int
     seeds: list[int]
+    required: dict[str, float | None] = {}
+    excluded: str | None = None  # why rule 0 put it out
 
 
 class Selection(BaseModel):
@@ -74,12 +82,21 @@ def choose(rule: SelectionRule, candidates: Sequence[Candidate], *, higher_is_be
     any candidate lacks the metric, or the tiebreak is needed and one of the tied lacks it.
     ``label`` names a metric in the reason."""
     metric, tiebreak = label(rule.metric), label(rule.tiebreak) if rule.tiebreak else None
+    missing = [c.name for c in candidates if c.metric is None
+               or any(c.required.get(m) is None for m in rule.require)]
+    excluded = {c.name: _unmet(rule, c, higher_is_better=higher_is_better, label=label)
+                for c in candidates if c.name not in missing}
     rows = [SelectionRow(candidate=c.name, metric=c.metric, tiebreak=c.tiebreak,
-                         settings_changed=c.settings_changed, seeds=list(c.seeds)) for c in candidates]
-    missing = [c.name for c in candidates if c.metric is None]
+                         settings_changed=c.settings_changed, seeds=list(c.seeds), required=dict(c.required),
+                         excluded=excluded.get(c.name)) for c in candidates]
     if missing:
+        needed = ", ".join([metric, *(label(m) for m in rule.require)])
         return Selection(rule=rule, rows=rows, choice=None,
-                         reason=f"undecided: no {metric} yet for {', '.join(missing)}")
+                         reason=f"undecided: no {needed} yet for {', '.join(missing)}")
+    candidates = [c for c in candidates if excluded[c.name] is None]
+    if not candidates:
+        return Selection(rule=rule, rows=rows, choice=None,
+                         reason="no candidate meets the rule's requirements: nothing is chosen")
     sign = -1.0 if higher_is_better(rule.metric) else 1.0  # compare as "lower is better"
     best = min(sign * c.metric for c in candidates)
     tied = [c for c in candidates if sign * c.metric - best <= rule.tie]
@@ -109,25 +126,48 @@ def choose(rule: SelectionRule, candidates: Sequence[Candidate], *, higher_is_be
                             f"({simplest.settings_changed})")
 
 
+def _unmet(rule: SelectionRule, c: Candidate, *, higher_is_better: Callable[[str], bool],
+           label: Callable[[str], str]) -> str | None:
+    """Why ``c`` fails rule 0 (the first unmet bound), or None when it meets every bound."""
+    for m, bound in rule.require.items():
+        value = c.required[m]
+        if not (value > bound if higher_is_better(m) else value < bound):
+            side = "above" if higher_is_better(m) else "below"
+            return f"{label(m)} {value:+.4g} is not {side} {bound:+g}"
+    return None
+
+
 def selection_markdown(s: Selection, *, label: Callable[[str], str]) -> list[str]:
     """The selection as Markdown lines: the rule, a row per candidate, the choice and why.
     ``label`` names a metric for a reader."""
     r = s.rule
     rule = (f"best mean {label(r.metric)}; within {r.tie:g} of it, the best mean {label(r.tiebreak)}"
             if r.tiebreak else f"best mean {label(r.metric)}")
+    bounds = "".join(f"{label(m)} below {b:+g} (above, for a metric where higher is better); "
+                     for m, b in r.require.items())
     lines = ["## Selection (the study file's rule)", "",
-             f"Rule: {rule}; then the fewest settings changed from the study's own configuration. "
+             f"Rule: {'only candidates with ' + bounds if bounds else ''}{rule}; then the fewest settings "
+             "changed from the study's own configuration. "
              "Each candidate's number is its arm's TDC − baseline or its contrast's a − b, mean over training "
              "seeds (intervals are in the tables above and do not enter the rule).", "",
              f"| candidate | {label(r.metric)} |" + (f" {label(r.tiebreak)} |" if r.tiebreak else "")
-             + " settings changed | seeds |",
-             "|---|---|" + ("---|" if r.tiebreak else "") + "---|---|"]
+             + "".join(f" {label(m)} |" for m in r.require) + " settings changed | seeds |"
+             + (" out |" if r.require else ""),
+             "|---|---|" + ("---|" if r.tiebreak else "") + "---|" * len(r.require) + "---|---|"
+             + ("---|" if r.require else "")]
     for row in s.rows:
-        cells = [row.candidate, "—" if row.metric is None else f"{row.metric:+.4g}"]
+        cells = [row.candidate, _num(row.metric)]
         if r.tiebreak:
-            cells.append("—" if row.tiebreak is None else f"{row.tiebreak:+.4g}")
+            cells.append(_num(row.tiebreak))
+        cells += [_num(row.required.get(m)) for m in r.require]
         cells += [str(row.settings_changed), str(row.seeds)]
+        if r.require:
+            cells.append(row.excluded or "")
         lines.append("| " + " | ".join(cells) + " |")
     chosen = f"**Chosen: `{s.choice}`**" if s.choice else "**No choice yet**"
     lines += ["", f"{chosen}: {s.reason}.", ""]
     return lines
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.4g}"

@@ -73,6 +73,7 @@ __all__ = [
     "assemble_router",
     "cost_stage",
     "finetune_group_stage",
+    "finetune_steps",
     "group_stage",
     "profile_stage",
     "shared_stage",
@@ -236,6 +237,13 @@ def load_grouping(layout: RunLayout) -> Grouping:
     return load_record(layout.grouping_json, Grouping, what="grouping")
 
 
+def finetune_steps(config: PipelineConfig, *, lo: int) -> int:
+    """Fine-tune steps of the group whose first timestep is ``lo``: ``finetune.steps``, or 0 for
+    a group at or above ``finetune.until_t`` (it keeps the shared model, pruned to its budget)."""
+    until = config.finetune.until_t
+    return config.finetune.steps if until is None or lo < until else 0
+
+
 def finetune_group_stage(
     config: PipelineConfig, layout: RunLayout, *, group: int, reporter: Reporter | None = None,
     device: torch.device | None = None,
@@ -258,8 +266,9 @@ def finetune_group_stage(
         raise CheckpointError(f"shared checkpoint {layout.shared_checkpoint} does not exist; run shared training first")
     train_images, heldout = prepare_data(config)
     # A distinct data/noise stream per group, reproducible from the run's seed.
+    steps = finetune_steps(config, lo=budget.lo)
     plan = TrainPlan.finetune(config, t_range=(budget.lo, budget.hi), seed=config.train.seed + 1000 * (group + 1),
-                              steps=config.finetune.steps)
+                              steps=steps)
     diffusion = Diffusion.from_config(config.diffusion)
     device = device or resolve_device(config.train.device)
     ckpt = layout.group_checkpoint(group)
@@ -302,7 +311,7 @@ def finetune_group_stage(
     shared_loss = trainer.heldout_loss(shared)
     pruned_loss = (trainer.heldout_loss(load_model(layout.pruned_checkpoint(group), device=device).model)
                    if prune else None)
-    result = trainer.fit(until_step=config.finetune.steps, checkpoint_path=ckpt, reporter=reporter)
+    result = trainer.fit(until_step=steps, checkpoint_path=ckpt, reporter=reporter)
     flops = count_forward_flops(trainer.model, in_channels=config.data.channels, image_size=config.data.image_size)
     memory = MemoryBank.load(layout.prune_memory(group)) if prune else None
     out = GroupResult(

@@ -195,8 +195,9 @@ class StudySpec(BaseModel):
             if (name in arms) == (name in contrasts):
                 raise ValueError(f"selection: candidate {name!r} must name exactly one arm or contrast; arms: "
                                  f"{sorted(arms)}, contrasts: {sorted(contrasts)}")
-        for key in ("metric", "tiebreak"):
-            metric = getattr(self.selection, key)
+        named = [("metric", self.selection.metric), ("tiebreak", self.selection.tiebreak),
+                 *(("require", m) for m in self.selection.require)]
+        for key, metric in named:
             if metric is not None and (metric not in METRICS or metric in COSTS):
                 raise ValueError(f"selection: {key} {metric!r} is not an outcome metric; allowed: "
                                  f"{sorted(set(METRICS) - COSTS)}")
@@ -362,7 +363,9 @@ def estimate(arm: Arm, *, seed: int) -> ReplicateEstimate:
     ``prune.enabled=false``), whose fractions do not depend on the profile (docs/METHOD.md
     step 3); the baseline is charged TDC's total but continues stage 1 under a constant learning
     rate, so only its steps beyond stage 1 are new compute (under ``train.lr_schedule=cosine``
-    it is a run of its own: all its steps)."""
+    it is a run of its own: all its steps). With ``finetune.until_t`` every group is still
+    charged its fine-tune (which groups start below it is not known before the profile): an
+    upper bound."""
     cfg = replicate_config(arm, seed=seed)
     base = float(count_spec_flops(spec_for(cfg)))
     factor = 3.0  # forward + backward ≈ 3 × forward, as the cost report counts
@@ -717,6 +720,7 @@ def select(spec: StudySpec, summary: StudySummary) -> Selection | None:
         mean = {k: d.mean for k, d in found.items()}
         candidates.append(Candidate(name=name, metric=mean.get(rule.metric),
                                     tiebreak=mean.get(rule.tiebreak) if rule.tiebreak else None,
+                                    required={m: mean.get(m) for m in rule.require},
                                     settings_changed=settings_changed(spec, arm), seeds=tuple(seeds)))
     return choose(rule, candidates, higher_is_better=lambda m: m in HIGHER_IS_BETTER, label=lambda m: METRICS[m])
 
