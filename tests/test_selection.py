@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tdc_core.errors import ConfigError
-from tdc_core.run.selection import Candidate, SelectionRule, choose
+from tdc_core.run.selection import Candidate, SelectionRule, choose, selection_markdown
 from tdc_core.run.study import StudySummary, load_study, select
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
@@ -63,6 +63,11 @@ def test_a_candidate_that_misses_a_required_bound_is_out_whatever_its_metric():
     s = choose(rule, [c("a", 0.010, -0.05), c("b", -0.020, +0.01), c("c", 0.005, -0.01)], higher_is_better=_lower)
     assert s.choice == "c"  # b has the best FID but is worse than the single model on bits/dim
     assert [r.excluded is not None for r in s.rows] == [False, True, False]
+    table = selection_markdown(s, label=str, higher_is_better=_lower)
+    assert "only candidates with bits_per_dim below +0" in table[2]
+    assert table[4].count("bits_per_dim") == 1  # the bound's metric is the tiebreak: one column shows it
+    assert table[7].endswith("| bits_per_dim +0.01 is not below +0 |")  # b's row says why it is out
+    assert s.reason.startswith("b is out (bits_per_dim +0.01 is not below +0); c has the best")
     s = choose(rule, [c("a", 0.010, 0.0), c("b", -0.020, +0.01), c("c", 0.005, +0.2)], higher_is_better=_lower)
     assert s.choice is None and "no candidate meets" in s.reason  # a bound of 0 is strict
     s = choose(rule, [c("a", 0.010, None), c("b", -0.020, +0.01), c("c", 0.005, -0.01)], higher_is_better=_lower)

@@ -93,37 +93,37 @@ def choose(rule: SelectionRule, candidates: Sequence[Candidate], *, higher_is_be
         needed = ", ".join([metric, *(label(m) for m in rule.require)])
         return Selection(rule=rule, rows=rows, choice=None,
                          reason=f"undecided: no {needed} yet for {', '.join(missing)}")
+    out = [f"{name} is out ({why})" for name, why in excluded.items() if why is not None]
     candidates = [c for c in candidates if excluded[c.name] is None]
+
+    def done(choice: str | None, reason: str) -> Selection:
+        return Selection(rule=rule, rows=rows, choice=choice, reason="; ".join([*out, reason]))
+
     if not candidates:
-        return Selection(rule=rule, rows=rows, choice=None,
-                         reason="no candidate meets the rule's requirements: nothing is chosen")
+        return done(None, "no candidate meets the rule's requirements: nothing is chosen")
     sign = -1.0 if higher_is_better(rule.metric) else 1.0  # compare as "lower is better"
     best = min(sign * c.metric for c in candidates)
     tied = [c for c in candidates if sign * c.metric - best <= rule.tie]
     leader = next(c for c in candidates if sign * c.metric == best)
     if len(tied) == 1:
-        return Selection(rule=rule, rows=rows, choice=leader.name,
-                         reason=f"{leader.name} has the best mean {metric} ({leader.metric:+.4g}), and no other "
-                                f"candidate is within {rule.tie:g} of it")
+        return done(leader.name, f"{leader.name} has the best mean {metric} ({leader.metric:+.4g}), and no other "
+                                 f"candidate is within {rule.tie:g} of it")
     names = ", ".join(c.name for c in tied)
     if rule.tiebreak is not None:
         if any(c.tiebreak is None for c in tied):
-            return Selection(rule=rule, rows=rows, choice=None,
-                             reason=f"undecided: {names} tie on {metric} and not all have {tiebreak}")
+            return done(None, f"undecided: {names} tie on {metric} and not all have {tiebreak}")
         tsign = -1.0 if higher_is_better(rule.tiebreak) else 1.0
         tbest = min(tsign * c.tiebreak for c in tied)
         tied_again = [c for c in tied if tsign * c.tiebreak == tbest]
         if len(tied_again) == 1:
             c = tied_again[0]
-            return Selection(rule=rule, rows=rows, choice=c.name,
-                             reason=f"{names} are within {rule.tie:g} of the best mean {metric} "
-                                    f"({leader.name}, {leader.metric:+.4g}); {c.name} has the best mean "
-                                    f"{tiebreak} among them ({c.tiebreak:+.4g})")
+            return done(c.name, f"{names} are within {rule.tie:g} of the best mean {metric} "
+                                f"({leader.name}, {leader.metric:+.4g}); {c.name} has the best mean "
+                                f"{tiebreak} among them ({c.tiebreak:+.4g})")
         tied = tied_again
     simplest = min(tied, key=lambda c: c.settings_changed)  # min keeps the first listed among equals
-    return Selection(rule=rule, rows=rows, choice=simplest.name,
-                     reason=f"{', '.join(c.name for c in tied)} tie; {simplest.name} changes the fewest settings "
-                            f"({simplest.settings_changed})")
+    return done(simplest.name, f"{', '.join(c.name for c in tied)} tie; {simplest.name} changes the fewest "
+                               f"settings ({simplest.settings_changed})")
 
 
 def _unmet(rule: SelectionRule, c: Candidate, *, higher_is_better: Callable[[str], bool],
@@ -137,13 +137,16 @@ def _unmet(rule: SelectionRule, c: Candidate, *, higher_is_better: Callable[[str
     return None
 
 
-def selection_markdown(s: Selection, *, label: Callable[[str], str]) -> list[str]:
+def selection_markdown(s: Selection, *, label: Callable[[str], str],
+                       higher_is_better: Callable[[str], bool]) -> list[str]:
     """The selection as Markdown lines: the rule, a row per candidate, the choice and why.
     ``label`` names a metric for a reader."""
     r = s.rule
+    # A bound's metric gets a column of its own unless the rule's metric or tiebreak shows it.
+    shown = [m for m in r.require if m not in (r.metric, r.tiebreak)]
     rule = (f"best mean {label(r.metric)}; within {r.tie:g} of it, the best mean {label(r.tiebreak)}"
             if r.tiebreak else f"best mean {label(r.metric)}")
-    bounds = "".join(f"{label(m)} below {b:+g} (above, for a metric where higher is better); "
+    bounds = "".join(f"{label(m)} {'above' if higher_is_better(m) else 'below'} {b:+g}; "
                      for m, b in r.require.items())
     lines = ["## Selection (the study file's rule)", "",
              f"Rule: {'only candidates with ' + bounds if bounds else ''}{rule}; then the fewest settings "
@@ -151,15 +154,15 @@ def selection_markdown(s: Selection, *, label: Callable[[str], str]) -> list[str
              "Each candidate's number is its arm's TDC − baseline or its contrast's a − b, mean over training "
              "seeds (intervals are in the tables above and do not enter the rule).", "",
              f"| candidate | {label(r.metric)} |" + (f" {label(r.tiebreak)} |" if r.tiebreak else "")
-             + "".join(f" {label(m)} |" for m in r.require) + " settings changed | seeds |"
+             + "".join(f" {label(m)} |" for m in shown) + " settings changed | seeds |"
              + (" out |" if r.require else ""),
-             "|---|---|" + ("---|" if r.tiebreak else "") + "---|" * len(r.require) + "---|---|"
+             "|---|---|" + ("---|" if r.tiebreak else "") + "---|" * len(shown) + "---|---|"
              + ("---|" if r.require else "")]
     for row in s.rows:
         cells = [row.candidate, _num(row.metric)]
         if r.tiebreak:
             cells.append(_num(row.tiebreak))
-        cells += [_num(row.required.get(m)) for m in r.require]
+        cells += [_num(row.required.get(m)) for m in shown]
         cells += [str(row.settings_changed), str(row.seeds)]
         if r.require:
             cells.append(row.excluded or "")

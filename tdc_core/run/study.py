@@ -688,7 +688,8 @@ def study_markdown(s: StudySummary) -> str:
             lines.append(f"| {e.arm} | {_fmt(e.ratio) if e.ratio else '—'} | {per_seed} |")
         lines.append("")
     if s.selection:
-        lines += selection_markdown(s.selection, label=lambda m: METRICS[m])
+        lines += selection_markdown(s.selection, label=lambda m: METRICS[m],
+                                    higher_is_better=lambda m: m in HIGHER_IS_BETTER)
     return "\n".join(lines)
 
 
