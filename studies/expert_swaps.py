@@ -23,12 +23,6 @@ def _fid(path: Path, seed: int) -> float:
     return next(p["fid"] for p in json.loads(path.read_text())["per_seed"] if p["seed"] == seed)
 
 
-def _cell(values: list[float]) -> str:
-    i = interval(values)
-    ci = f" [{i.low:+.4f}, {i.high:+.4f}]" if i.low is not None else ""
-    return f"{i.mean:+.4f}{ci}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("study")
@@ -55,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [_fid(path, args.seed) - b for path, b in zip(paths, base)]
         spans = ", ".join(f"{b[g]['lo']}–{b[g]['hi']}" for b in budgets)
         fracs = ", ".join(f"{b[g]['fraction']:.1f}" for b in budgets)
-        lines.append(f"| group {g} | {spans} | {fracs} F | {_cell(diffs)} | "
+        lines.append(f"| group {g} | {spans} | {fracs} F | {interval(diffs).signed()} | "
                      f"{', '.join(f'{d:+.4f}' for d in diffs)} |")
     whole = [_fid(run / "eval" / "tdc-eval.json", args.seed) - b for run, b in zip(runs, base)]
-    lines.append(f"| all (TDC) | | | {_cell(whole)} | {', '.join(f'{d:+.4f}' for d in whole)} |")
+    lines.append(f"| all (TDC) | | | {interval(whole).signed()} | {', '.join(f'{d:+.4f}' for d in whole)} |")
     print("\n".join(lines))
     return 0
 

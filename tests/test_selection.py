@@ -45,6 +45,14 @@ def test_higher_is_better_metrics_are_maximised():
     assert choose(rule, [_c("a", 0.01), _c("b", 0.03)], higher_is_better=_lower).choice == "b"
 
 
+def test_no_choice_until_every_candidate_has_run_every_seed():
+    s = choose(RULE, [_c("a", -0.05), _c("b", -0.01), _c("c", -0.01)], higher_is_better=_lower, seeds=(100, 101, 102))
+    assert s.choice == "a"
+    part = Candidate(name="b", metric=-0.09, tiebreak=0.0, settings_changed=1, seeds=(100,))
+    s = choose(RULE, [_c("a", -0.05), part, _c("c", -0.01)], higher_is_better=_lower, seeds=(100, 101, 102))
+    assert s.choice is None and "b not yet run on every training seed" in s.reason
+
+
 def test_no_choice_while_a_candidate_has_no_number():
     s = choose(RULE, [_c("a", -0.05), _c("b", None), _c("c", -0.01)], higher_is_better=_lower)
     assert s.choice is None and "b" in s.reason

@@ -77,10 +77,11 @@ class Selection(BaseModel):
 
 
 def choose(rule: SelectionRule, candidates: Sequence[Candidate], *, higher_is_better: Callable[[str], bool],
-           label: Callable[[str], str] = str) -> Selection:
+           label: Callable[[str], str] = str, seeds: Sequence[int] | None = None) -> Selection:
     """Apply ``rule`` to ``candidates`` (in the rule's order). Undecided, with the reason, while
-    any candidate lacks the metric, or the tiebreak is needed and one of the tied lacks it.
-    ``label`` names a metric in the reason."""
+    any candidate lacks the metric or has not run every one of ``seeds`` (the study's, when
+    given: a part-run study does not choose on the seeds that happen to be done), or the
+    tiebreak is needed and one of the tied lacks it. ``label`` names a metric in the reason."""
     metric, tiebreak = label(rule.metric), label(rule.tiebreak) if rule.tiebreak else None
     missing = [c.name for c in candidates if c.metric is None
                or any(c.required.get(m) is None for m in rule.require)]
@@ -89,6 +90,11 @@ def choose(rule: SelectionRule, candidates: Sequence[Candidate], *, higher_is_be
     rows = [SelectionRow(candidate=c.name, metric=c.metric, tiebreak=c.tiebreak,
                          settings_changed=c.settings_changed, seeds=list(c.seeds), required=dict(c.required),
                          excluded=excluded.get(c.name)) for c in candidates]
+    short = [c.name for c in candidates if seeds is not None and sorted(c.seeds) != sorted(seeds)]
+    if short:
+        return Selection(rule=rule, rows=rows, choice=None,
+                         reason=f"undecided: {', '.join(short)} not yet run on every training seed "
+                                f"({', '.join(map(str, seeds))})")
     if missing:
         needed = ", ".join([metric, *(label(m) for m in rule.require)])
         return Selection(rule=rule, rows=rows, choice=None,

@@ -422,6 +422,11 @@ class Interval(BaseModel):
     n: int
     values: list[float]      # per seed, in seed order
 
+    def signed(self, spec: str = "+.4f") -> str:
+        """``mean [low, high]`` with signs (``mean`` alone without an interval), for differences."""
+        ci = f" [{self.low:{spec}}, {self.high:{spec}}]" if self.low is not None else ""
+        return f"{self.mean:{spec}}{ci}"
+
 
 def interval(values: Sequence[float]) -> Interval:
     """Mean and 95 % Student-t interval of ``values`` (independent replicates)."""
@@ -723,7 +728,8 @@ def select(spec: StudySpec, summary: StudySummary) -> Selection | None:
                                     tiebreak=mean.get(rule.tiebreak) if rule.tiebreak else None,
                                     required={m: mean.get(m) for m in rule.require},
                                     settings_changed=settings_changed(spec, arm), seeds=tuple(seeds)))
-    return choose(rule, candidates, higher_is_better=lambda m: m in HIGHER_IS_BETTER, label=lambda m: METRICS[m])
+    return choose(rule, candidates, higher_is_better=lambda m: m in HIGHER_IS_BETTER, label=lambda m: METRICS[m],
+                  seeds=spec.seeds)
 
 
 @dataclass(frozen=True)
