@@ -261,6 +261,16 @@ class FinetuneConfig(_Strict):
     # their budget is below F) and take no fine-tune steps, so TDC's training cost falls. A lever
     # of the "make TDC win" issue: the mid- and high-noise experts' fine-tunes cost FID on digits.
     until_t: int | None = Field(None, ge=1)
+    # The learning rate of the groups from until_t: None, they are not fine-tuned (above); a
+    # value, they are fine-tuned as the others but at this rate (a milder fine-tune there).
+    lr_from_until_t: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _lr_from_until_t_needs_until_t(self) -> FinetuneConfig:
+        if self.lr_from_until_t is not None and self.until_t is None:
+            raise ValueError("finetune.lr_from_until_t sets the learning rate of the groups from finetune.until_t; "
+                             "set finetune.until_t too (a timestep, e.g. 120)")
+        return self
 
 
 class PruneConfig(_Strict):

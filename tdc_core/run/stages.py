@@ -73,6 +73,7 @@ __all__ = [
     "assemble_router",
     "cost_stage",
     "finetune_group_stage",
+    "finetune_lr",
     "finetune_steps",
     "group_stage",
     "profile_stage",
@@ -239,9 +240,18 @@ def load_grouping(layout: RunLayout) -> Grouping:
 
 def finetune_steps(config: PipelineConfig, *, lo: int) -> int:
     """Fine-tune steps of the group whose first timestep is ``lo``: ``finetune.steps``, or 0 for
-    a group at or above ``finetune.until_t`` (it keeps the shared model, pruned to its budget)."""
-    until = config.finetune.until_t
-    return config.finetune.steps if until is None or lo < until else 0
+    a group at or above ``finetune.until_t`` without ``finetune.lr_from_until_t`` (it keeps the
+    shared model, pruned to its budget)."""
+    ft = config.finetune
+    return ft.steps if ft.until_t is None or lo < ft.until_t or ft.lr_from_until_t is not None else 0
+
+
+def finetune_lr(config: PipelineConfig, *, lo: int) -> float:
+    """Learning rate of the fine-tune of the group whose first timestep is ``lo``:
+    ``finetune.lr``, or ``finetune.lr_from_until_t`` from ``finetune.until_t`` on."""
+    ft = config.finetune
+    high = ft.until_t is not None and lo >= ft.until_t and ft.lr_from_until_t is not None
+    return ft.lr_from_until_t if high else ft.lr
 
 
 def finetune_group_stage(
@@ -268,7 +278,7 @@ def finetune_group_stage(
     # A distinct data/noise stream per group, reproducible from the run's seed.
     steps = finetune_steps(config, lo=budget.lo)
     plan = TrainPlan.finetune(config, t_range=(budget.lo, budget.hi), seed=config.train.seed + 1000 * (group + 1),
-                              steps=steps)
+                              steps=steps).replace(lr=finetune_lr(config, lo=budget.lo))
     diffusion = Diffusion.from_config(config.diffusion)
     device = device or resolve_device(config.train.device)
     ckpt = layout.group_checkpoint(group)
