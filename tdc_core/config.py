@@ -259,7 +259,7 @@ class FinetuneConfig(_Strict):
     # Which groups are fine-tuned: None, every group; t, only the groups whose first timestep is
     # below t. The others keep the shared model (pruned, with the pruning rounds' recovery, where
     # their budget is below F) and take no fine-tune steps, so TDC's training cost falls. A lever
-    # of the "make TDC win" issue: the mid- and high-noise experts' fine-tunes cost FID on digits.
+    # of the "make TDC win" issue; on digits it costs FID (studies/digits-stage2-validation).
     until_t: int | None = Field(None, ge=1)
     # The learning rate of the groups from until_t: None, they are not fine-tuned (above); a
     # value, they are fine-tuned as the others but at this rate (a milder fine-tune there).

@@ -238,20 +238,24 @@ def load_grouping(layout: RunLayout) -> Grouping:
     return load_record(layout.grouping_json, Grouping, what="grouping")
 
 
+def _from_until_t(config: PipelineConfig, *, lo: int) -> bool:
+    """Whether the group whose first timestep is ``lo`` is at or above ``finetune.until_t``."""
+    return config.finetune.until_t is not None and lo >= config.finetune.until_t
+
+
 def finetune_steps(config: PipelineConfig, *, lo: int) -> int:
     """Fine-tune steps of the group whose first timestep is ``lo``: ``finetune.steps``, or 0 for
     a group at or above ``finetune.until_t`` without ``finetune.lr_from_until_t`` (it keeps the
     shared model, pruned to its budget)."""
-    ft = config.finetune
-    return ft.steps if ft.until_t is None or lo < ft.until_t or ft.lr_from_until_t is not None else 0
+    skipped = _from_until_t(config, lo=lo) and config.finetune.lr_from_until_t is None
+    return 0 if skipped else config.finetune.steps
 
 
 def finetune_lr(config: PipelineConfig, *, lo: int) -> float:
     """Learning rate of the fine-tune of the group whose first timestep is ``lo``:
-    ``finetune.lr``, or ``finetune.lr_from_until_t`` from ``finetune.until_t`` on."""
+    ``finetune.lr``, or ``finetune.lr_from_until_t`` (when set) from ``finetune.until_t`` on."""
     ft = config.finetune
-    high = ft.until_t is not None and lo >= ft.until_t and ft.lr_from_until_t is not None
-    return ft.lr_from_until_t if high else ft.lr
+    return ft.lr_from_until_t if _from_until_t(config, lo=lo) and ft.lr_from_until_t is not None else ft.lr
 
 
 def finetune_group_stage(
