@@ -698,13 +698,17 @@ def study_markdown(s: StudySummary) -> str:
     return "\n".join(lines)
 
 
-def settings_changed(spec: StudySpec, arm: Arm) -> int:
-    """How many settings ``arm`` changes from the study's own configuration (its preset with the
-    study-level overrides), where it runs and an unscored baseline aside: the selection rule's
-    measure of simplicity."""
-    seed = spec.seeds[0]
-    reference = replicate_config(Arm(name="study", preset=arm.preset, overrides=spec.overrides), seed=seed)
-    return len(replicate_differences(arm, seed=seed, made_with=reference))
+def study_reference(spec: StudySpec, *, preset: str) -> PipelineConfig:
+    """The study's own configuration for ``preset``: the preset with the study-level overrides,
+    at the study's first seed (what :func:`settings_changed` counts from)."""
+    return replicate_config(Arm(name="study", preset=preset, overrides=spec.overrides), seed=spec.seeds[0])
+
+
+def settings_changed(spec: StudySpec, arm: Arm, *, reference: PipelineConfig) -> int:
+    """How many settings ``arm`` changes from ``reference`` (:func:`study_reference` of its
+    preset), where it runs and an unscored baseline aside: the selection rule's measure of
+    simplicity."""
+    return len(replicate_differences(arm, seed=spec.seeds[0], made_with=reference))
 
 
 def select(spec: StudySpec, summary: StudySummary) -> Selection | None:
@@ -719,15 +723,19 @@ def select(spec: StudySpec, summary: StudySummary) -> Selection | None:
     measured |= {c.name: (c.seeds, {m.metric: m.difference for m in c.metrics}) for c in summary.contrasts}
     by_name = {a.name: a for a in spec.arms}
     arm_a = {c.name: by_name[c.parts("a")[0]] for c in spec.contrasts}  # a contrast's setting is its a's
+    arms = {name: by_name.get(name) or arm_a[name] for name in rule.candidates}
+    # Built once per preset, not once per candidate: each is a full config resolution.
+    references = {p: study_reference(spec, preset=p) for p in {a.preset for a in arms.values()}}
     candidates = []
     for name in rule.candidates:
         seeds, found = measured.get(name, ([], {}))
-        arm = by_name.get(name) or arm_a[name]
+        arm = arms[name]
         mean = {k: d.mean for k, d in found.items()}
         candidates.append(Candidate(name=name, metric=mean.get(rule.metric),
                                     tiebreak=mean.get(rule.tiebreak) if rule.tiebreak else None,
                                     required={m: mean.get(m) for m in rule.require},
-                                    settings_changed=settings_changed(spec, arm), seeds=tuple(seeds)))
+                                    settings_changed=settings_changed(spec, arm, reference=references[arm.preset]),
+                                    seeds=tuple(seeds)))
     return choose(rule, candidates, higher_is_better=lambda m: m in HIGHER_IS_BETTER, label=lambda m: METRICS[m],
                   seeds=spec.seeds)
 
