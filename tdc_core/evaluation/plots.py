@@ -285,6 +285,14 @@ def plot_intervals(panels: Sequence[tuple[str, Sequence[IntervalRow]]], path: st
     return render_png(interval_figure(panels, title=title, zero_label=zero_label), path)
 
 
+# interval_figure's layout, in inches: a panel's plotting width, one row's height, one character of
+# a row label (8-pt tick labels), and the height of the title, the x ticks and the legend row.
+_PANEL_WIDTH_IN = 4.6
+_ROW_HEIGHT_IN = 0.45
+_LABEL_CHAR_IN = 0.075
+_TITLE_IN, _TICKS_IN, _LEGEND_ROWS = 0.9, 1.0, 1.4
+
+
 def interval_figure(panels: Sequence[tuple[str, Sequence[IntervalRow]]], *, title: str = "",
                     zero_label: str = "no difference") -> Figure:
     """Forest plot, one panel per metric: each row's mean with its 95 % interval (bar) and every
@@ -294,10 +302,10 @@ def interval_figure(panels: Sequence[tuple[str, Sequence[IntervalRow]]], *, titl
     # Panels with the same rows name them once, left of each figure row: repeated long names
     # (contrast names) would take most of every panel's width and crowd its x tick labels.
     same_rows = len({tuple(it.label for it in items) for _, items in panels}) == 1
-    label_inches = 0.075 * max(len(it.label) for _, items in panels for it in items)
-    # Half an inch per row, plus room for the title, the x ticks and (above the top row) the legend.
-    fig = Figure(figsize=(4.6 * cols + (label_inches if same_rows else 0.0),
-                          0.9 + (0.45 * (max(len(r) for _, r in panels) + 1.4) + 1.0) * rows),
+    label_inches = _LABEL_CHAR_IN * max(len(it.label) for _, items in panels for it in items)
+    panel_rows = max(len(r) for _, r in panels) + _LEGEND_ROWS  # the legend sits above the top row
+    fig = Figure(figsize=(_PANEL_WIDTH_IN * cols + (label_inches if same_rows else 0.0),
+                          _TITLE_IN + (_ROW_HEIGHT_IN * panel_rows + _TICKS_IN) * rows),
                  layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for i, (ax, (name, items)) in enumerate(zip(axes, panels)):
