@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from statistics import fmean
 
 from tdc_core.run.study import COSTS, HIGHER_IS_BETTER, METRICS, interval, load_study
 
@@ -62,16 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     for metric, label in METRICS.items():
         if metric in COSTS:
             continue
-        diffs = [r["tdc"][metric] - r["baseline"][metric] for r in everything]
+        # per source, paired by seed; the pooled sample is their concatenation
+        by_source = [[r["tdc"][metric] - r["baseline"][metric] for r in rs] for _, rs in per_source]
+        diffs = [d for ds in by_source for d in ds]
         better = sum((d > 0) == (metric in HIGHER_IS_BETTER) and d != 0 for d in diffs)
         worse = sum(d != 0 for d in diffs) - better
-        means = [interval([r["tdc"][metric] - r["baseline"][metric] for r in rs]).signed() for _, rs in per_source]
-        lines.append(f"| {label} | {interval(diffs).signed()} | {' | '.join(means)} | {better} / {worse} |")
+        means = " | ".join(interval(ds).signed() for ds in by_source)
+        lines.append(f"| {label} | {interval(diffs).signed()} | {means} | {better} / {worse} |")
     for metric in sorted(COSTS):
-        tdc = interval([r["tdc"][metric] for r in everything]).mean
-        base = interval([r["baseline"][metric] for r in everything]).mean
-        lines.append(f"| {METRICS[metric]}, TDC / single model | {tdc / base:.2f}× | "
-                     f"{' | '.join('' for _ in per_source)} | |")
+        ratio = fmean(r["tdc"][metric] for r in everything) / fmean(r["baseline"][metric] for r in everything)
+        lines.append(f"| {METRICS[metric]}, TDC / single model | {ratio:.2f}× | {' | ' * len(per_source)}|")
     print("\n".join(lines))
     return 0
 
